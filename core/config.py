@@ -1,0 +1,82 @@
+"""Service settings: one pydantic-settings class read from `HAWADA_*` environment variables.
+
+No torch here: the API process imports this module.
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+MiB = 1024 * 1024
+
+# Fields whose embedded default lives under var_dir; filled in from var_dir unless set.
+_VAR_DEFAULTS = {
+    "database_url": lambda var: f"sqlite:///{var / 'hawada.db'}",
+    "artifacts_dir": lambda var: var / "artifacts",
+    "lut_dir": lambda var: var / "lut",
+}
+
+
+class Settings(BaseSettings):
+    """Everything configurable about the service; defaults are the embedded (no services) mode."""
+
+    model_config = SettingsConfigDict(env_prefix="HAWADA_", extra="ignore")
+
+    environment: Literal["local", "production"] = "local"
+    var_dir: Path = Path("./var")
+    database_url: str = "sqlite:///var/hawada.db"
+    broker_url: str = "filesystem://"
+    artifacts_dir: Path = Path("./var/artifacts")
+    auth_required: bool = False
+    max_upload_bytes: int = 512 * MiB
+    job_time_limit_s: float = 6 * 3600.0
+    lease_s: float = 60.0
+    max_attempts: int = 3
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    lut_dir: Path = Path("./var/lut")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _derive_from_var_dir(cls, data: Any) -> Any:
+        """Place the database, artifacts and LUT cache under var_dir unless given explicitly."""
+        if not isinstance(data, dict):
+            return data
+        var = Path(data.get("var_dir") or "./var")
+        for name, default in _VAR_DEFAULTS.items():
+            if data.get(name) in (None, ""):
+                data[name] = default(var)
+        return data
+
+    @model_validator(mode="after")
+    def _refuse_unsafe_production(self) -> Settings:
+        """Production must authenticate and must not run on a single-file SQLite database."""
+        if self.environment == "production":
+            if not self.auth_required:
+                raise ValueError("environment=production requires auth_required=true")
+            if self.database_url.startswith("sqlite"):
+                raise ValueError("environment=production requires a server database, not SQLite")
+        if self.max_upload_bytes <= 0:
+            raise ValueError("max_upload_bytes must be positive")
+        if self.lease_s <= 0 or self.max_attempts < 1:
+            raise ValueError("lease_s must be > 0 and max_attempts >= 1")
+        return self
+
+    @property
+    def broker_dir(self) -> Path:
+        """Folder of the embedded `filesystem://` Celery transport (shared by API and worker)."""
+        return self.var_dir / "broker" / "queue"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read from the environment once."""
+    return Settings()
+
+
+def reset_settings() -> None:
+    """Forget the cached settings so the next `get_settings()` re-reads the environment (tests)."""
+    get_settings.cache_clear()
