@@ -39,7 +39,8 @@ def make_celery(settings: Settings) -> Celery:
         "visibility_timeout": int(settings.job_time_limit_s) + 3600,
     }
     if str(settings.broker_url).startswith("filesystem://"):
-        transport_options.update(_filesystem_options(Path(settings.var_dir)))
+        # Absolute, so an API and a worker started from different folders still meet.
+        transport_options.update(_filesystem_options(Path(settings.var_dir).resolve()))
     app.conf.update(
         broker_transport_options=transport_options,
         broker_connection_retry_on_startup=True,
