@@ -1,0 +1,319 @@
+"""Training loops: gate training on a frozen model, fine-tuning after export, plain baselines.
+
+Gate training (`train_gates`) learns only the gate logits. The base model is frozen and in eval
+mode, so its BN statistics never move; the teacher is the same model with gates "off" (no copy),
+the student the same model with soft gates. The cost penalty is an augmented Lagrangian whose
+multiplier follows dual ascent, so the expected cost is driven to the recipe's target ratio.
+"""
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from core.errors import JobCancelled
+
+StepCallback = Callable[[dict[str, float]], None]
+StopCheck = Callable[[], bool]
+CheckpointCallback = Callable[[dict[str, Any]], None]
+
+# Augmented-Lagrangian defaults, tuned on ResNet-18 (digits, Fashion-MNIST) so that the expected
+# cost lands on the target within a few hundred Adam steps at lr 0.05:
+DUAL_STEP = 1.0          # eta: multiplier += eta * (ratio - target) each step
+PENALTY_RHO = 4.0        # rho: quadratic term, damps the oscillation of pure dual ascent
+TARGET_WARMUP = 0.6      # the target walks linearly from 1 to target.ratio over this step share
+INIT_LOGIT = 3.0         # gates start almost fully open (sigmoid(3) = 0.95) so KD sees the base
+CHECKPOINT_EVERY_S = 10.0
+CHECKPOINT_EVERY_STEPS = 50
+RECALIBRATE_BATCHES = 50
+
+
+def temperature_at(step: int, steps: int, start: float, end: float) -> float:
+    """Geometric anneal: `start` at step 0, `end` at the last step (steps - 1)."""
+    if steps <= 1 or start == end:
+        return end if steps <= 1 else start
+    return start * (end / start) ** (step / (steps - 1))
+
+
+def target_at(step: int, steps: int, target: float, warmup: float = TARGET_WARMUP) -> float:
+    """Target schedule: linear from 1.0 down to `target` over the first `warmup` of the steps.
+
+    Asking for the whole cut at step 0 makes the multiplier overshoot while the gates are still
+    soft; a gliding target lets distillation keep up and the multiplier stay small.
+    """
+    span = max(1, int(round(steps * warmup)))
+    if step >= span:
+        return target
+    return 1.0 + (target - 1.0) * step / span
+
+
+def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Hinton distillation: T^2 * KL(teacher || student) on temperature-softened logits."""
+    t = temperature
+    return F.kl_div(F.log_softmax(student / t, dim=1), F.log_softmax(teacher / t, dim=1),
+                    reduction="batchmean", log_target=True) * (t * t)
+
+
+def _distill_objective(student: torch.Tensor, teacher: torch.Tensor, y: torch.Tensor | None,
+                       alpha: float, kd_t: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """alpha * KD + (1 - alpha) * CE; CE only when labels exist. Returns (objective, kd, ce)."""
+    kd = kd_loss(student, teacher, kd_t)
+    if y is not None and alpha < 1.0:
+        ce = F.cross_entropy(student, y)
+    else:
+        ce = torch.zeros((), device=student.device)
+        alpha = 1.0
+    return alpha * kd + (1.0 - alpha) * ce, kd, ce
+
+
+def _expected_widths(gates: nn.Module) -> dict[str, torch.Tensor]:
+    """Expected kept channels per group (soft mode: sum of probabilities x unit width).
+
+    One pass over the gates: a handful of small device ops, no host sync.
+    """
+    return {g.name: gates.expected_units(g.name) * g.unit_width for g in gates.groups}
+
+
+def _move_optimizer_state(opt: torch.optim.Optimizer, device: torch.device) -> None:
+    """After `load_state_dict` Adam state sits wherever it was saved; bring it to `device`."""
+    for st in opt.state.values():
+        for k, v in st.items():
+            if torch.is_tensor(v) and k != "step":
+                st[k] = v.to(device)
+
+
+def train_gates(model: nn.Module, gates: nn.Module, cost_model: Any, data: Any, recipe: Any, *,
+                device: torch.device | str,
+                on_step: StepCallback | None = None,
+                should_stop: StopCheck | None = None,
+                start_step: int = 0,
+                state: Mapping[str, Any] | None = None,
+                target_ratio: float | None = None,
+                on_checkpoint: CheckpointCallback | None = None,
+                checkpoint_every_s: float = CHECKPOINT_EVERY_S,
+                checkpoint_every_steps: int = CHECKPOINT_EVERY_STEPS) -> list[dict[str, float]]:
+    """Train the gate logits of `gates` (already attached to `model`) towards the cost target.
+
+    Only `gates` change: `model` is frozen and kept in eval mode. `target_ratio` defaults to
+    `recipe.target.ratio` (the pipeline passes it for absolute latency targets). `state` (from a
+    checkpoint: gates state dict, multiplier, optimizer state, history) resumes at `start_step`.
+    `on_checkpoint(state)` receives such a state every `checkpoint_every_s` seconds or
+    `checkpoint_every_steps` steps. Returns history rows (every `train.log_every` steps + last).
+    Raises `JobCancelled` as soon as `should_stop()` turns true.
+    """
+    device = torch.device(device)
+    tr = recipe.train
+    steps = int(tr.steps)
+    log_every = max(1, int(getattr(tr, "log_every", 10)))
+    alpha = float(tr.kd.alpha)
+    kd_t = float(tr.kd.temperature)
+    t_start = float(recipe.gates.temperature.start)
+    t_end = float(recipe.gates.temperature.end)
+    target = float(recipe.target.ratio if target_ratio is None else target_ratio)
+
+    model.requires_grad_(False)
+    model.eval()
+    gates.requires_grad_(True)
+    opt = torch.optim.Adam(gates.parameters(), lr=float(tr.lr))
+    history: list[dict[str, float]] = []
+    multiplier = torch.zeros((), device=device)
+    if state is not None:
+        gates.load_state_dict(state["gates"])
+        opt.load_state_dict(state["optimizer"])
+        _move_optimizer_state(opt, device)
+        multiplier.fill_(float(state["multiplier"]))
+        history = [dict(r) for r in state.get("history", [])]
+
+    baseline = torch.as_tensor(cost_model.baseline(), dtype=torch.float32, device=device)
+    # Data order differs after a resume (fresh seed per start) rather than replaying step 0's batches.
+    batches = data.train_batches(recipe.data.batch_size, recipe.data.seed + start_step)
+    last_ckpt = time.monotonic()
+
+    def snapshot(step_done: int) -> dict[str, Any]:
+        return {"step": step_done, "gates": {k: v.detach().cpu() for k, v in gates.state_dict().items()},
+                "optimizer": opt.state_dict(), "multiplier": float(multiplier.item()),
+                "history": list(history)}
+
+    for step in range(start_step, steps):
+        if should_stop is not None and should_stop():
+            raise JobCancelled(f"cancelled at gate-training step {step}")
+        temperature = temperature_at(step, steps, t_start, t_end)
+        gates.temperature = temperature
+        tgt = target_at(step, steps, target)
+        x, y = next(batches)
+        x = x.to(device, non_blocking=True)
+        y = y.to(device, non_blocking=True) if y is not None else None
+
+        with torch.no_grad(), gates.using("off"):
+            teacher = model(x)
+        with gates.using("soft"):
+            student = model(x)
+            ratio = cost_model.cost(_expected_widths(gates)) / baseline
+        objective, kd, ce = _distill_objective(student, teacher, y, alpha, kd_t)
+        gap = ratio - tgt
+        # multiplier is a constant here (detached by construction); rho adds curvature.
+        loss = objective + multiplier * gap + 0.5 * PENALTY_RHO * gap * gap
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            multiplier += DUAL_STEP * gap.detach()
+
+        last = step == steps - 1
+        if on_step is not None or (step + 1) % log_every == 0 or last:
+            # The only host sync of the step: all logged scalars in one transfer.
+            loss_v, kd_v, ce_v, ratio_v, mult_v = torch.stack(
+                [loss.detach(), kd.detach(), ce.detach(), ratio.detach(), multiplier]).tolist()
+            row = {"step": step + 1, "steps": steps, "loss": loss_v, "kd": kd_v, "ce": ce_v,
+                   "cost_ratio": ratio_v, "target": tgt, "multiplier": mult_v,
+                   "temperature": temperature}
+            if (step + 1) % log_every == 0 or last:
+                history.append(row)
+            if on_step is not None:
+                on_step(row)
+        if on_checkpoint is not None and not last:
+            now = time.monotonic()
+            if (step + 1) % checkpoint_every_steps == 0 or now - last_ckpt >= checkpoint_every_s:
+                on_checkpoint(snapshot(step + 1))
+                last_ckpt = now
+    return history
+
+
+def _cosine_lr(opt: torch.optim.Optimizer, base_lr: float, step: int, steps: int) -> None:
+    """Set the cosine-annealed learning rate for `step` of `steps` (no scheduler object)."""
+    lr = 0.5 * base_lr * (1.0 + math.cos(math.pi * step / max(1, steps)))
+    for group in opt.param_groups:
+        group["lr"] = lr
+
+
+def _steps_for_epochs(data: Any, batch_size: int, epochs: float) -> int:
+    """Optimiser steps in `epochs` (may be fractional) passes over the train split; at least 1."""
+    return max(1, math.ceil(epochs * data.n_train / batch_size))
+
+
+def finetune(student: nn.Module, teacher: nn.Module, data: Any, recipe: Any, *,
+             device: torch.device | str,
+             on_step: StepCallback | None = None,
+             should_stop: StopCheck | None = None) -> list[dict[str, float]]:
+    """Fine-tune the pruned `student`'s weights with KD from the unpruned `teacher` (+ CE).
+
+    SGD with momentum, cosine learning rate from `finetune.lr` over `finetune.epochs` epochs
+    (fractional allowed); BN statistics are recalibrated afterwards when the recipe asks.
+    The teacher runs in eval mode without autograd and is not modified. Returns history rows.
+    """
+    device = torch.device(device)
+    ft = recipe.finetune
+    bs = int(recipe.data.batch_size)
+    steps = _steps_for_epochs(data, bs, float(ft.epochs))
+    log_every = max(1, int(getattr(recipe.train, "log_every", 10)))
+    alpha = float(recipe.train.kd.alpha)
+    kd_t = float(recipe.train.kd.temperature)
+    teacher_was_training = teacher.training
+    teacher.eval()
+    student.requires_grad_(True)
+    student.train()
+    opt = torch.optim.SGD(student.parameters(), lr=float(ft.lr), momentum=0.9, nesterov=True)
+    batches = data.train_batches(bs, recipe.data.seed + 7919)  # a different order than training
+    history: list[dict[str, float]] = []
+    try:
+        for step in range(steps):
+            if should_stop is not None and should_stop():
+                raise JobCancelled(f"cancelled at fine-tune step {step}")
+            _cosine_lr(opt, float(ft.lr), step, steps)
+            x, y = next(batches)
+            x = x.to(device, non_blocking=True)
+            y = y.to(device, non_blocking=True) if y is not None else None
+            with torch.no_grad():
+                t_logits = teacher(x)
+            loss, kd, ce = _distill_objective(student(x), t_logits, y, alpha, kd_t)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            last = step == steps - 1
+            if on_step is not None or (step + 1) % log_every == 0 or last:
+                loss_v, kd_v, ce_v = torch.stack([loss.detach(), kd.detach(), ce.detach()]).tolist()
+                row = {"step": step + 1, "steps": steps, "loss": loss_v, "kd": kd_v, "ce": ce_v,
+                       "lr": opt.param_groups[0]["lr"]}
+                if (step + 1) % log_every == 0 or last:
+                    history.append(row)
+                if on_step is not None:
+                    on_step(row)
+    finally:
+        teacher.train(teacher_was_training)
+    if ft.recalibrate_bn:
+        recalibrate_bn(student, data, min(RECALIBRATE_BATCHES, _steps_for_epochs(data, bs, 1.0)),
+                       device=device, batch_size=bs, seed=recipe.data.seed + 104729)
+    student.eval()
+    return history
+
+
+def recalibrate_bn(model: nn.Module, data: Any, batches: int, *,
+                   device: torch.device | str | None = None, batch_size: int = 64,
+                   seed: int = 0) -> None:
+    """Recompute BN running statistics as a plain average over `batches` train batches.
+
+    Fine-tuning leaves running stats as an EMA over weights that kept moving; resetting them and
+    averaging (momentum=None) over the final weights matches what eval mode will see.
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms or batches <= 0:
+        return
+    if device is None:
+        p = next(model.parameters(), None)
+        device = p.device if p is not None else torch.device("cpu")
+    saved = [m.momentum for m in norms]
+    was_training = model.training
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+    model.train()
+    try:
+        it = data.train_batches(batch_size, seed)
+        with torch.no_grad():
+            for _ in range(batches):
+                x, _y = next(it)
+                model(x.to(device, non_blocking=True))
+    finally:
+        for m, mom in zip(norms, saved):
+            m.momentum = mom
+        model.train(was_training)
+
+
+def train_classifier(model: nn.Module, data: Any, *, steps: int, lr: float,
+                     device: torch.device | str, batch_size: int = 64, seed: int = 0,
+                     weight_decay: float = 5e-4,
+                     on_step: StepCallback | None = None) -> list[dict[str, float]]:
+    """Plain supervised training (SGD momentum, cosine lr) used to make baselines.
+
+    Returns history rows every 10 steps and at the end ({step, steps, loss}).
+    """
+    device = torch.device(device)
+    model.to(device).train()
+    model.requires_grad_(True)
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True,
+                          weight_decay=weight_decay)
+    batches: Iterator = data.train_batches(batch_size, seed)
+    history: list[dict[str, float]] = []
+    for step in range(steps):
+        _cosine_lr(opt, lr, step, steps)
+        x, y = next(batches)
+        x = x.to(device, non_blocking=True)
+        y = y.to(device, non_blocking=True)
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        last = step == steps - 1
+        if on_step is not None or (step + 1) % 10 == 0 or last:
+            row = {"step": step + 1, "steps": steps, "loss": float(loss.item())}
+            if (step + 1) % 10 == 0 or last:
+                history.append(row)
+            if on_step is not None:
+                on_step(row)
+    model.eval()
+    return history
