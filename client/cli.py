@@ -376,10 +376,9 @@ def keys_create(owner: Annotated[str, typer.Option(help="Owner the key acts as."
 
     _init_db()
     with _session() as session:
-        record, secret = keys.create_key(session, owner=owner, name=name)
-        session.commit()
-        console.print(f"id {record.id}  owner {owner}")
-        console.print(secret)
+        secret = keys.create_key(session, owner=owner, name=name)
+    console.print(f"key for owner {owner!r} (shown once, store it now):")
+    print(secret)
 
 
 @keys_app.command("list")
@@ -398,22 +397,21 @@ def keys_list(owner: Annotated[Optional[str], typer.Option()] = None) -> None:
 
 @keys_app.command("revoke")
 def keys_revoke(key_id: str) -> None:
-    """Revoke an API key."""
+    """Revoke an API key (by id or displayed prefix)."""
     from store import keys
 
     _init_db()
     with _session() as session:
         if not keys.revoke_key(session, key_id):
-            _fail(LookupError(f"no key {key_id}"))
-        session.commit()
+            _fail(LookupError(f"no live key {key_id}"))
     console.print(f"revoked {key_id}")
 
 
 def _session() -> Any:
     from core.config import get_settings
-    from store.db import session_factory
+    from store.db import session_scope
 
-    return session_factory(get_settings().database_url)()
+    return session_scope(get_settings().database_url)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,308 @@
+"""Run one job inside a worker process: claim it, keep its lease, feed its events to the
+database, store its artifacts and record how it ended.
+
+Torch is imported only inside :func:`execute` (through ``core.pipeline``), so the Celery
+parent process, which imports this module for the reaper, never loads it.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import socket
+import tempfile
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from core.config import Settings, get_settings
+from core.errors import HawadaError, JobCancelled
+from store import jobs, uploaded_models
+from store.artifacts import ARTIFACT_NAMES, ArtifactStore
+from store.db import session_scope
+
+log = logging.getLogger("hawada.worker")
+
+# Progress events are throttled to one per this many seconds (phase/log events never are).
+PROGRESS_EVERY_S = 1.0
+
+
+def worker_id() -> str:
+    """This process's identity in the ``jobs.worker_id`` column."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+class LeaseKeeper(threading.Thread):
+    """Renews the job's lease every ``lease_s / 3`` and mirrors its cancel flag.
+
+    The engine checks ``cancel`` (a ``threading.Event``) every step, which costs nothing;
+    the database is polled here, off the training loop. Losing the lease (another worker
+    took the job over, or it was deleted) also sets ``cancel`` and ``lost``: this worker
+    must stop writing results for a job it no longer owns.
+    """
+
+    def __init__(self, url: str, job_id: str, owner: str, lease_s: float) -> None:
+        super().__init__(name=f"lease-{job_id}", daemon=True)
+        self.url, self.job_id, self.owner, self.lease_s = url, job_id, owner, lease_s
+        self.cancel = threading.Event()
+        self.lost = threading.Event()
+        self._stop = threading.Event()
+
+    def renew_once(self) -> None:
+        """One renewal round (also used directly by tests)."""
+        with session_scope(self.url) as session:
+            if jobs.renew_lease(session, self.job_id, self.owner, self.lease_s):
+                return
+            job = jobs.load_job(session, self.job_id)
+        # False means "stop": either a cancel was asked or the job is no longer ours.
+        if job is None or job.worker_id != self.owner or job.status not in (
+                "running", "cancelling"):
+            self.lost.set()
+        self.cancel.set()
+
+    def run(self) -> None:
+        interval = max(0.2, self.lease_s / 3.0)
+        # Cancellation should be seen within about a second even with a long lease.
+        poll = min(interval, 1.0)
+        next_renew = time.monotonic() + interval
+        while not self._stop.wait(poll):
+            try:
+                if time.monotonic() >= next_renew:
+                    self.renew_once()
+                    next_renew = time.monotonic() + interval
+                else:
+                    with session_scope(self.url) as session:
+                        if jobs.is_cancel_requested(session, self.job_id):
+                            self.cancel.set()
+            except Exception:  # noqa: BLE001 - a DB hiccup must not kill the job; retry
+                log.exception("lease renewal for %s failed; retrying", self.job_id)
+
+    def stop(self) -> None:
+        """Stop renewing (the job has ended) and wait for the thread."""
+        self._stop.set()
+        if self.is_alive():
+            self.join(timeout=5)
+
+
+class EventSink:
+    """The pipeline's ``on_event``: phase and log events are stored at once, progress
+    events at most every ``PROGRESS_EVERY_S`` (so the DB sees about one write a second)."""
+
+    def __init__(self, url: str, job_id: str, clock: Callable[[], float] = time.monotonic
+                 ) -> None:
+        self.url, self.job_id, self._clock = url, job_id, clock
+        self._last_progress = float("-inf")
+        self.phase: str | None = None
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        kind = event.get("kind", "log")
+        now = self._clock()
+        if kind == "progress":
+            final = float(event.get("progress", 0.0)) >= 1.0
+            if not final and now - self._last_progress < PROGRESS_EVERY_S:
+                return
+            self._last_progress = now
+        if kind == "phase":
+            self.phase = event.get("phase")
+            self._last_progress = float("-inf")  # first progress of a phase is always shown
+        with session_scope(self.url) as session:
+            jobs.add_event(session, self.job_id, kind, _jsonable(event))
+            if kind == "phase":
+                jobs.set_progress(session, self.job_id, phase=self.phase, progress=0.0)
+            elif kind == "progress":
+                jobs.set_progress(session, self.job_id, phase=event.get("phase", self.phase),
+                                  progress=float(event.get("progress", 0.0)))
+
+
+def _jsonable(value: Any) -> Any:
+    """Events may carry numpy/torch scalars; store plain JSON types."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if hasattr(value, "item"):
+        return value.item()
+    return str(value)
+
+
+def metrics_summary(report: dict[str, Any]) -> dict[str, Any]:
+    """The job's ``metrics``: the headline numbers of a report."""
+    keys = ("params", "flops", "latency_ms", "accuracy")
+    out: dict[str, Any] = {
+        "baseline": {k: report.get("baseline", {}).get(k) for k in keys},
+        "pruned": {k: report.get("pruned", {}).get(k) for k in keys},
+        "target": report.get("target"),
+        "target_met": report.get("target_met"),
+    }
+    speedup = report.get("speedup")
+    out["speedup"] = speedup.get("measured") if isinstance(speedup, dict) else speedup
+    return out
+
+
+def _store_artifacts(session: Any, store: ArtifactStore, job_id: str, out_dir: Path) -> None:
+    """Move every produced file into the artifact store and record size + sha256."""
+    for path in sorted(p for p in out_dir.iterdir() if p.is_file()):
+        if path.name not in ARTIFACT_NAMES:
+            continue  # scratch files of the engine are not artifacts
+        size, sha256 = store.write(job_id, path.name, path)
+        jobs.record_artifact(session, job_id, path.name, size=size, sha256=sha256)
+
+
+def execute(job_id: str, settings: Settings | None = None) -> str | None:
+    """Run job ``job_id`` to a terminal state; returns that state (None if not claimed).
+
+    Never leaves a claimed job ``running``: every exit path records an outcome.
+    """
+    settings = settings or get_settings()
+    url = settings.database_url
+    me = worker_id()
+    with session_scope(url) as session:
+        job = None
+        if jobs.claim_job(session, job_id, me, settings.lease_s):
+            job = jobs.load_job(session, job_id)
+        if job is None:
+            log.info("job %s not claimable (taken, terminal or deleted)", job_id)
+            return None
+        spec = {"recipe": job.recipe, "weights": job.weights_path, "model_id": job.model_id,
+                "owner": job.owner, "dataset": job.dataset_path, "attempt": job.attempts}
+
+    lease = LeaseKeeper(url, job_id, me, settings.lease_s)
+    lease.start()
+    var_dir = Path(settings.var_dir)
+    checkpoint_dir = var_dir / "checkpoints" / job_id
+    (var_dir / "work").mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f"{job_id}-", dir=var_dir / "work"))
+    sink = EventSink(url, job_id)
+    status, code, message, metrics = "failed", "internal", "", None
+    try:
+        report = _run_pipeline(settings, spec, work, checkpoint_dir, sink, lease.cancel)
+        if lease.lost.is_set():
+            raise _LeaseLost()
+        store = ArtifactStore(Path(settings.artifacts_dir))
+        with session_scope(url) as session:
+            _store_artifacts(session, store, job_id, work)
+        status, metrics = "succeeded", metrics_summary(report)
+    except JobCancelled:
+        status, code, message = "cancelled", "cancelled", "cancelled by request"
+    except _LeaseLost:
+        log.warning("job %s: lease lost, leaving it to its new owner", job_id)
+        return None
+    except HawadaError as exc:
+        status, code, message = "failed", exc.code, exc.message
+    except BaseException as exc:  # noqa: BLE001 - record it, then let Celery see fatal ones
+        status, code, message = "failed", "internal", f"{type(exc).__name__}: {exc}"
+        _safe(lambda: sink({"kind": "log", "level": "error",
+                            "message": traceback.format_exc(limit=20)}))
+        if not isinstance(exc, Exception):
+            _finish(url, job_id, status, code, message, None)
+            raise
+    finally:
+        lease.stop()
+        shutil.rmtree(work, ignore_errors=True)
+    if lease.lost.is_set():
+        return None
+    _finish(url, job_id, status, code, message, metrics)
+    # Terminal now: checkpoints exist only to resume a re-queued attempt.
+    shutil.rmtree(checkpoint_dir, ignore_errors=True)
+    return status
+
+
+class _LeaseLost(Exception):
+    """Internal: another worker owns the job now."""
+
+
+def _safe(fn: Callable[[], Any]) -> None:
+    try:
+        fn()
+    except Exception:  # noqa: BLE001 - best effort while already failing
+        log.exception("could not record an event")
+
+
+def _finish(url: str, job_id: str, status: str, code: str, message: str,
+            metrics: dict[str, Any] | None) -> None:
+    with session_scope(url) as session:
+        if status == "succeeded":
+            jobs.finish_job(session, job_id, "succeeded", metrics=metrics)
+        else:
+            jobs.finish_job(session, job_id, status, error={"code": code, "message": message})
+
+
+def _resolve_weights(settings: Settings, spec: dict[str, Any]) -> Path:
+    if spec["weights"]:
+        return Path(spec["weights"])
+    with session_scope(settings.database_url) as session:
+        model = uploaded_models.get_model(session, spec["owner"], spec["model_id"])
+    if model is None:
+        raise HawadaError(f"model {spec['model_id']} no longer exists", code="model_not_found")
+    return Path(model.path)
+
+
+def _run_pipeline(settings: Settings, spec: dict[str, Any], work: Path, checkpoint_dir: Path,
+                  sink: EventSink, cancel: threading.Event) -> dict[str, Any]:
+    """Build the engine's JobContext and run it (the only place torch gets imported)."""
+    from core.pipeline import JobContext, run_job
+    from core.recipe import parse_recipe
+    from worker.lut_cache import StoreLutCache
+
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    if spec["attempt"] and spec["attempt"] > 1:
+        sink({"kind": "log", "message": f"attempt {spec['attempt']}: resuming from checkpoint"})
+    ctx = JobContext(
+        recipe=parse_recipe(spec["recipe"]),
+        weights=_resolve_weights(settings, spec),
+        out_dir=work,
+        dataset=Path(spec["dataset"]) if spec["dataset"] else None,
+        device=settings.device,
+        on_event=sink,
+        should_cancel=cancel.is_set,
+        checkpoint_dir=checkpoint_dir,
+        lut_cache=StoreLutCache(settings.database_url),
+    )
+    return run_job(ctx)
+
+
+# -- reaper -------------------------------------------------------------------------------
+def reap_once(settings: Settings | None = None,
+              send: Callable[[str], Any] | None = None) -> list[str]:
+    """Re-queue jobs whose lease lapsed (failing those out of attempts) and re-send them."""
+    settings = settings or get_settings()
+    with session_scope(settings.database_url) as session:
+        requeued = jobs.requeue_expired(session)
+    if requeued:
+        if send is None:
+            from worker.app import TASK_NAME, celery_app
+
+            def send(job_id: str) -> Any:
+                return celery_app.send_task(TASK_NAME, args=[job_id])
+        for job_id in requeued:
+            send(job_id)
+        log.warning("re-queued %d job(s) with lapsed leases: %s", len(requeued), requeued)
+    return requeued
+
+
+class Reaper(threading.Thread):
+    """Runs :func:`reap_once` now and then every ``interval_s`` in the background."""
+
+    def __init__(self, settings: Settings, interval_s: float | None = None) -> None:
+        super().__init__(name="hawada-reaper", daemon=True)
+        self.settings = settings
+        self.interval_s = interval_s or max(5.0, settings.lease_s / 2.0)
+        self._stop = threading.Event()
+
+    def run(self) -> None:
+        while True:
+            try:
+                reap_once(self.settings)
+            except Exception:  # noqa: BLE001 - keep reaping after a transient DB error
+                log.exception("reaper round failed")
+            if self._stop.wait(self.interval_s):
+                return
+
+    def stop(self) -> None:
+        """Stop after the current round."""
+        self._stop.set()
