@@ -49,7 +49,7 @@ class LeaseKeeper(threading.Thread):
         self.url, self.job_id, self.owner, self.lease_s = url, job_id, owner, lease_s
         self.cancel = threading.Event()
         self.lost = threading.Event()
-        self._stop = threading.Event()
+        self._halt = threading.Event()
 
     def renew_once(self) -> None:
         """One renewal round (also used directly by tests)."""
@@ -68,7 +68,7 @@ class LeaseKeeper(threading.Thread):
         # Cancellation should be seen within about a second even with a long lease.
         poll = min(interval, 1.0)
         next_renew = time.monotonic() + interval
-        while not self._stop.wait(poll):
+        while not self._halt.wait(poll):
             try:
                 if time.monotonic() >= next_renew:
                     self.renew_once()
@@ -82,7 +82,7 @@ class LeaseKeeper(threading.Thread):
 
     def stop(self) -> None:
         """Stop renewing (the job has ended) and wait for the thread."""
-        self._stop.set()
+        self._halt.set()
         if self.is_alive():
             self.join(timeout=5)
 
@@ -292,7 +292,7 @@ class Reaper(threading.Thread):
         super().__init__(name="hawada-reaper", daemon=True)
         self.settings = settings
         self.interval_s = interval_s or max(5.0, settings.lease_s / 2.0)
-        self._stop = threading.Event()
+        self._halt = threading.Event()
 
     def run(self) -> None:
         while True:
@@ -300,9 +300,9 @@ class Reaper(threading.Thread):
                 reap_once(self.settings)
             except Exception:  # noqa: BLE001 - keep reaping after a transient DB error
                 log.exception("reaper round failed")
-            if self._stop.wait(self.interval_s):
+            if self._halt.wait(self.interval_s):
                 return
 
     def stop(self) -> None:
         """Stop after the current round."""
-        self._stop.set()
+        self._halt.set()
