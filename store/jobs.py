@@ -73,20 +73,30 @@ def create_job(
     return job
 
 
+# Transitions are bulk UPDATEs (they must be conditional), which bypass the identity map;
+# reads therefore always refresh the rows they return.
+_FRESH = {"populate_existing": True}
+
+
 def get_job(session: Session, owner: str, job_id: str) -> Job | None:
     """The owner's job, or None (also for another owner's job)."""
-    return session.scalar(select(Job).where(Job.id == job_id, Job.owner == owner))
+    return session.scalar(
+        select(Job).where(Job.id == job_id, Job.owner == owner).execution_options(**_FRESH)
+    )
 
 
 def load_job(session: Session, job_id: str) -> Job | None:
     """A job by id regardless of owner (worker side only; the API always scopes by owner)."""
-    session.expire_all()  # always re-read: another process may have changed it
-    return session.get(Job, job_id)
+    return session.get(Job, job_id, populate_existing=True)
 
 
 def find_by_idempotency_key(session: Session, owner: str, key: str) -> Job | None:
     """The owner's job submitted with `key`, if any."""
-    return session.scalar(select(Job).where(Job.owner == owner, Job.idempotency_key == key))
+    return session.scalar(
+        select(Job)
+        .where(Job.owner == owner, Job.idempotency_key == key)
+        .execution_options(**_FRESH)
+    )
 
 
 def _encode_cursor(job: Job) -> str:
@@ -121,7 +131,8 @@ def list_jobs(
         query = query.where(
             or_(Job.created_at < created, and_(Job.created_at == created, Job.id < last_id))
         )
-    rows = list(session.scalars(query.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)))
+    query = query.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)
+    rows = list(session.scalars(query.execution_options(**_FRESH)))
     if len(rows) > limit:
         return rows[:limit], _encode_cursor(rows[limit - 1])
     return rows, None
@@ -129,7 +140,8 @@ def list_jobs(
 
 def count_by_status(session: Session) -> dict[str, int]:
     """Number of jobs in each state, all owners (for the metrics gauge)."""
-    return dict(session.execute(select(Job.status, func.count()).group_by(Job.status)).tuples())
+    rows = session.execute(select(Job.status, func.count()).group_by(Job.status))
+    return {status: int(count) for status, count in rows}
 
 
 def claim_job(session: Session, job_id: str, worker_id: str, lease_s: float) -> bool:
@@ -289,7 +301,6 @@ def request_cancel(session: Session, owner: str, job_id: str) -> Job | None:
         .execution_options(synchronize_session=False)
     )
     session.commit()
-    session.expire_all()
     return get_job(session, owner, job_id)
 
 
@@ -385,4 +396,4 @@ def list_artifacts(session: Session, job_ids: Sequence[str]) -> dict[str, list[A
 
 def get_artifact(session: Session, job_id: str, name: str) -> Artifact | None:
     """The artifact record (job ownership is checked by the caller)."""
-    return session.get(Artifact, (job_id, name))
+    return session.get(Artifact, (job_id, name), populate_existing=True)
