@@ -89,9 +89,11 @@ def _init_db() -> None:
 def _uvicorn(host: str, port: int) -> None:
     import uvicorn
 
-    from api.app import create_app
+    from api.main import create_app
+    from core.config import get_settings
 
-    uvicorn.run(create_app(), host=host, port=port, log_level="info")
+    # The default enqueuer of the app sends `hawada.run_job` through worker.app's Celery app.
+    uvicorn.run(create_app(get_settings()), host=host, port=port, log_level="info")
 
 
 @app.command()
