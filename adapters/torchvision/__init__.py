@@ -1,0 +1,60 @@
+"""Torchvision model families: adapters, the allowlisted builder and `load_pruned`."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from safetensors.torch import load_file
+from torch import nn
+
+from adapters.torchvision._registry import (
+    STEMS,
+    FamilyAdapter,
+    build_model,
+    build_skeleton,
+    family_of,
+    list_architectures,
+)
+from adapters.torchvision.resnet import ResNetAdapter
+from core.errors import UnsupportedArch
+
+_ADAPTERS: dict[str, FamilyAdapter] = {"resnet": ResNetAdapter()}
+
+__all__ = [
+    "STEMS",
+    "FamilyAdapter",
+    "UnsupportedArch",
+    "build_model",
+    "build_skeleton",
+    "get_adapter",
+    "list_architectures",
+    "load_pruned",
+]
+
+
+def get_adapter(arch: str) -> FamilyAdapter:
+    """Adapter of an allowlisted arch; raises `UnsupportedArch` for anything else."""
+    family = family_of(arch)
+    if family not in _ADAPTERS:
+        raise UnsupportedArch(f"no adapter for family {family!r} (arch {arch!r})")
+    return _ADAPTERS[family]
+
+
+def load_pruned(json_path: str | Path, weights_path: str | Path) -> nn.Module:
+    """Rebuild a pruned model from `pruned.json` + `pruned.safetensors` (CPU, eval mode).
+
+    The plain torchvision class is built on the meta device, narrowed to the recorded widths
+    and filled from the safetensors file with a strict load (shapes must match exactly).
+    """
+    config = json.loads(Path(json_path).read_text())
+    if not isinstance(config, dict) or "arch" not in config:
+        raise ValueError(f"{json_path}: not a pruned.json (no 'arch')")
+    model = get_adapter(config["arch"]).pruned_skeleton(config)
+    state = load_file(str(weights_path), device="cpu")
+    model.load_state_dict(state, strict=True, assign=True)
+    unset = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
+    if unset:
+        raise ValueError(f"{weights_path}: no values for {unset[:5]}")
+    model.hawada_arch = config["arch"]
+    model.hawada_stem = config["stem"]
+    return model.eval()

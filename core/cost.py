@@ -1,0 +1,190 @@
+"""Analytic cost models (FLOPs, parameters) as functions of per-group kept widths.
+
+Every conv/linear contributes `coef * in_factor * out_factor`, where each factor is either a
+gate group's (expected) width or a constant. The cost is therefore one vectorised gather and
+dot product per call, differentiable in the widths, with no per-layer Python work per step.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor
+
+Width = Tensor | float | int
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """One conv or linear layer as the cost models and the latency LUT see it.
+
+    `in_group`/`out_group` name the gate groups that decide its input/output channels (None:
+    fixed). `tied_groups`: grouped conv whose group count shrinks with its gate, so the input
+    channels per group stay constant. `norm` names the norm layer after it (its affine
+    parameters count with the layer). Spatial sizes are from one forward at the job's input size.
+    """
+
+    name: str
+    kind: Literal["conv", "linear"]
+    in_group: str | None
+    out_group: str | None
+    in_channels: int
+    out_channels: int
+    groups: int
+    tied_groups: bool
+    kernel: tuple[int, int]
+    out_hw: tuple[int, int]
+    in_hw: tuple[int, int] = (1, 1)
+    stride: tuple[int, int] = (1, 1)
+    padding: tuple[int, int] = (0, 0)
+    dilation: tuple[int, int] = (1, 1)
+    bias: bool = False
+    norm: str | None = None
+
+
+@runtime_checkable
+class CostModel(Protocol):
+    """Cost of a network as a function of kept channels per gate group."""
+
+    metric: str
+
+    def cost(self, widths: Mapping[str, Width]) -> Tensor:
+        """Cost at `widths` (group -> kept channels; absent groups are full width)."""
+        ...
+
+    def baseline(self) -> float:
+        """Cost at full width."""
+        ...
+
+
+def group_widths(layers: Sequence[LayerSpec]) -> dict[str, int]:
+    """Full channel count of every group the layers mention (checked for consistency)."""
+    full: dict[str, int] = {}
+    for spec in layers:
+        for group, channels in ((spec.in_group, spec.in_channels),
+                                (spec.out_group, spec.out_channels)):
+            if group is None:
+                continue
+            if full.setdefault(group, channels) != channels:
+                raise ValueError(f"group {group}: {channels} channels at {spec.name}, "
+                                 f"{full[group]} elsewhere")
+    return full
+
+
+class _BilinearCost:
+    """cost = sum_t coef_t * v[in_t] * v[out_t], v = [group widths..., 1]."""
+
+    metric = "abstract"
+
+    def __init__(self, layers: Sequence[LayerSpec]) -> None:
+        self.layers = list(layers)
+        self.full = group_widths(self.layers)
+        self.group_names = list(self.full)
+        index = {g: i for i, g in enumerate(self.group_names)}
+        one = len(self.group_names)  # slot holding the constant 1
+        coefs: list[float] = []
+        ins: list[int] = []
+        outs: list[int] = []
+        for spec in self.layers:
+            for coef, (in_g, in_c), (out_g, out_c) in self._terms(spec):
+                # A fixed factor folds into the coefficient and reads the constant slot.
+                coefs.append(coef * (1.0 if in_g is not None else in_c)
+                             * (1.0 if out_g is not None else out_c))
+                ins.append(one if in_g is None else index[in_g])
+                outs.append(one if out_g is None else index[out_g])
+        self._coef = torch.tensor(coefs, dtype=torch.float64)
+        self._in = torch.tensor(ins, dtype=torch.long)
+        self._out = torch.tensor(outs, dtype=torch.long)
+        self._on: dict[torch.device, tuple[Tensor, Tensor, Tensor]] = {}
+        self._baseline = float(self.cost({}))
+
+    @staticmethod
+    def _terms(spec: LayerSpec) -> list[tuple[float, tuple, tuple]]:
+        raise NotImplementedError
+
+    def _buffers(self, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+        # Index/coefficient tensors are moved once per device, not once per step.
+        if device not in self._on:
+            self._on[device] = (self._coef.to(device), self._in.to(device), self._out.to(device))
+        return self._on[device]
+
+    def cost(self, widths: Mapping[str, Width]) -> Tensor:
+        """Cost at `widths` (float64 0-dim tensor, differentiable in tensor widths)."""
+        unknown = set(widths) - set(self.full)
+        if unknown:
+            raise KeyError(f"unknown gate groups: {sorted(unknown)}")
+        device = next((w.device for w in widths.values() if isinstance(w, Tensor)),
+                      torch.device("cpu"))
+        values = [torch.as_tensor(widths.get(g, self.full[g]), dtype=torch.float64, device=device)
+                  for g in self.group_names]
+        values.append(torch.ones((), dtype=torch.float64, device=device))
+        v = torch.stack([x.reshape(()) for x in values])
+        coef, ins, outs = self._buffers(device)
+        return (coef * v[ins] * v[outs]).sum()
+
+    def baseline(self) -> float:
+        """Cost at full width."""
+        return self._baseline
+
+
+def _conv_in_factor(spec: LayerSpec) -> tuple[float, tuple]:
+    """(coefficient part, input factor) of cin/groups for a conv."""
+    if spec.tied_groups:
+        # Groups shrink with the gate: in-channels per group is a constant.
+        return float(spec.in_channels // spec.groups), (None, 1.0)
+    return 1.0 / spec.groups, (spec.in_group, float(spec.in_channels))
+
+
+class FlopsCost(_BilinearCost):
+    """2 x multiply-accumulates of convs and linears, as `FlopCounterMode` counts at batch 1."""
+
+    metric = "flops"
+
+    @staticmethod
+    def _terms(spec: LayerSpec) -> list[tuple[float, tuple, tuple]]:
+        out = (spec.out_group, float(spec.out_channels))
+        if spec.kind == "linear":
+            return [(2.0, (spec.in_group, float(spec.in_channels)), out)]
+        part, in_factor = _conv_in_factor(spec)
+        spatial = spec.out_hw[0] * spec.out_hw[1] * spec.kernel[0] * spec.kernel[1]
+        return [(2.0 * spatial * part, in_factor, out)]
+
+
+class ParamsCost(_BilinearCost):
+    """Weights and biases of convs/linears plus the affine parameters of their norms."""
+
+    metric = "params"
+
+    @staticmethod
+    def _terms(spec: LayerSpec) -> list[tuple[float, tuple, tuple]]:
+        out = (spec.out_group, float(spec.out_channels))
+        one = (None, 1.0)
+        if spec.kind == "linear":
+            weight = (1.0, (spec.in_group, float(spec.in_channels)), out)
+        else:
+            part, in_factor = _conv_in_factor(spec)
+            weight = (spec.kernel[0] * spec.kernel[1] * part, in_factor, out)
+        terms = [weight]
+        if spec.bias:
+            terms.append((1.0, one, out))
+        if spec.norm is not None:
+            terms.append((2.0, one, out))  # norm weight + bias
+        return terms
+
+
+def make_cost_model(metric: str, layers: Sequence[LayerSpec], lut: object | None = None
+                    ) -> CostModel:
+    """Cost model for a recipe's `target.metric`: "flops", "params" or "latency" (needs `lut`)."""
+    if metric == "flops":
+        return FlopsCost(layers)
+    if metric == "params":
+        return ParamsCost(layers)
+    if metric == "latency":
+        if lut is None:
+            raise ValueError("metric latency needs a latency lookup table (lut)")
+        from core.lut import LatencyCost  # lazy: only latency jobs need the LUT module
+
+        return LatencyCost(layers, lut)
+    raise ValueError(f"unknown cost metric {metric!r}; expected flops, params or latency")
