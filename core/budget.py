@@ -1,0 +1,292 @@
+"""Fit the trained gates' widths to the cost budget before export.
+
+Training lands the *expected* cost near the target; the snapped, exported widths can still miss
+it, and for latency only a measurement tells. ``fit_to_budget`` walks every group along its
+staircase of allowed widths (``round_units`` multiples, floored, full width always allowed):
+
+1. cut: while the predicted cost is over the target, remove the next step from the group whose
+   cut buys the largest cost drop per unit of lost gate importance (the lowest-logit units of a
+   group go first). On a latency staircase a one-step cut may buy nothing; the search looks a
+   few steps further down that group for the first width where the cost actually drops.
+2. staircase: grow groups back step by step while the predicted cost does not increase (equal
+   latency -> keep the widest), then (``fill``) spend any slack left under the target on the
+   units with the most importance per cost.
+3. measure (optional): re-measure the exported model; while it is over the target, shrink the
+   predicted goal by the measured/predicted ratio and cut again, undoing cuts that did not make
+   the measured latency drop.
+
+The result is written back to the gates (kept logits > 0, removed < 0) so ``Gates.kept_units``
+— the one definition of kept — agrees with what is exported.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+_LOOKAHEAD = 6  # steps down one group to search for a width where the cost actually drops
+_MARGIN = 0.01  # |logit| written back for units whose side of 0 had to change
+
+
+@dataclass
+class BudgetResult(Mapping[str, Tensor]):
+    """The fitted ``keep`` (group -> kept channel indices), readable as that dict itself.
+
+    ``predicted``/``measured`` are the final costs (``measured`` only with a ``measure``
+    callable), ``met`` whether the target holds for the measured value when there is one, and
+    ``reason`` says why not when it does not.
+    """
+
+    keep: dict[str, Tensor]
+    widths: dict[str, int]
+    target: float
+    predicted: float
+    measured: float | None = None
+    met: bool = True
+    reason: str | None = None
+    measure_rounds: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    def __getitem__(self, key: str) -> Tensor:
+        return self.keep[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.keep)
+
+    def __len__(self) -> int:
+        return len(self.keep)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready summary (no indices)."""
+        return {"target": self.target, "predicted": self.predicted, "measured": self.measured,
+                "met": self.met, "reason": self.reason, "widths": dict(self.widths),
+                "measure_rounds": self.measure_rounds}
+
+
+def ladder(group: Any) -> list[int]:
+    """Allowed kept-unit counts of a group, ascending: the staircase ``snap_units`` can emit."""
+    r = max(1, int(group.round_units))
+    floor = -(-int(group.min_units) // r) * r
+    steps = list(range(floor, int(group.units), r)) if floor < group.units else []
+    return steps + [int(group.units)]
+
+
+class _State:
+    """Current unit counts per group, their removal order, and the predicted cost."""
+
+    def __init__(self, gates: Any, groups: Sequence[Any], cost_fn: Callable[[Mapping[str, float]], Any]) -> None:
+        self.groups = {g.name: g for g in groups}
+        self.cost_fn = cost_fn
+        self.ladders = {n: ladder(g) for n, g in self.groups.items()}
+        self.order: dict[str, Tensor] = {}
+        self.importance: dict[str, Tensor] = {}
+        self.units: dict[str, int] = {}
+        for n in self.groups:
+            logit = gates.logit(n).detach().float().cpu()
+            # highest logit first (stable: ties resolve to the lower index, as Gates does)
+            order = torch.sort(logit, descending=True, stable=True).indices
+            self.order[n] = order
+            # softplus: ~logit for confident units, ~0 for units the gates already turned off
+            # suffix sums with a trailing 0: units at positions a..b-1 weigh S[a] - S[b]
+            suffix = torch.cumsum(F.softplus(logit[order].double()).flip(0), 0).flip(0)
+            self.importance[n] = torch.cat([suffix, suffix.new_zeros(1)])
+            k = len(gates.kept_units(n))
+            lad = self.ladders[n]
+            self.units[n] = min(lad, key=lambda v: (abs(v - k), -v))  # already on it, normally
+        self.cost = self.predict(self.units)
+
+    def widths(self, units: Mapping[str, int]) -> dict[str, int]:
+        return {n: units[n] * int(self.groups[n].unit_width) for n in self.groups}
+
+    def predict(self, units: Mapping[str, int]) -> float:
+        return float(self.cost_fn({n: float(w) for n, w in self.widths(units).items()}))
+
+    def with_units(self, name: str, k: int) -> float:
+        return self.predict({**self.units, name: k})
+
+    def lost(self, name: str, k_new: int) -> float:
+        """Importance of the units between the current count and ``k_new`` (cut or regrown)."""
+        s = self.importance[name]
+        a, b = sorted((self.units[name], k_new))
+        return float(s[a] - s[b])
+
+
+def _cut_candidates(st: _State, banned: set[str]) -> Iterator[tuple[float, str, int, float]]:
+    """(score, group, new units, new cost) of the first width per group where the cost drops."""
+    for n, lad in st.ladders.items():
+        if n in banned:
+            continue
+        i = lad.index(st.units[n])
+        for s in range(1, _LOOKAHEAD + 1):
+            if i - s < 0:
+                break
+            k_new = lad[i - s]
+            c = st.with_units(n, k_new)
+            drop = st.cost - c
+            if drop > 1e-12 * max(1.0, abs(st.cost)):
+                yield drop / (st.lost(n, k_new) + 1e-6), n, k_new, c
+                break
+
+
+def _cut_to(st: _State, goal: float, banned: set[str] = frozenset(), at_least_one: bool = False) -> list[tuple[str, int]]:
+    """Greedy cuts until the predicted cost is <= goal; returns the (group, old units) undo log."""
+    undo: list[tuple[str, int]] = []
+    while st.cost > goal or (at_least_one and not undo):
+        best = max(_cut_candidates(st, set(banned)), default=None)
+        if best is None:
+            break
+        _, n, k_new, c = best
+        undo.append((n, st.units[n]))
+        st.units[n], st.cost = k_new, c
+    return undo
+
+
+def _grow(st: _State, target: float, plateau_tol: float, fill: bool) -> None:
+    """Staircase rule, then optional slack filling; never above target."""
+    # 1. equal cost -> keep the widest: grow while the predicted cost does not increase
+    for n, lad in st.ladders.items():
+        i = lad.index(st.units[n])
+        while i + 1 < len(lad):
+            c = st.with_units(n, lad[i + 1])
+            if c > st.cost + plateau_tol * abs(st.cost) or c > target:
+                break
+            i += 1
+            st.units[n], st.cost = lad[i], c
+    if not fill:
+        return
+    # 2. spend slack: add the step with the most importance per cost increase that still fits
+    while True:
+        best: tuple[float, str, int, float] | None = None
+        for n, lad in st.ladders.items():
+            i = lad.index(st.units[n])
+            if i + 1 >= len(lad):
+                continue
+            k_new = lad[i + 1]
+            c = st.with_units(n, k_new)
+            if c > target:
+                continue
+            gain = st.lost(n, k_new)
+            score = gain / max(c - st.cost, 1e-12 * max(1.0, abs(st.cost)))
+            if best is None or score > best[0]:
+                best = (score, n, k_new, c)
+        if best is None:
+            return
+        _, n, k_new, c = best
+        st.units[n], st.cost = k_new, c
+
+
+def _write_back(gates: Any, st: _State) -> dict[str, Tensor]:
+    """Make the gates' logits say exactly the fitted widths; return keep from the gates."""
+    with torch.no_grad():
+        for n in st.groups:
+            p = gates.logit(n)
+            order = st.order[n].to(p.device)
+            k = st.units[n]
+            kept, removed = order[:k], order[k:]
+            p[kept] = p[kept].clamp_min(_MARGIN)
+            p[removed] = p[removed].clamp_max(-_MARGIN)
+    keep: dict[str, Tensor] = {}
+    for n, g in st.groups.items():
+        ch = gates.kept_channels(n)
+        if len(ch) != st.units[n] * int(g.unit_width):  # the one definition of kept must agree
+            raise RuntimeError(f"group {n}: gates keep {len(ch)} channels, budget chose "
+                               f"{st.units[n] * int(g.unit_width)}")
+        keep[n] = ch
+    return keep
+
+
+def _as_cost_fn(cost_model: Any) -> Callable[[Mapping[str, float]], Any]:
+    if hasattr(cost_model, "cost"):
+        return cost_model.cost
+    if callable(cost_model):
+        return cost_model
+    raise TypeError("cost_model must be a CostModel or a callable widths -> cost")
+
+
+def fit_to_budget(gates: Any, groups: Sequence[Any] | None, cost_model: Any, target_value: float,
+                  measure: Callable[[Mapping[str, Tensor]], float] | None = None,
+                  max_rounds: int = 8, *, fill: bool = True, plateau_tol: float | None = None) -> BudgetResult:
+    """Fit kept widths under ``target_value`` (in the cost model's unit); returns the keep.
+
+    ``gates``: ``core.gates.Gates`` (logits decide the removal order); ``groups``: its
+    GateGroups (None: ``gates.groups``); ``cost_model``: a CostModel (or a ``widths -> cost``
+    callable). ``measure(keep) -> ms`` enables the measured loop of at most ``max_rounds``
+    re-measurements. ``plateau_tol`` is the relative cost increase still counted as "equal"
+    by the staircase rule (default 0.5% for latency — timing noise — and 0 otherwise).
+    The gates' logits are updated so ``kept_units`` agrees with the result.
+    """
+    groups = list(groups) if groups is not None else list(gates.groups.values())
+    cost_fn = _as_cost_fn(cost_model)
+    if plateau_tol is None:
+        plateau_tol = 0.005 if getattr(cost_model, "metric", "") == "latency" else 0.0
+    target = float(target_value)
+    with torch.no_grad():
+        st = _State(gates, groups, cost_fn)
+        history: list[dict[str, Any]] = [{"stage": "gates", "predicted": st.cost}]
+        _cut_to(st, target)
+        _grow(st, target, plateau_tol, fill)
+        history.append({"stage": "fitted", "predicted": st.cost})
+
+        measured: float | None = None
+        rounds = 0
+        reason: str | None = None
+        if st.cost > target:
+            reason = (f"target {target:.6g} is below the smallest reachable predicted cost "
+                      f"{st.cost:.6g} (every group at its minimum width)")
+        if measure is not None:
+            keep = _write_back(gates, st)
+            measured = float(measure(keep))
+            history.append({"stage": "measured", "predicted": st.cost, "measured": measured})
+            banned: set[str] = set()
+            while measured > target and rounds < max_rounds:
+                rounds += 1
+                # the prediction is off by measured/predicted here; aim the prediction lower by that
+                goal = st.cost * target / measured
+                undo = _cut_to(st, goal, banned, at_least_one=True)
+                if not undo:
+                    if banned:  # every useful group was banned: give them another chance
+                        banned.clear()
+                        continue
+                    reason = (f"measured {measured:.4g} ms is over the target {target:.4g} ms and "
+                              f"every group is at its minimum width")
+                    break
+                keep = _write_back(gates, st)
+                m = float(measure(keep))
+                history.append({"stage": "measured", "predicted": st.cost, "measured": m})
+                if m >= measured and len(banned) + 1 < len(st.groups):
+                    # this cut did not make the model faster: undo it, try other groups first
+                    for n, k in reversed(undo):
+                        st.units[n] = k
+                    st.cost = st.predict(st.units)
+                    banned.update(n for n, _ in undo)
+                    continue
+                measured = m
+            if measured > target and reason is None:
+                reason = (f"measured {measured:.4g} ms is still over the target {target:.4g} ms "
+                          f"after {rounds} re-measured rounds")
+            elif measured <= target:
+                reason = None
+    keep = _write_back(gates, st)
+    final = measured if measured is not None else st.cost
+    met = final <= target
+    if met:
+        reason = None
+    elif reason is None:
+        reason = f"cost {final:.6g} over the target {target:.6g}"
+    return BudgetResult(keep=keep, widths=st.widths(st.units), target=target, predicted=st.cost,
+                        measured=measured, met=met, reason=reason, measure_rounds=rounds,
+                        history=history)
+
+
+def cost_floor(groups: Sequence[Any], cost_model: Any) -> float:
+    """Predicted cost with every group at its minimum width (the lowest reachable target)."""
+    fn = _as_cost_fn(cost_model)
+    with torch.no_grad():
+        return float(fn({g.name: float(ladder(g)[0] * int(g.unit_width)) for g in groups}))
+
+
+__all__ = ["BudgetResult", "cost_floor", "fit_to_budget", "ladder"]

@@ -1,0 +1,218 @@
+"""Wall-clock latency of a model on the device that runs it.
+
+GPU: CUDA events around every timed repeat, after a warm-up with ``cudnn.benchmark`` on so the
+autotuner has picked its kernels. CPU: ``time.perf_counter_ns`` around every repeat. Both report
+the median and the 10th/90th percentiles, because a mean is dragged by the one repeat that a
+neighbour's process interrupted.
+"""
+from __future__ import annotations
+
+import copy
+import functools
+import platform
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from time import perf_counter_ns
+from typing import Any
+
+import torch
+from torch import nn
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+
+
+@dataclass(frozen=True)
+class LatencyStats:
+    """Summary of timed forward passes (milliseconds per batch)."""
+
+    median_ms: float
+    p10_ms: float
+    p90_ms: float
+    device: str
+    batch_size: int
+    dtype: str
+    channels_last: bool
+    repeats: int
+    note: str | None = None  # e.g. why the requested dtype was not the measured one
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready dict (report.json's ``latency`` block)."""
+        return asdict(self)
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """Turn ``auto``/``cpu``/``cuda``/a torch.device into a concrete torch.device."""
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+@functools.cache
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def device_name(device: str | torch.device | None) -> str:
+    """Human-readable name of the device latency is measured on.
+
+    CUDA: the board name (``NVIDIA H100 80GB HBM3``). CPU: ``cpu:<model> x<threads>`` — the
+    thread count is part of the name because it changes every timing.
+    """
+    dev = resolve_device(device)
+    if dev.type == "cuda":
+        return torch.cuda.get_device_name(dev)
+    return f"cpu:{_cpu_model()} x{torch.get_num_threads()}"
+
+
+def spec_value(spec: Any, name: str, default: Any) -> Any:
+    """Read a field of the recipe's latency block (pydantic model, dict or None)."""
+    if spec is None:
+        return default
+    if isinstance(spec, dict):
+        return spec.get(name, default)
+    return getattr(spec, name, default)
+
+
+def _percentile(sorted_ms: Sequence[float], q: float) -> float:
+    """Linear-interpolated percentile of an ascending list (q in [0, 1])."""
+    pos = q * (len(sorted_ms) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(sorted_ms) - 1)
+    return sorted_ms[lo] + (sorted_ms[hi] - sorted_ms[lo]) * (pos - lo)
+
+
+def summarize(times_ms: Sequence[float]) -> tuple[float, float, float]:
+    """(median, p10, p90) of per-repeat times."""
+    s = sorted(times_ms)
+    return _percentile(s, 0.5), _percentile(s, 0.1), _percentile(s, 0.9)
+
+
+def time_callable(fn: Callable[[], Any], device: torch.device, repeats: int, warmup: int) -> list[float]:
+    """Run ``fn`` ``warmup`` times untimed, then ``repeats`` times timed; ms per repeat.
+
+    On CUDA each repeat is bracketed by its own pair of events on the current stream and one
+    synchronize at the end reads them all, so host overhead between launches is not counted
+    twice and the GPU queue stays full as in serving.
+    """
+    repeats = max(1, int(repeats))
+    for _ in range(max(0, int(warmup))):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        starts = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
+        ends = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
+        for s, e in zip(starts, ends):
+            s.record()
+            fn()
+            e.record()
+        torch.cuda.synchronize(device)
+        return [s.elapsed_time(e) for s, e in zip(starts, ends)]
+    out: list[float] = []
+    for _ in range(repeats):
+        t0 = perf_counter_ns()
+        fn()
+        out.append((perf_counter_ns() - t0) / 1e6)
+    return out
+
+
+def _placed_like(model: nn.Module, device: torch.device, dtype: torch.dtype, channels_last: bool) -> bool:
+    """True when the model already lives on ``device`` in ``dtype`` and the memory format asked."""
+    for p in model.parameters():
+        if p.device != device or (p.is_floating_point() and p.dtype != dtype):
+            return False
+        if channels_last and p.dim() == 4 and not p.is_contiguous(memory_format=torch.channels_last):
+            return False
+    for b in model.buffers():
+        if b.device != device:
+            return False
+    return True
+
+
+def prepare_model(model: nn.Module, device: torch.device, dtype: torch.dtype, channels_last: bool) -> nn.Module:
+    """The model placed for timing, without mutating the caller's model.
+
+    ``nn.Module.to`` works in place, so when the placement differs the timing runs on a deep
+    copy; when it already matches (the usual case in the worker) the model itself is used.
+    """
+    if _placed_like(model, device, dtype, channels_last):
+        return model
+    m = copy.deepcopy(model).to(device=device, dtype=dtype)
+    if channels_last:
+        m = m.to(memory_format=torch.channels_last)
+    return m
+
+
+def _cpu_dtype_works(dtype: torch.dtype) -> bool:
+    """Whether this CPU build runs a conv in ``dtype`` (half/bf16 kernels are optional)."""
+    try:
+        conv = nn.Conv2d(4, 4, 3, padding=1).to(dtype)
+        with torch.inference_mode():
+            conv(torch.zeros(1, 4, 4, 4, dtype=dtype))
+        return True
+    except (RuntimeError, NotImplementedError):
+        return False
+
+
+def effective_dtype(requested: str, device: torch.device) -> tuple[str, str | None]:
+    """The dtype latency will actually be measured in, and a note when it differs."""
+    if requested not in DTYPES:
+        raise ValueError(f"latency.dtype must be one of {sorted(DTYPES)}, got {requested!r}")
+    if device.type == "cpu" and requested != "float32" and not _cpu_dtype_works(DTYPES[requested]):
+        return "float32", f"{requested} is not supported on this CPU; measured in float32"
+    return requested, None
+
+
+def measure_latency(model: nn.Module, input_size: Sequence[int], spec: Any, device: str | torch.device | None) -> LatencyStats:
+    """Median/p10/p90 forward latency of ``model`` at the recipe's latency settings.
+
+    ``input_size`` is (C, H, W); ``spec`` is the recipe's ``latency`` block (batch_size, dtype,
+    repeats, warmup, channels_last). The model is timed in eval mode under inference_mode; its
+    parameters, dtype, device and train/eval flag are unchanged afterwards.
+    """
+    dev = resolve_device(device)
+    batch = int(spec_value(spec, "batch_size", 1))
+    repeats = int(spec_value(spec, "repeats", 20))
+    warmup = int(spec_value(spec, "warmup", 10))
+    channels_last = bool(spec_value(spec, "channels_last", False))
+    dtype_name, note = effective_dtype(str(spec_value(spec, "dtype", "float32")), dev)
+    dtype = DTYPES[dtype_name]
+
+    prev_benchmark = torch.backends.cudnn.benchmark
+    if dev.type == "cuda":
+        # let cuDNN pick the fastest algorithm for these shapes during warm-up
+        torch.backends.cudnn.benchmark = True
+    m = prepare_model(model, dev, dtype, channels_last)
+    was_training = m.training
+    m.eval()
+    x = torch.randn(batch, *[int(v) for v in input_size], device=dev, dtype=dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    try:
+        with torch.inference_mode():
+            times = time_callable(lambda: m(x), dev, repeats, max(1, warmup))
+    finally:
+        m.train(was_training)
+        torch.backends.cudnn.benchmark = prev_benchmark
+    med, p10, p90 = summarize(times)
+    return LatencyStats(
+        median_ms=med,
+        p10_ms=p10,
+        p90_ms=p90,
+        device=device_name(dev),
+        batch_size=batch,
+        dtype=dtype_name,
+        channels_last=channels_last,
+        repeats=repeats,
+        note=note,
+    )
