@@ -220,8 +220,12 @@ def before_after_table(report: dict[str, Any]) -> Table:
         ratio = (f"{after / before:.3f}" if isinstance(before, (int, float)) and before
                  and isinstance(after, (int, float)) else "-")
         table.add_row(name, _fmt(before), _fmt(after), ratio)
-    if "target_met" in report:
-        table.caption = f"target {report.get('target')}  met: {report['target_met']}"
+    target = report.get("target")
+    if isinstance(target, dict) and "target_met" in report:
+        goal = (f"<= {target['latency_ms']:.3g} ms" if target.get("latency_ms")
+                else f"<= {float(target.get('ratio') or 0):.2f} x baseline")
+        table.caption = (f"target: {target.get('metric')} {goal}: "
+                         f"{'met' if report['target_met'] else 'missed'}")
     return table
 
 
