@@ -1,0 +1,37 @@
+"""FastAPI application factory. Run with `uvicorn --factory api.main:create_app`."""
+from __future__ import annotations
+
+from fastapi import FastAPI
+
+from api.errors import install_error_handlers
+from api.metrics import HttpMetricsMiddleware, make_registry
+from api.queue import CeleryEnqueuer, Enqueuer
+from api.routes import artifacts, catalog, events, health, jobs, models
+from core.config import Settings, get_settings
+from store.artifacts import ArtifactStore
+from store.db import init_db
+
+DESCRIPTION = (
+    "HawAda compresses trained torchvision CNNs for a FLOPs, parameter or latency budget. "
+    "Submit a recipe and weights, poll the job, download the pruned model and its report."
+)
+
+
+def create_app(settings: Settings | None = None, enqueue: Enqueuer | None = None) -> FastAPI:
+    """Build the API for `settings` (default: the environment); `enqueue` replaces Celery in tests.
+
+    The database schema is upgraded to the newest migration first (a no-op when current).
+    """
+    settings = settings or get_settings()
+    init_db(settings.database_url)
+    app = FastAPI(title="HawAda", version="0.1.0", description=DESCRIPTION)
+    app.state.settings = settings
+    app.state.store = ArtifactStore(settings.artifacts_dir)
+    app.state.enqueue = enqueue if enqueue is not None else CeleryEnqueuer(settings)
+    registry, http_histogram = make_registry(settings.database_url)
+    app.state.registry = registry
+    app.add_middleware(HttpMetricsMiddleware, histogram=http_histogram)
+    install_error_handlers(app)
+    for module in (jobs, events, artifacts, models, catalog, health):
+        app.include_router(module.router)
+    return app

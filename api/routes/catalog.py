@@ -1,0 +1,25 @@
+"""/v1/recipes and /v1/architectures: what the service offers."""
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from api.schemas import ArchitectureList, ArchitecturePublic, RecipeList, RecipePublic
+from core.recipe import ARCHITECTURES, builtin_recipes, recipe_to_dict
+
+router = APIRouter(prefix="/v1", tags=["catalog"])
+
+
+@router.get("/recipes", response_model=RecipeList)
+def list_recipes() -> RecipeList:
+    """Built-in recipes (full, defaults filled in), by name."""
+    return RecipeList(
+        items=[RecipePublic(name=n, recipe=recipe_to_dict(r)) for n, r in sorted(builtin_recipes().items())]
+    )
+
+
+@router.get("/architectures", response_model=ArchitectureList)
+def list_architectures() -> ArchitectureList:
+    """Architectures a recipe's `model.arch` may name, with their adapter family."""
+    return ArchitectureList(
+        items=[ArchitecturePublic(name=n, family=f) for n, f in sorted(ARCHITECTURES.items())]
+    )

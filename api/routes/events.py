@@ -1,0 +1,88 @@
+"""/v1/jobs/{id}/events: progress events as a JSON page or a Server-Sent Events stream."""
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Query, Request
+from fastapi.responses import StreamingResponse
+from starlette.concurrency import run_in_threadpool
+
+from api.deps import CurrentOwner, SettingsDep
+from api.routes.jobs import ERRORS, job_or_404
+from api.schemas import EventList, EventPublic
+from store import jobs as repo
+from store.db import session_scope
+
+router = APIRouter(prefix="/v1/jobs", tags=["events"])
+
+POLL_S = 0.5
+KEEPALIVE_S = 15.0
+
+
+def _page(database_url: str, owner: str, job_id: str, after: int, limit: int) -> tuple[list[EventPublic], bool]:
+    """Events after `after` and whether the job has ended (404 if it is not the owner's)."""
+    with session_scope(database_url) as session:
+        job = job_or_404(session, owner, job_id)
+        events = [EventPublic.build(e) for e in repo.list_events(session, job_id, after, limit)]
+        return events, job.is_terminal
+
+
+def _sse(event: EventPublic) -> str:
+    payload = json.dumps({"seq": event.seq, "created_at": event.created_at.isoformat(), **event.data})
+    return f"id: {event.seq}\nevent: {event.kind}\ndata: {payload}\n\n"
+
+
+async def _follow(request: Request, database_url: str, owner: str, job_id: str, after: int) -> AsyncIterator[str]:
+    """Yield new events until the job has ended and every event was sent."""
+    idle = 0.0
+    yield "retry: 2000\n\n"
+    while True:
+        events, ended = await run_in_threadpool(_page, database_url, owner, job_id, after, 500)
+        for event in events:
+            after = event.seq
+            yield _sse(event)
+        if events:
+            idle = 0.0
+            continue  # drain a backlog before sleeping
+        if ended:
+            yield "event: end\ndata: {}\n\n"
+            return
+        if await request.is_disconnected():
+            return
+        await asyncio.sleep(POLL_S)
+        idle += POLL_S
+        if idle >= KEEPALIVE_S:  # a comment line keeps proxies from closing an idle stream
+            idle = 0.0
+            yield ": keep-alive\n\n"
+
+
+@router.get(
+    "/{job_id}/events",
+    response_model=EventList,
+    responses={**ERRORS, 200: {"content": {"text/event-stream": {}}, "description": "JSON page or SSE"}},
+)
+async def job_events(
+    job_id: str,
+    request: Request,
+    owner: CurrentOwner,
+    settings: SettingsDep,
+    after: Annotated[int, Query(ge=0, description="only events with seq > after")] = 0,
+    limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
+    last_event_id: Annotated[str | None, Header()] = None,
+) -> EventList | StreamingResponse:
+    """Events in order; with `Accept: text/event-stream`, a stream that follows the job to its end."""
+    url = settings.database_url
+    if "text/event-stream" in request.headers.get("accept", ""):
+        if last_event_id and last_event_id.isdigit():
+            after = max(after, int(last_event_id))  # a reconnecting EventSource resumes here
+        await run_in_threadpool(_page, url, owner, job_id, after, 1)  # 404 before streaming
+        return StreamingResponse(
+            _follow(request, url, owner, job_id, after),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+    events, _ = await run_in_threadpool(_page, url, owner, job_id, after, limit)
+    return EventList(items=events)
