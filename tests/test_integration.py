@@ -1,0 +1,239 @@
+"""End to end over real HTTP against a real Celery worker subprocess, in two set-ups:
+
+- embedded: `hawada serve` (SQLite + filesystem broker in a temporary var dir);
+- services: `hawada api` + `hawada worker` on Redis (a free database index) and PostgreSQL
+  (a schema of its own), skipped when either server is unreachable.
+
+Each set-up runs a tiny job to success and checks what a user gets (artifacts with matching
+sha256, a loadable plain torchvision model whose parameter count matches the report, events
+in phase order), cancels a long job in training, and fails a job given another arch's weights.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from client.client import HawadaClient
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+REDIS_URL = os.environ.get("HAWADA_TEST_REDIS_URL", "redis://127.0.0.1:6379")
+PG_URL = os.environ.get("HAWADA_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+PHASES = ("loading", "baseline", "profiling", "training", "exporting", "finetuning",
+          "evaluating", "packaging")
+TINY = {
+    "model": {"arch": "resnet18", "num_classes": 10, "stem": "cifar", "input_size": [3, 16, 16],
+              "normalize": {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}},
+    "data": {"source": "digits", "batch_size": 16, "val_fraction": 0.25, "seed": 0,
+             "limit": 128},
+    "target": {"metric": "flops", "ratio": 0.5},
+    "train": {"steps": 6, "log_every": 2},
+    "finetune": {"epochs": 0},
+    "latency": {"batch_size": 2, "repeats": 2, "warmup": 1},
+}
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _recipe(**overrides: dict[str, Any]) -> dict[str, Any]:
+    recipe = json.loads(json.dumps(TINY))
+    for section, values in overrides.items():
+        recipe[section] = {**recipe.get(section, {}), **values}
+    return recipe
+
+
+class Service:
+    """API + worker subprocesses sharing one environment; logs kept for failure messages."""
+
+    def __init__(self, env: dict[str, str], var_dir: Path, embedded: bool) -> None:
+        self.var_dir = var_dir
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.procs: list[subprocess.Popen] = []
+        self.logs: list[Path] = []
+        cli = [sys.executable, "-m", "client.cli"]
+        addr = ["--host", "127.0.0.1", "--port", str(self.port)]
+        commands = ([cli + ["serve", *addr]] if embedded
+                    else [cli + ["api", *addr], cli + ["worker", "--loglevel", "INFO"]])
+        for i, cmd in enumerate(commands):
+            log = var_dir / f"proc{i}.log"
+            self.logs.append(log)
+            self.procs.append(subprocess.Popen(
+                cmd, cwd=ROOT, env=env, stdout=open(log, "ab"), stderr=subprocess.STDOUT,
+                start_new_session=True))
+        self.client = HawadaClient(self.url)
+        self._wait_ready()
+
+    def _wait_ready(self, timeout: float = 90.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for proc in self.procs:
+                if proc.poll() is not None:
+                    self.stop()
+                    raise RuntimeError(f"service exited early:\n{self.tail()}")
+            if self.client.ready():
+                return
+            time.sleep(0.3)
+        self.stop()
+        raise TimeoutError(f"service not ready:\n{self.tail()}")
+
+    def tail(self, chars: int = 4000) -> str:
+        """The end of every process log (shown when an assertion fails)."""
+        return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-chars:]}"
+                         for p in self.logs if p.exists())
+
+    def stop(self) -> None:
+        """Ctrl-C every process group; kill what does not exit in time."""
+        self.client.close()
+        for proc in self.procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGINT)
+        for proc in self.procs:
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
+def _base_env(var_dir: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HAWADA_")}
+    env.update(HAWADA_VAR_DIR=str(var_dir), HAWADA_DEVICE="cpu", HAWADA_LEASE_S="6",
+               OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    return env
+
+
+def _redis_db() -> tuple[Any, int]:
+    """A connection to an empty Redis database index (skip when Redis is unreachable)."""
+    redis = pytest.importorskip("redis")
+    for index in range(15, 0, -1):
+        conn = redis.Redis.from_url(f"{REDIS_URL}/{index}", socket_connect_timeout=2)
+        try:
+            if conn.dbsize() == 0 and conn.set("hawada-test-lock", "1", nx=True, ex=3600):
+                return conn, index
+        except redis.exceptions.ConnectionError as exc:
+            pytest.skip(f"Redis not reachable at {REDIS_URL}: {exc}")
+    pytest.skip("no empty Redis database index")
+
+
+@pytest.fixture(scope="module", params=["embedded", "redis-postgres"])
+def service(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+            ) -> Iterator[Service]:
+    """A running service of the requested kind (module scope: started once per kind)."""
+    var_dir = tmp_path_factory.mktemp(request.param)
+    env = _base_env(var_dir)
+    conn = None
+    if request.param == "redis-postgres":
+        conn, index = _redis_db()
+        env["HAWADA_BROKER_URL"] = f"{REDIS_URL}/{index}"
+        env["HAWADA_DATABASE_URL"] = request.getfixturevalue("pg_schema_url")
+    svc = Service(env, var_dir, embedded=request.param == "embedded")
+    try:
+        yield svc
+    finally:
+        svc.stop()
+        if conn is not None:
+            conn.flushdb()
+            conn.close()
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Randomly initialised ResNet-18 (CIFAR stem, 10 classes) weights as safetensors."""
+    from safetensors.torch import save_file
+
+    from adapters.torchvision import build_model
+
+    path = tmp_path_factory.mktemp("weights") / "resnet18.safetensors"
+    save_file(build_model("resnet18", num_classes=10, stem="cifar").state_dict(), str(path))
+    return path
+
+
+def _wait(svc: Service, job_id: str, timeout: float = 240.0) -> dict[str, Any]:
+    try:
+        return svc.client.wait(job_id, poll_s=0.5, timeout=timeout)
+    except TimeoutError:
+        pytest.fail(f"job {job_id} did not finish in {timeout} s\n{svc.tail()}")
+
+
+def test_job_runs_to_success_and_artifacts_load(service: Service, weights: Path,
+                                                tmp_path: Path) -> None:
+    import torch
+
+    from adapters.torchvision import load_pruned
+
+    job = service.client.submit(_recipe(), weights, idempotency_key=uuid.uuid4().hex)
+    assert job["status"] == "queued"
+    job = _wait(service, job["id"])
+    assert job["status"] == "succeeded", f"{job.get('error')}\n{service.tail()}"
+
+    names = {a["name"] for a in job["artifacts"]}
+    assert {"pruned.json", "pruned.safetensors", "report.json", "keepall.safetensors",
+            "gates.safetensors", "report.html"} <= names
+    for name in ("pruned.json", "pruned.safetensors", "report.json"):
+        path = service.client.download(job["id"], name, tmp_path)
+        listed = next(a for a in job["artifacts"] if a["name"] == name)
+        assert hashlib.sha256(path.read_bytes()).hexdigest() == listed["sha256"]
+        assert path.stat().st_size == listed["size"]
+
+    report = json.loads((tmp_path / "report.json").read_text())
+    model = load_pruned(tmp_path / "pruned.json", tmp_path / "pruned.safetensors").eval()
+    assert type(model).__module__.startswith("torchvision.models")
+    assert sum(p.numel() for p in model.parameters()) == report["pruned"]["params"]
+    assert report["pruned"]["flops"] <= 0.5 * report["baseline"]["flops"] * 1.001
+    with torch.no_grad():
+        out = model(torch.rand(4, 3, 16, 16))
+    assert out.shape == (4, 10) and torch.isfinite(out).all()
+    assert job["metrics"]["pruned"]["params"] == report["pruned"]["params"]
+
+    phases = [e["data"]["phase"] for e in service.client.events(job["id"])
+              if e["kind"] == "phase"]
+    assert phases == sorted(phases, key=PHASES.index), phases
+    assert set(PHASES) - {"finetuning"} <= set(phases), phases
+
+
+def test_cancel_while_training_ends_quickly(service: Service, weights: Path) -> None:
+    job = service.client.submit(_recipe(train={"steps": 100000, "log_every": 1}), weights)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        current = service.client.get(job["id"])
+        if current["phase"] == "training" and current["progress"] > 0:
+            break
+        assert current["status"] in ("queued", "running"), f"{current}\n{service.tail()}"
+        time.sleep(0.3)
+    else:
+        pytest.fail(f"job never reached training\n{service.tail()}")
+    asked = time.monotonic()
+    assert service.client.cancel(job["id"])["status"] in ("cancelling", "cancelled")
+    while service.client.get(job["id"])["status"] not in ("cancelled", "failed", "succeeded"):
+        assert time.monotonic() - asked < 15, f"not cancelled after 15 s\n{service.tail()}"
+        time.sleep(0.2)
+    final = service.client.get(job["id"])
+    assert final["status"] == "cancelled" and time.monotonic() - asked < 15
+    assert final["artifacts"] == []
+
+
+def test_weights_of_another_arch_fail_with_weights_mismatch(service: Service,
+                                                            weights: Path) -> None:
+    recipe = _recipe(model={"arch": "resnet34"})
+    job = _wait(service, service.client.submit(recipe, weights)["id"], timeout=120)
+    assert job["status"] == "failed"
+    assert job["error"]["code"] == "weights_mismatch", job["error"]
+    assert job["artifacts"] == []
