@@ -1,0 +1,276 @@
+"""Data sources: shapes and dtypes, a fixed disjoint split, correct normalisation, bad files."""
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from core.data import DataBundle, load_data
+from core.errors import DataError
+from core.recipe import Recipe, parse_recipe
+
+MEAN = (0.5, 0.4, 0.3)
+STD = (0.2, 0.25, 0.5)
+
+
+def _recipe(data: dict, size: int = 16, num_classes: int = 10) -> Recipe:
+    return parse_recipe(
+        {
+            "model": {
+                "arch": "resnet18",
+                "num_classes": num_classes,
+                "input_size": [3, size, size],
+                "normalize": {"mean": list(MEAN), "std": list(STD)},
+            },
+            "data": data,
+        }
+    )
+
+
+def _denormalise(x: torch.Tensor) -> torch.Tensor:
+    """Back to 0..255 pixel values (rounded)."""
+    mean = torch.tensor(MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(STD).view(1, 3, 1, 1)
+    return ((x * std + mean) * 255).round()
+
+
+def _index_npz(path: Path, n: int, size: int = 16, classes: int = 4) -> Path:
+    """Each image is filled with its own index, so batches reveal which samples they hold."""
+    x = np.broadcast_to(np.arange(n, dtype=np.uint8)[:, None, None], (n, size, size)).copy()
+    y = np.arange(n) % classes
+    np.savez(path, x=x, y=y)
+    return path
+
+
+def _ids(x: torch.Tensor) -> list[int]:
+    return _denormalise(x)[:, 0, 0, 0].long().tolist()
+
+
+@pytest.mark.parametrize(
+    ("source", "channels", "total"),
+    [("synthetic", 3, 40), ("digits", 1, 40), ("mnist-5k", 1, 40), ("fashion-mnist", 1, 40)],
+)
+def test_builtin_sources_shapes_and_dtypes(source: str, channels: int, total: int) -> None:
+    bundle = load_data(_recipe({"source": source, "limit": total, "val_fraction": 0.25}))
+    assert bundle.images.dtype == torch.uint8
+    assert tuple(bundle.images.shape) == (total, channels, 16, 16)
+    assert bundle.labels.dtype == torch.int64
+    assert (bundle.n_train, bundle.n_heldout) == (30, 10)
+    assert 1 <= bundle.num_classes <= 10
+    x, y = next(bundle.train_batches(8, seed=0))
+    assert x.dtype == torch.float32 and tuple(x.shape) == (8, 3, 16, 16)
+    assert y.dtype == torch.int64 and tuple(y.shape) == (8,) and int(y.max()) < 10
+    assert bundle.labelled == (source != "synthetic")
+    assert bundle.describe()["n_train"] == 30
+
+
+def test_digits_pixel_scale() -> None:
+    # sklearn's 0..16 intensities must span the full byte range, not stay dark.
+    bundle = load_data(_recipe({"source": "digits", "limit": 200}, size=8))
+    assert int(bundle.images.max()) == 255 and int(bundle.images.min()) == 0
+
+
+def test_mnist_5k_labels_are_the_last_column() -> None:
+    bundle = load_data(_recipe({"source": "mnist-5k", "limit": 500}, size=28))
+    counts = torch.bincount(bundle.labels, minlength=10)
+    assert bool((counts > 20).all())  # all ten digits present, not pixel values
+    assert int(bundle.images.max()) == 255
+
+
+@pytest.mark.slow
+def test_fashion_mnist_pools_train_and_test() -> None:
+    bundle = load_data(_recipe({"source": "fashion-mnist"}, size=28))
+    assert bundle.n_train + bundle.n_heldout == 70_000
+    assert bundle.n_heldout == 7_000 and bundle.num_classes == 10
+
+
+def _write_idx(path: Path, arr: np.ndarray, gz: bool) -> None:
+    header = bytes([0, 0, 0x08, arr.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in arr.shape)
+    data = header + arr.astype(np.uint8).tobytes()
+    path.write_bytes(gzip.compress(data) if gz else data)
+
+
+@pytest.mark.parametrize("gz", [True, False])
+def test_fashion_mnist_from_data_path(tmp_path: Path, gz: bool) -> None:
+    suffix = ".gz" if gz else ""
+    x = np.random.default_rng(0).integers(0, 256, (12, 28, 28), dtype=np.uint8)
+    y = np.arange(12) % 3
+    _write_idx(tmp_path / f"train-images-idx3-ubyte{suffix}", x, gz)
+    _write_idx(tmp_path / f"train-labels-idx1-ubyte{suffix}", y, gz)
+    bundle = load_data(_recipe({"source": "fashion-mnist", "path": str(tmp_path), "val_fraction": 0.25}, size=28))
+    assert bundle.n_train + bundle.n_heldout == 12 and bundle.num_classes == 3
+    assert torch.equal(bundle.images[:, 0].sort(0).values, torch.from_numpy(x).sort(0).values)
+
+
+def test_fashion_mnist_missing_or_corrupt(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="Fashion-MNIST not found"):
+        load_data(_recipe({"source": "fashion-mnist", "path": str(tmp_path)}))
+    (tmp_path / "train-images-idx3-ubyte").write_bytes(b"\x00\x00\x08\x03" + b"\x00" * 20)
+    (tmp_path / "train-labels-idx1-ubyte").write_bytes(b"garbage")
+    with pytest.raises(DataError) as info:
+        load_data(_recipe({"source": "fashion-mnist", "path": str(tmp_path)}))
+    assert info.value.code == "bad_dataset"
+
+
+def test_split_disjoint_deterministic_and_seeded(tmp_path: Path) -> None:
+    path = _index_npz(tmp_path / "d.npz", 100)
+    recipe = _recipe({"source": "npz", "path": str(path), "val_fraction": 0.2, "seed": 3})
+    a, b = load_data(recipe), load_data(recipe)
+    assert torch.equal(a.train_idx, b.train_idx) and torch.equal(a.heldout_idx, b.heldout_idx)
+    train, held = set(a.train_idx.tolist()), set(a.heldout_idx.tolist())
+    assert not train & held and train | held == set(range(100)) and len(held) == 20
+    other = load_data(_recipe({"source": "npz", "path": str(path), "val_fraction": 0.2, "seed": 4}))
+    assert set(other.heldout_idx.tolist()) != held
+    # The batches really come from their split.
+    held_seen = [i for x, _ in a.heldout_batches(7) for i in _ids(x)]
+    assert sorted(held_seen) == sorted(held)
+    train_seen = [i for x, _ in a.train_epoch(10, seed=0) for i in _ids(x)]
+    assert sorted(train_seen) == sorted(train)
+
+
+def test_train_batches_reshuffle_each_epoch_and_are_seeded(tmp_path: Path) -> None:
+    path = _index_npz(tmp_path / "d.npz", 40)
+    bundle = load_data(_recipe({"source": "npz", "path": str(path), "val_fraction": 0.2}))
+    stream = bundle.train_batches(8, seed=1)
+    epoch1 = [i for _ in range(4) for i in _ids(next(stream)[0])]
+    epoch2 = [i for _ in range(4) for i in _ids(next(stream)[0])]
+    assert sorted(epoch1) == sorted(epoch2) == sorted(bundle.train_idx.tolist())
+    assert epoch1 != epoch2
+    again = bundle.train_batches(8, seed=1)
+    assert [i for _ in range(4) for i in _ids(next(again)[0])] == epoch1
+    assert bundle.batches_per_epoch(8) == 4
+
+
+def test_train_epoch_drops_short_remainder_but_small_sets_still_batch(tmp_path: Path) -> None:
+    path = _index_npz(tmp_path / "d.npz", 25)
+    bundle = load_data(_recipe({"source": "npz", "path": str(path), "val_fraction": 0.2}))
+    assert [len(y) for _, y in bundle.train_epoch(8)] == [8, 8]  # 20 train samples
+    assert [len(y) for _, y in bundle.train_epoch(64)] == [20]
+    assert [len(y) for _, y in bundle.heldout_batches(2)] == [2, 2, 1]
+
+
+def test_normalisation_grayscale_and_rgb(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    gray = rng.integers(0, 256, (10, 16, 16), dtype=np.uint8)
+    rgb = rng.integers(0, 256, (10, 16, 16, 3), dtype=np.uint8)
+    for x in (gray, rgb):
+        path = tmp_path / "d.npz"
+        np.savez(path, x=x, y=np.zeros(10, dtype=np.int64))
+        bundle = load_data(_recipe({"source": "npz", "path": str(path), "val_fraction": 0.5}))
+        xb, _ = next(bundle.heldout_batches(100))
+        raw = torch.from_numpy(x)[bundle.heldout_idx].float() / 255
+        raw = raw.unsqueeze(1).expand(-1, 3, -1, -1) if x.ndim == 3 else raw.permute(0, 3, 1, 2)
+        expected = (raw - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
+        assert xb.shape == expected.shape and xb.is_contiguous()
+        torch.testing.assert_close(xb, expected, rtol=0, atol=1e-5)
+
+
+def test_resize_keeps_constant_images_constant(tmp_path: Path) -> None:
+    x = np.full((4, 28, 20), 200, dtype=np.uint8)
+    path = tmp_path / "d.npz"
+    np.savez(path, x=x, y=np.arange(4))
+    bundle = load_data(_recipe({"source": "npz", "path": str(path), "val_fraction": 0.5}, size=12))
+    assert tuple(bundle.images.shape) == (4, 1, 12, 12)
+    assert bool((bundle.images == 200).all())
+
+
+def test_npz_upload_and_limit(tmp_path: Path) -> None:
+    upload = _index_npz(tmp_path / "upload.bin.npz", 50)
+    bundle = load_data(_recipe({"source": "upload", "limit": 20, "val_fraction": 0.25}), upload=upload)
+    assert bundle.n_train + bundle.n_heldout == 20 and bundle.num_classes <= 4
+    ids = sorted(_ids(next(bundle.heldout_batches(100))[0]) + [i for x, _ in bundle.train_epoch(15) for i in _ids(x)])
+    assert len(set(ids)) == 20 and set(ids) <= set(range(50))
+    # npz without data.path falls back to the upload too
+    assert load_data(_recipe({"source": "npz"}), upload=upload).n_heldout == 5
+
+
+def test_upload_source_without_upload(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="uploaded dataset"):
+        load_data(_recipe({"source": "upload"}))
+
+
+def test_too_many_classes_names_both_counts(tmp_path: Path) -> None:
+    path = tmp_path / "d.npz"
+    np.savez(path, x=np.zeros((20, 8, 8), np.uint8), y=np.arange(20))
+    with pytest.raises(DataError) as info:
+        load_data(_recipe({"source": "npz", "path": str(path)}, num_classes=10))
+    assert "20 classes" in info.value.message and "model.num_classes is 10" in info.value.message
+
+
+@pytest.mark.parametrize(
+    ("arrays", "match"),
+    [
+        ({"x": np.zeros((4, 8, 8), np.float32), "y": np.zeros(4, np.int64)}, "uint8"),
+        ({"x": np.zeros((4, 8, 8, 2), np.uint8), "y": np.zeros(4, np.int64)}, "N×H×W"),
+        ({"x": np.zeros((4, 8, 8), np.uint8), "y": np.zeros(3, np.int64)}, "one label per image"),
+        ({"x": np.zeros((4, 8, 8), np.uint8), "y": np.zeros(4, np.float32)}, "integers"),
+        ({"x": np.zeros((4, 8, 8), np.uint8), "y": -np.ones(4, np.int64)}, ">= 0"),
+        ({"images": np.zeros((4, 8, 8), np.uint8)}, "'x' and 'y'"),
+        ({"x": np.zeros((4, 8, 8), np.uint8), "y": np.array([0, 1, {}, 2], dtype=object)}, "pickle"),
+    ],
+)
+def test_bad_npz_rejected(tmp_path: Path, arrays: dict, match: str) -> None:
+    path = tmp_path / "bad.npz"
+    np.savez(path, **arrays)
+    with pytest.raises(DataError, match=match):
+        load_data(_recipe({"source": "npz", "path": str(path)}))
+
+
+def test_garbage_and_missing_npz(tmp_path: Path) -> None:
+    path = tmp_path / "junk.npz"
+    path.write_bytes(b"not a zip at all")
+    with pytest.raises(DataError, match="not a valid .npz"):
+        load_data(_recipe({"source": "npz", "path": str(path)}))
+    with pytest.raises(DataError, match="not found"):
+        load_data(_recipe({"source": "npz", "path": str(tmp_path / "nope.npz")}))
+
+
+def _write_folder(root: Path) -> None:
+    rng = np.random.default_rng(0)
+    for cls, n in (("cat", 4), ("dog", 3), ("emu", 3)):
+        (root / cls).mkdir(parents=True)
+        for i in range(n):
+            h, w = 20 + i, 30 - i  # images of different sizes
+            mode = "L" if i == 0 else "RGB"
+            arr = rng.integers(0, 256, (h, w) if mode == "L" else (h, w, 3), dtype=np.uint8)
+            Image.fromarray(arr, mode=mode).save(root / cls / f"{i}.png")
+
+
+def test_folder_source(tmp_path: Path) -> None:
+    _write_folder(tmp_path / "imgs")
+    (tmp_path / "imgs" / "cat" / "notes.txt").write_text("ignored: not an image extension")
+    bundle = load_data(_recipe({"source": "folder", "path": str(tmp_path / "imgs"), "val_fraction": 0.2}))
+    assert tuple(bundle.images.shape) == (10, 3, 16, 16) and bundle.images.dtype == torch.uint8
+    assert bundle.num_classes == 3
+    assert sorted(bundle.labels.tolist()) == [0] * 4 + [1] * 3 + [2] * 3
+    assert (bundle.n_train, bundle.n_heldout) == (8, 2)
+    limited = load_data(_recipe({"source": "folder", "path": str(tmp_path / "imgs"), "limit": 5}))
+    assert limited.n_train + limited.n_heldout == 5
+
+
+def test_folder_errors(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="not a folder"):
+        load_data(_recipe({"source": "folder", "path": str(tmp_path / "missing")}))
+    _write_folder(tmp_path / "imgs")
+    (tmp_path / "imgs" / "dog" / "broken.png").write_bytes(b"\x89PNG not really")
+    with pytest.raises(DataError, match=r"dog/broken\.png"):
+        load_data(_recipe({"source": "folder", "path": str(tmp_path / "imgs")}))
+
+
+def test_allowed_roots_confine_data_path(tmp_path: Path) -> None:
+    path = _index_npz(tmp_path / "d.npz", 10)
+    recipe = _recipe({"source": "npz", "path": str(path)})
+    assert load_data(recipe, allowed_roots=[tmp_path]).n_train == 9
+    with pytest.raises(DataError, match="outside the allowed"):
+        load_data(recipe, allowed_roots=[tmp_path / "elsewhere"])
+
+
+def test_bundle_is_a_databundle_with_recipe_batch_size() -> None:
+    bundle = load_data(_recipe({"source": "synthetic", "limit": 30, "batch_size": 4}))
+    assert isinstance(bundle, DataBundle)
+    assert len(next(bundle.train_batches())[1]) == 4
+    assert bundle.input_size == (3, 16, 16)
