@@ -207,22 +207,26 @@ def _as_cost_fn(cost_model: Any) -> Callable[[Mapping[str, float]], Any]:
     raise TypeError("cost_model must be a CostModel or a callable widths -> cost")
 
 
-def fit_to_budget(gates: Any, groups: Sequence[Any] | None, cost_model: Any, target_value: float,
-                  measure: Callable[[Mapping[str, Tensor]], float] | None = None,
-                  max_rounds: int = 8, *, fill: bool = True, plateau_tol: float | None = None) -> BudgetResult:
-    """Fit kept widths under ``target_value`` (in the cost model's unit); returns the keep.
+def fit_to_budget(gates: Any, cost_fn: Any, target_value: float,
+                  measure: Callable[[Mapping[str, Tensor]], float] | None = None, *,
+                  groups: Sequence[Any] | None = None, max_rounds: int = 8, fill: bool = True,
+                  plateau_tol: float | None = None) -> BudgetResult:
+    """Fit kept widths under ``target_value`` (in the cost's unit); returns the keep.
 
-    ``gates``: ``core.gates.Gates`` (logits decide the removal order); ``groups``: its
-    GateGroups (None: ``gates.groups``); ``cost_model``: a CostModel (or a ``widths -> cost``
-    callable). ``measure(keep) -> ms`` enables the measured loop of at most ``max_rounds``
-    re-measurements. ``plateau_tol`` is the relative cost increase still counted as "equal"
-    by the staircase rule (default 0.5% for latency — timing noise — and 0 otherwise).
-    The gates' logits are updated so ``kept_units`` agrees with the result.
+    ``gates``: ``core.gates.Gates`` (its logits decide the removal order; ``groups`` defaults
+    to ``gates.groups``). ``cost_fn``: a CostModel or a ``widths -> cost`` callable such as
+    ``cost_model.cost``. ``measure(keep) -> ms`` enables the measured loop of at most
+    ``max_rounds`` re-measurements. ``fill`` spends slack under the target on the most important
+    units. ``plateau_tol`` is the relative cost increase still counted as "equal" by the
+    staircase rule (default 0.5% for latency — timing noise — and 0 otherwise).
+    The gates' logits are updated so ``kept_units`` agrees with the result. The returned
+    BudgetResult is a Mapping group -> kept channel indices with ``met``/``reason``/costs.
     """
     groups = list(groups) if groups is not None else list(gates.groups.values())
-    cost_fn = _as_cost_fn(cost_model)
+    metric = getattr(cost_fn, "metric", None) or getattr(getattr(cost_fn, "__self__", None), "metric", "")
+    cost_fn = _as_cost_fn(cost_fn)
     if plateau_tol is None:
-        plateau_tol = 0.005 if getattr(cost_model, "metric", "") == "latency" else 0.0
+        plateau_tol = 0.005 if metric == "latency" else 0.0
     target = float(target_value)
     with torch.no_grad():
         st = _State(gates, groups, cost_fn)

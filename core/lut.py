@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import random
 import re
@@ -109,17 +110,11 @@ def _axis_step(shape: LayerShape, round_to: int) -> int:
     """Channel step of an axis: round_to, widened so grouped convs keep whole groups."""
     if shape.groups_mode.startswith("tied:"):
         unit = int(shape.groups_mode.split(":")[1])
-        return -(-round_to // unit) * unit
+        return round_to * unit // math.gcd(round_to, unit)  # as GateGroup.from_channels snaps
     if shape.groups_mode.startswith("fixed:"):
         g = int(shape.groups_mode.split(":")[1])
-        return round_to * g // _gcd(round_to, g)
+        return round_to * g // math.gcd(round_to, g)
     return round_to
-
-
-def _gcd(a: int, b: int) -> int:
-    while b:
-        a, b = b, a % b
-    return a
 
 
 def axis_values(full: int, step: int, max_points: int) -> list[int]:
@@ -481,52 +476,76 @@ def fit_calibration(table: LatencyTable, samples: Sequence[tuple[float, float]])
     return table.scale, table.offset
 
 
-def random_widths(cost: LatencyCost, round_to: int, rng: random.Random, low: float = 0.25) -> dict[str, int]:
-    """A random width per group: a ``round_to`` multiple in [low * full, full] (or full)."""
+def random_widths(full_widths: Mapping[str, int], step: Mapping[str, int] | int, rng: random.Random,
+                  low: float = 0.25) -> dict[str, int]:
+    """A random width per group: a multiple of its step in [low * full, full], or full."""
     out: dict[str, int] = {}
-    for g, full in cost.full_widths.items():
-        ladder = [w for w in range(round_to, full, round_to) if w >= low * full] + [full]
+    for g, full in full_widths.items():
+        st = step[g] if isinstance(step, Mapping) else step
+        ladder = [w for w in range(st, full, st) if w >= low * full] + [full]
         out[g] = rng.choice(ladder)
     return out
+
+
+class WidthMeasurer:
+    """``widths -> measured ms``: keeps the first channels of each group, exports, times.
+
+    ``export_fn`` is the adapter's ``export_pruned``; ``groups`` the GateGroups being pruned
+    (name, units, unit_width, min_units, round_units). Which channels survive does not change
+    latency, only how many, so the first ones are kept.
+    """
+
+    def __init__(self, model: nn.Module, export_fn: Callable[[nn.Module, dict[str, Tensor]], nn.Module],
+                 groups: Sequence[Any], input_size: Sequence[int], spec: Any,
+                 device: str | torch.device | None) -> None:
+        self.model, self.export_fn = model, export_fn
+        self.groups = {g.name: g for g in groups}
+        self.input_size, self.spec, self.device = tuple(input_size), spec, device
+
+    def keep_for(self, widths: Mapping[str, int]) -> dict[str, Tensor]:
+        """First-channels keep realising ``widths`` (snapped up to whole units, floored)."""
+        keep: dict[str, Tensor] = {}
+        for name, g in self.groups.items():
+            uw = int(g.unit_width)
+            w = int(widths.get(name, g.units * uw))
+            units = min(int(g.units), max(int(g.min_units), -(-w // uw)))
+            keep[name] = torch.arange(units * uw)
+        return keep
+
+    def __call__(self, widths: Mapping[str, int]) -> float:
+        pruned = self.export_fn(self.model, self.keep_for(widths))
+        return measure_latency(pruned, self.input_size, self.spec, self.device).median_ms
+
+    def random_widths(self, rng: random.Random, low: float = 0.25) -> dict[str, int]:
+        """Random exportable widths of the pruned groups (multiples of each group's step)."""
+        full = {n: int(g.units) * int(g.unit_width) for n, g in self.groups.items()}
+        step = {n: max(1, int(g.round_units)) * int(g.unit_width) for n, g in self.groups.items()}
+        return random_widths(full, step, rng, low)
+
+
+def make_width_measurer(model: nn.Module, export_fn: Callable[[nn.Module, dict[str, Tensor]], nn.Module],
+                        groups: Sequence[Any], input_size: Sequence[int], spec: Any,
+                        device: str | torch.device | None) -> WidthMeasurer:
+    """The ``calibrate_with`` callable of ``get_or_build_lut`` for one model (see WidthMeasurer)."""
+    return WidthMeasurer(model, export_fn, groups, input_size, spec, device)
 
 
 def calibrate(table: LatencyTable, layers: Sequence[Any], measure_widths: Callable[[Mapping[str, int]], float],
               n_random: int = 4, seed: int = 0) -> tuple[float, float]:
     """Fit the table's scale/offset to the full model plus ``n_random`` random-width models.
 
-    ``measure_widths(widths)`` must export the model at those channel counts and return its
-    measured median ms (see ``make_width_measurer``).
+    ``measure_widths(widths)`` exports the model at those channel counts and returns its
+    measured median ms; when it is a WidthMeasurer only the groups it prunes are varied.
     """
     cost = LatencyCost(layers, table)
     rng = random.Random(seed)
+    sampler = getattr(measure_widths, "random_widths", None)
     round_to = int(table.meta.get("round_to", 8))
-    configs: list[dict[str, int]] = [dict(cost.full_widths)]
-    configs += [random_widths(cost, round_to, rng) for _ in range(n_random)]
+    configs: list[dict[str, int]] = [{}]
+    for _ in range(n_random):
+        configs.append(sampler(rng) if sampler else random_widths(cost.full_widths, round_to, rng))
     samples = [(float(cost.raw(w)), float(measure_widths(w))) for w in configs]
     return fit_calibration(table, samples)
-
-
-def make_width_measurer(model: nn.Module, export_fn: Callable[[nn.Module, dict[str, Tensor]], nn.Module],
-                        groups: Sequence[Any], input_size: Sequence[int], spec: Any,
-                        device: str | torch.device | None) -> Callable[[Mapping[str, int]], float]:
-    """A ``widths -> measured ms`` callable: keeps the first channels of each group, exports, times.
-
-    ``export_fn`` is the adapter's ``export_pruned``; ``groups`` are the model's GateGroups
-    (name, units, unit_width, min_units). Which channels survive does not change latency, only
-    how many, so the first ones are kept.
-    """
-    by_name = {g.name: g for g in groups}
-
-    def measure(widths: Mapping[str, int]) -> float:
-        keep: dict[str, Tensor] = {}
-        for name, g in by_name.items():
-            w = int(widths.get(name, g.units * g.unit_width))
-            units = min(g.units, max(int(g.min_units), -(-w // int(g.unit_width))))
-            keep[name] = torch.arange(units * int(g.unit_width))
-        pruned = export_fn(model, keep)
-        return measure_latency(pruned, input_size, spec, device).median_ms
-
-    return measure
 
 
 # --------------------------------------------------------------------------- caching

@@ -1,0 +1,111 @@
+"""core/latency.py: timing statistics on the running device, caller's model left untouched."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from core.latency import LatencyStats, device_name, measure_latency, summarize
+
+SPEC = {"batch_size": 2, "dtype": "float32", "repeats": 5, "warmup": 1, "channels_last": False}
+INPUT = (3, 16, 16)
+
+
+def _small_cnn() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+
+
+def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _assert_same(model: nn.Module, before: dict[str, torch.Tensor]) -> None:
+    after = model.state_dict()
+    assert after.keys() == before.keys()
+    for k, v in before.items():
+        assert after[k].dtype == v.dtype and after[k].device == v.device, k
+        assert torch.equal(after[k], v), k
+
+
+def test_stats_are_ordered_and_describe_the_run() -> None:
+    stats = measure_latency(_small_cnn(), INPUT, SPEC, "cpu")
+    assert isinstance(stats, LatencyStats)
+    assert 0 < stats.p10_ms <= stats.median_ms <= stats.p90_ms
+    assert stats.batch_size == 2 and stats.repeats == 5
+    assert stats.dtype == "float32" and stats.channels_last is False
+    assert stats.device == device_name("cpu")
+    d = stats.to_dict()
+    assert {"median_ms", "p10_ms", "p90_ms", "device", "batch_size", "dtype",
+            "channels_last", "repeats"} <= d.keys()
+
+
+def test_model_is_not_modified() -> None:
+    model = _small_cnn().train()
+    before = _snapshot(model)
+    measure_latency(model, INPUT, SPEC, "cpu")
+    _assert_same(model, before)
+    assert model.training  # the train/eval flag is restored
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_reduced_precision_and_channels_last_run_on_a_copy(dtype: str) -> None:
+    model = _small_cnn().eval()
+    before = _snapshot(model)
+    stats = measure_latency(model, INPUT, {**SPEC, "dtype": dtype, "channels_last": True}, "cpu")
+    # measured in the requested dtype when the CPU supports it, else float32 with a note saying so
+    assert stats.dtype == dtype or (stats.dtype == "float32" and stats.note and dtype in stats.note)
+    assert stats.channels_last is True and stats.median_ms > 0
+    _assert_same(model, before)
+    assert next(model.parameters()).is_contiguous()  # caller's memory format unchanged
+
+
+def test_recipe_latency_block_is_accepted() -> None:
+    from core.recipe import LatencySpec
+
+    spec = LatencySpec(batch_size=1, repeats=3, warmup=0)
+    stats = measure_latency(_small_cnn(), INPUT, spec, "cpu")
+    assert stats.batch_size == 1 and stats.repeats == 3
+
+
+def test_unknown_dtype_is_refused() -> None:
+    with pytest.raises(ValueError, match="dtype"):
+        measure_latency(_small_cnn(), INPUT, {**SPEC, "dtype": "int8"}, "cpu")
+
+
+def test_summarize_percentiles() -> None:
+    med, p10, p90 = summarize([5.0, 1.0, 3.0, 2.0, 4.0])
+    assert med == 3.0
+    assert p10 == pytest.approx(1.4)
+    assert p90 == pytest.approx(4.6)
+
+
+def test_cpu_device_name_names_model_and_threads() -> None:
+    name = device_name("cpu")
+    assert name.startswith("cpu:") and name.endswith(f"x{torch.get_num_threads()}")
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_event_timing_on_gpu() -> None:
+    model = _small_cnn()
+    before = _snapshot(model)
+    stats = measure_latency(model, INPUT, {**SPEC, "repeats": 10}, "cuda")
+    assert 0 < stats.p10_ms <= stats.median_ms <= stats.p90_ms
+    assert stats.device == torch.cuda.get_device_name(0)
+    _assert_same(model, before)  # still on the CPU in float32
+    assert torch.backends.cudnn.benchmark is False  # restored after timing
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_reduced_precision_profiling_on_gpu(dtype: str) -> None:
+    model = _small_cnn().cuda()
+    stats = measure_latency(model, INPUT, {**SPEC, "dtype": dtype, "channels_last": True}, "cuda")
+    assert stats.dtype == dtype and stats.note is None
+    assert next(model.parameters()).dtype == torch.float32
