@@ -197,7 +197,7 @@ async def submit_job(
     # Two capped files plus form fields: refuse before reading anything when clearly too big.
     if length > 2 * settings.max_upload_bytes + MAX_JSON_BODY:
         raise ApiError(413, "upload_too_large", f"request exceeds {settings.max_upload_bytes} bytes per file")
-    if ctype == "multipart/form-data":
+    if ctype in ("multipart/form-data", "application/x-www-form-urlencoded"):
         form = await request.form(max_files=2, max_fields=8)
         try:
             inputs = await run_in_threadpool(_multipart_inputs, form, store, settings)
