@@ -1,0 +1,148 @@
+"""core/budget.py: fitting exported widths under a cost target, staircase rule, measured loop."""
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from adapters.torchvision import build_model, get_adapter
+from core.budget import BudgetResult, cost_floor, fit_to_budget, ladder
+from core.cost import FlopsCost
+from core.gates import GateGroup, Gates, keep_from_gates
+
+INPUT = (3, 16, 16)
+GATES_SPEC = {"round_to": 16, "min_channels": 16, "prune_residual": True}
+
+
+@pytest.fixture()
+def resnet18():
+    torch.manual_seed(0)
+    model = build_model("resnet18", num_classes=10, stem="cifar").eval()
+    adapter = get_adapter("resnet18")
+    groups = adapter.gate_groups(model, GATES_SPEC)
+    gates = Gates(groups)
+    with torch.no_grad():  # trained-looking gates: mostly on, some units already off
+        for n in gates.groups:
+            gates.logit(n).copy_(torch.randn_like(gates.logit(n)) + 1.5)
+    return model, adapter, gates, adapter.layers(model, INPUT)
+
+
+def _flops(model: torch.nn.Module) -> int:
+    with FlopCounterMode(display=False) as fc:
+        model(torch.zeros(1, *INPUT))
+    return fc.get_total_flops()
+
+
+def test_flops_target_half_is_met_on_the_staircase(resnet18) -> None:
+    model, adapter, gates, layers = resnet18
+    cost = FlopsCost(layers)
+    target = 0.5 * cost.baseline()
+    result = fit_to_budget(gates, cost.cost, target)
+    assert isinstance(result, BudgetResult) and result.met and result.reason is None
+    assert result.predicted <= target
+    for name, g in gates.groups.items():
+        width = len(result[name])
+        assert width > 0  # never removes a group entirely
+        assert width == g.channels or width % 16 == 0
+        assert width >= 16
+        # one definition of kept: the gates now say exactly what the budget chose
+        assert torch.equal(gates.kept_channels(name), result[name])
+    assert {k: v.tolist() for k, v in keep_from_gates(gates).items()} == \
+        {k: v.tolist() for k, v in result.items()}
+    pruned = adapter.export_pruned(model, dict(result))
+    assert _flops(pruned) <= target
+    # slack filling leaves little on the table: one more step anywhere would break the target
+    assert _flops(pruned) > 0.45 * cost.baseline()
+
+
+def test_lowest_logits_are_removed_first() -> None:
+    g = GateGroup.from_channels("g", 8, modules=[], covers=[], round_to=1, min_channels=1)
+    gates = Gates([g])
+    logits = torch.tensor([5.0, -1.0, 3.0, 0.5, 4.0, 2.0, 1.0, 6.0])
+    with torch.no_grad():
+        gates.logit("g").copy_(logits)
+    result = fit_to_budget(gates, lambda w: w.get("g", 8.0), 4.0, fill=False)
+    assert result["g"].tolist() == [0, 2, 4, 7]  # the four highest logits
+    assert gates.kept_units("g").tolist() == [0, 2, 4, 7]
+
+
+def _two_groups(min_channels: int = 8) -> Gates:
+    groups = [GateGroup.from_channels(n, 64, modules=[], covers=[], round_to=8,
+                                      min_channels=min_channels) for n in ("a", "b")]
+    return Gates(groups)
+
+
+class StairCost:
+    """Latency-like cost with plateaus: each group costs ceil(width / 32) tiles."""
+
+    metric = "latency"
+
+    def cost(self, widths: Mapping[str, float]) -> torch.Tensor:
+        return torch.tensor(float(sum(math.ceil(float(widths.get(n, 64.0)) / 32) for n in "ab")))
+
+    def baseline(self) -> float:
+        return 4.0
+
+
+def test_staircase_keeps_the_widest_of_equal_cost() -> None:
+    gates = _two_groups()
+    result = fit_to_budget(gates, StairCost(), 3.0)
+    # one group drops a tile; among 8..32 channels (all one tile) it keeps 32, not 56 or 8
+    assert sorted(len(v) for v in result.values()) == [32, 64]
+    assert result.met and result.predicted == 3.0
+
+
+def test_staircase_grows_back_over_a_plateau() -> None:
+    gates = _two_groups()
+    with torch.no_grad():  # trained gates kept 16 channels of "a"
+        gates.logit("a")[16:] = -2.0
+    no_fill = fit_to_budget(gates, StairCost(), 4.0, fill=False)
+    assert len(no_fill["a"]) == 32  # grew 16 -> 32 at equal cost, stopped before the next tile
+    gates2 = _two_groups()
+    with torch.no_grad():
+        gates2.logit("a")[16:] = -2.0
+    filled = fit_to_budget(gates2, StairCost(), 4.0)
+    assert len(filled["a"]) == 64  # the slack under the target is spent
+
+
+def test_target_below_the_floor_is_reported() -> None:
+    gates = _two_groups(min_channels=16)
+    cost = lambda w: float(w.get("a", 64.0)) + float(w.get("b", 64.0))  # noqa: E731
+    assert cost_floor(list(gates.groups.values()), cost) == 32.0
+    result = fit_to_budget(gates, cost, 10.0)
+    assert not result.met and "minimum" in result.reason
+    assert [len(v) for v in result.values()] == [16, 16]
+
+
+def test_measured_latency_drives_further_cuts() -> None:
+    gates = _two_groups()
+    cost = lambda w: float(w.get("a", 64.0)) + float(w.get("b", 64.0))  # noqa: E731
+
+    def measure(keep: Mapping[str, torch.Tensor]) -> float:
+        # the real model is 30% slower than predicted
+        return 1.3 * sum(len(v) for v in keep.values())
+
+    result = fit_to_budget(gates, cost, 80.0, measure=measure)
+    assert result.met and result.measured <= 80.0 and result.measure_rounds >= 1
+    assert result.measured == measure(dict(result))
+    assert result.predicted <= 80.0 / 1.3 + 1e-9
+
+
+def test_measured_loop_gives_up_with_a_reason() -> None:
+    gates = _two_groups()
+    cost = lambda w: float(w.get("a", 64.0)) + float(w.get("b", 64.0))  # noqa: E731
+    result = fit_to_budget(gates, cost, 100.0, measure=lambda keep: 500.0, max_rounds=3)
+    assert not result.met and result.measured == 500.0
+    assert result.reason and "over the target" in result.reason
+    assert result.measure_rounds == 3
+
+
+def test_ladder_matches_gate_snapping() -> None:
+    from core.gates import snap_units
+
+    g = GateGroup.from_channels("g", 72, modules=[], covers=[], round_to=16, min_channels=20)
+    steps = ladder(g)
+    assert steps == sorted({snap_units(k, g) for k in range(0, g.units + 1)})
