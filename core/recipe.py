@@ -14,7 +14,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from core.errors import HawadaError
 
@@ -143,7 +151,7 @@ class DataSpec(_Block):
 
     @field_validator("path")
     @classmethod
-    def _folder_needs_path(cls, v: str | None, info: Any) -> str | None:
+    def _folder_needs_path(cls, v: str | None, info: ValidationInfo) -> str | None:
         # npz may come from the job's uploaded dataset instead of a path; folder cannot.
         if info.data.get("source") == "folder" and not v:
             raise ValueError("required when data.source is 'folder'")
@@ -162,7 +170,7 @@ class Target(_Block):
 
     @field_validator("latency_ms")
     @classmethod
-    def _latency_ms_only_for_latency(cls, v: float | None, info: Any) -> float | None:
+    def _latency_ms_only_for_latency(cls, v: float | None, info: ValidationInfo) -> float | None:
         # Field order makes `metric` and `ratio` available here, so the error carries this path.
         if v is None:
             return v
@@ -191,7 +199,7 @@ class Temperature(_Block):
 
     @field_validator("end")
     @classmethod
-    def _end_le_start(cls, v: float, info: Any) -> float:
+    def _end_le_start(cls, v: float, info: ValidationInfo) -> float:
         start = info.data.get("start")
         if start is not None and v > start:
             raise ValueError(f"end ({v}) must be <= start ({start})")
