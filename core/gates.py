@@ -72,12 +72,15 @@ class GateGroup:
 
 
 def snap_units(count: int, group: GateGroup) -> int:
-    """Snap a unit count to the staircase: nearest multiple of `round_units` (ties up), floored
-    at the smallest multiple >= `min_units`, capped at full width (always allowed)."""
-    r = group.round_units
-    snapped = ((2 * count + r) // (2 * r)) * r  # round half up, integer-exact
+    """Snap a unit count to the staircase: the nearest allowed width (ties up), where allowed
+    = multiples of `round_units` and the full width, floored at the smallest multiple >=
+    `min_units` and capped at full width."""
+    r, units = group.round_units, group.units
+    below = (count // r) * r
+    allowed = [below, units] + ([below + r] if below + r <= units else [])
+    snapped = min(allowed, key=lambda a: (abs(a - count), -a))
     floor = -(-group.min_units // r) * r
-    return min(max(snapped, floor), group.units)
+    return min(max(snapped, floor), units)
 
 
 def _key(name: str) -> str:
