@@ -274,3 +274,13 @@ def test_bundle_is_a_databundle_with_recipe_batch_size() -> None:
     assert isinstance(bundle, DataBundle)
     assert len(next(bundle.train_batches())[1]) == 4
     assert bundle.input_size == (3, 16, 16)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_batches_on_cuda_match_cpu() -> None:
+    bundle = load_data(_recipe({"source": "digits", "limit": 64}))
+    (xc, yc), (xg, yg) = next(bundle.heldout_batches(16)), next(bundle.heldout_batches(16, device="cuda"))
+    assert xg.is_cuda and yg.is_cuda
+    torch.testing.assert_close(xg.cpu(), xc, rtol=0, atol=1e-6)
+    assert torch.equal(yg.cpu(), yc)
