@@ -237,3 +237,36 @@ def test_weights_of_another_arch_fail_with_weights_mismatch(service: Service,
     assert job["status"] == "failed"
     assert job["error"]["code"] == "weights_mismatch", job["error"]
     assert job["artifacts"] == []
+
+
+def _children(pid: int) -> list[int]:
+    out: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            out += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            pass
+    return out
+
+
+def _loads_torch(pid: int) -> bool:
+    return "libtorch" in Path(f"/proc/{pid}/maps").read_text()
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="needs Linux /proc")
+def test_torch_lives_only_in_the_worker_child(service: Service, weights: Path) -> None:
+    """The API and the Celery parent never load torch; the child that ran jobs does."""
+    # Make sure at least one job has run in this service's worker child.
+    _wait(service, service.client.submit(_recipe(model={"arch": "resnet34"}), weights)["id"])
+    if len(service.procs) == 1:  # embedded: serve (API) -> celery parent -> child
+        api_pid = service.procs[0].pid
+        parents = [p for p in _children(api_pid) if "celery" in
+                   Path(f"/proc/{p}/cmdline").read_text()]
+    else:
+        api_pid, parents = service.procs[0].pid, [service.procs[1].pid]
+    assert len(parents) == 1
+    children = _children(parents[0])
+    assert children, "prefork pool has no child"
+    assert not _loads_torch(api_pid)
+    assert not _loads_torch(parents[0])
+    assert any(_loads_torch(c) for c in children)
