@@ -1,4 +1,5 @@
 """Typed FastAPI dependencies: settings, DB session, artifact store, the calling owner."""
+
 from __future__ import annotations
 
 from collections.abc import Iterator

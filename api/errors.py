@@ -1,4 +1,5 @@
 """One error shape for every failure: `{"error": {"code", "message"[, "details"]}}`."""
+
 from __future__ import annotations
 
 import logging

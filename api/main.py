@@ -1,4 +1,5 @@
 """FastAPI application factory. Run with `uvicorn --factory api.main:create_app`."""
+
 from __future__ import annotations
 
 from fastapi import FastAPI

@@ -3,6 +3,7 @@
 Job metrics come from the database at scrape time (it owns job state), so every API replica
 reports the same, correct numbers and nothing is lost when a process restarts.
 """
+
 from __future__ import annotations
 
 import threading
@@ -73,7 +74,9 @@ class PhaseDurationCollector(Collector):
             )
             if self._watermark is not None:
                 query = query.where(Job.finished_at >= self._watermark - self.SLACK)
-            finished = {r.id: r.finished_at for r in session.execute(query) if r.id not in self._recent}
+            finished = {
+                r.id: r.finished_at for r in session.execute(query) if r.id not in self._recent
+            }
             ids = list(finished)
             for i in range(0, len(ids), self._chunk):
                 self._count_phases(session, {k: finished[k] for k in ids[i : i + self._chunk]})
@@ -98,7 +101,7 @@ class PhaseDurationCollector(Collector):
                 spans.setdefault(job_id, []).append((str(phase), created_at))
         for job_id, phases in spans.items():
             ends = [start for _, start in phases[1:]] + [finished[job_id]]
-            for (phase, start), end in zip(phases, ends):
+            for (phase, start), end in zip(phases, ends, strict=True):
                 self._observe(phase, max(0.0, (end - start).total_seconds()))
 
     def collect(self) -> Iterable[Metric]:
@@ -109,7 +112,7 @@ class PhaseDurationCollector(Collector):
             )
             for phase, counts in sorted(self._buckets.items()):
                 cumulative, running = [], 0
-                for bound, count in zip((*map(str, PHASE_BUCKETS), "+Inf"), counts):
+                for bound, count in zip((*map(str, PHASE_BUCKETS), "+Inf"), counts, strict=True):
                     running += count
                     cumulative.append((bound, running))
                 family.add_metric([phase], cumulative, self._sums[phase])

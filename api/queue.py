@@ -1,4 +1,5 @@
 """Handing job ids to the worker. The API never imports the task module (or torch)."""
+
 from __future__ import annotations
 
 import threading

@@ -1,4 +1,5 @@
 """Request and response bodies of the HTTP API (what OpenAPI documents)."""
+
 from __future__ import annotations
 
 from datetime import datetime
@@ -33,7 +34,9 @@ class ArtifactPublic(BaseModel):
 
 class JobPublic(BaseModel):
     id: str
-    status: str = Field(description="queued | running | cancelling | succeeded | failed | cancelled")
+    status: str = Field(
+        description="queued | running | cancelling | succeeded | failed | cancelled"
+    )
     phase: str | None
     progress: float = Field(ge=0, le=1)
     created_at: datetime
@@ -81,7 +84,9 @@ class JobPublic(BaseModel):
 
 class JobList(BaseModel):
     items: list[JobPublic]
-    next_cursor: str | None = Field(description="pass as ?cursor= for the next page; null at the end")
+    next_cursor: str | None = Field(
+        description="pass as ?cursor= for the next page; null at the end"
+    )
 
 
 class JobCreateJson(BaseModel):

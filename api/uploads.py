@@ -4,6 +4,7 @@ The API never deserialises weights: it only checks that a file looks like what i
 says, so an obviously wrong upload fails at submit time instead of minutes later in the worker.
 The worker loads `.pt` files with `torch.load(weights_only=True)`.
 """
+
 from __future__ import annotations
 
 import json
@@ -33,7 +34,9 @@ def weights_format(filename: str | None) -> str:
     return fmt
 
 
-def save_capped(store: ArtifactStore, kind: str, stream: BinaryIO, max_bytes: int, suffix: str) -> tuple[Path, int, str]:
+def save_capped(
+    store: ArtifactStore, kind: str, stream: BinaryIO, max_bytes: int, suffix: str
+) -> tuple[Path, int, str]:
     """Stream an upload into the store; 413 (nothing kept) past `max_bytes`."""
     try:
         return store.save_upload(kind, stream, max_bytes, suffix)
@@ -54,7 +57,9 @@ def check_safetensors(path: Path) -> None:
         try:
             header = json.loads(fh.read(n))
         except (UnicodeDecodeError, ValueError):
-            raise ApiError(400, "bad_weights", "not a safetensors file: header is not JSON") from None
+            raise ApiError(
+                400, "bad_weights", "not a safetensors file: header is not JSON"
+            ) from None
     if not isinstance(header, dict):
         raise ApiError(400, "bad_weights", "not a safetensors file: header is not an object")
     data_len = size - 8 - n
@@ -71,11 +76,13 @@ def check_safetensors(path: Path) -> None:
             or "dtype" not in info
             or "shape" not in info
         ):
-            raise ApiError(400, "bad_weights", f"safetensors entry {name!r} is malformed or truncated")
+            raise ApiError(
+                400, "bad_weights", f"safetensors entry {name!r} is malformed or truncated"
+            )
 
 
 def check_torch_zip(path: Path) -> None:
-    """A `.pt/.pth` must be torch's zip format (holding `data.pkl`); legacy raw pickle is refused."""
+    """A `.pt/.pth` must be torch's zip format (holding `data.pkl`); raw pickle is refused."""
     if not zipfile.is_zipfile(path):
         raise ApiError(
             400,

@@ -2,6 +2,7 @@
 
 No torch here: the API process imports this module.
 """
+
 from __future__ import annotations
 
 from functools import lru_cache

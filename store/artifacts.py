@@ -4,6 +4,7 @@ Layout under `root`: `jobs/<job id>/<name>` and `uploads/<kind>/<id><suffix>`. E
 to a temporary file in the destination folder, is fsynced and then renamed over the target, so
 a reader never sees a half-written file and a crash leaves at most a stray `.tmp-*` file.
 """
+
 from __future__ import annotations
 
 import hashlib

@@ -1,4 +1,5 @@
 """Engines, sessions and schema upgrades, identical on SQLite and PostgreSQL."""
+
 from __future__ import annotations
 
 import threading

@@ -4,6 +4,7 @@ Every function takes an open `Session` first and commits its own change, so a ca
 request, worker thread) never leaves a half-applied transition behind. Owner-scoped reads take
 the owner explicitly: another owner's job is indistinguishable from a missing one.
 """
+
 from __future__ import annotations
 
 import base64
@@ -196,7 +197,12 @@ def renew_lease(session: Session, job_id: str, worker_id: str, lease_s: float) -
     row = session.execute(
         select(Job.status, Job.worker_id, Job.cancel_requested).where(Job.id == job_id)
     ).first()
-    return row is not None and row.status == "running" and row.worker_id == worker_id and not row.cancel_requested
+    return (
+        row is not None
+        and row.status == "running"
+        and row.worker_id == worker_id
+        and not row.cancel_requested
+    )
 
 
 def set_progress(session: Session, job_id: str, phase: str | None, progress: float) -> None:
@@ -229,9 +235,7 @@ def add_event(session: Session, job_id: str, kind: str, data: Mapping[str, Any])
     return int(seq)
 
 
-def list_events(
-    session: Session, job_id: str, after: int = 0, limit: int = 1000
-) -> list[JobEvent]:
+def list_events(session: Session, job_id: str, after: int = 0, limit: int = 1000) -> list[JobEvent]:
     """Events of a job with seq > after, in order (owner checks are the caller's job)."""
     return list(
         session.scalars(
@@ -290,8 +294,14 @@ def request_cancel(session: Session, owner: str, job_id: str) -> Job | None:
     session.execute(
         update(Job)
         .where(owned, Job.status == "queued")
-        .values(status="cancelled", cancel_requested=True, finished_at=now, updated_at=now,
-                error_code="cancelled", error_message="cancelled before it started")
+        .values(
+            status="cancelled",
+            cancel_requested=True,
+            finished_at=now,
+            updated_at=now,
+            error_code="cancelled",
+            error_message="cancelled before it started",
+        )
         .execution_options(synchronize_session=False)
     )
     session.execute(
@@ -330,13 +340,21 @@ def requeue_expired(session: Session, now: datetime | None = None) -> list[str]:
         # Each transition repeats the WHERE so a concurrent renew/claim wins cleanly.
         guard = and_(Job.id == job_id, Job.status == status, lapsed)
         if status == "cancelling":
-            values: dict[str, Any] = {"status": "cancelled", "finished_at": now,
-                                      "error_code": "cancelled", "error_message": "cancelled"}
+            values: dict[str, Any] = {
+                "status": "cancelled",
+                "finished_at": now,
+                "error_code": "cancelled",
+                "error_message": "cancelled",
+            }
         elif attempts < max_attempts:
             values = {"status": "queued", "phase": None}
         else:
-            values = {"status": "failed", "finished_at": now, "error_code": LEASE_LOST,
-                      "error_message": f"worker lost after {attempts} attempt(s)"}
+            values = {
+                "status": "failed",
+                "finished_at": now,
+                "error_code": LEASE_LOST,
+                "error_message": f"worker lost after {attempts} attempt(s)",
+            }
         values.update(worker_id=None, lease_expires_at=None, updated_at=now)
         result = session.execute(
             update(Job).where(guard).values(**values).execution_options(synchronize_session=False)
@@ -376,7 +394,9 @@ def record_artifact(session: Session, job_id: str, name: str, size: int, sha256:
     """Register (or replace, on a retried attempt) an artifact file of a job."""
     existing = session.get(Artifact, (job_id, name))
     if existing is None:
-        session.add(Artifact(job_id=job_id, name=name, size=size, sha256=sha256, created_at=utcnow()))
+        session.add(
+            Artifact(job_id=job_id, name=name, size=size, sha256=sha256, created_at=utcnow())
+        )
     else:
         existing.size, existing.sha256, existing.created_at = size, sha256, utcnow()
     session.commit()

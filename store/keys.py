@@ -1,4 +1,5 @@
 """API keys: handed out once in plaintext (`hwd_…`), stored only as a sha256 hash."""
+
 from __future__ import annotations
 
 import hashlib

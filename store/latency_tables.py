@@ -1,4 +1,5 @@
 """Per-device latency lookup tables cached in the database (shared by all workers)."""
+
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -23,7 +24,9 @@ def put_latency_table(
     row = session.get(LatencyTableRow, key)
     if row is None:
         session.add(
-            LatencyTableRow(key=key, device=device, meta=dict(meta or {}), blob=blob, created_at=utcnow())
+            LatencyTableRow(
+                key=key, device=device, meta=dict(meta or {}), blob=blob, created_at=utcnow()
+            )
         )
     else:
         row.blob, row.device, row.meta, row.created_at = blob, device, dict(meta or {}), utcnow()

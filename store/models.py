@@ -3,6 +3,7 @@
 The schema itself is created by the Alembic migrations in `store/migrations`; these classes must
 stay in step with them (a test compares the two).
 """
+
 from __future__ import annotations
 
 from datetime import UTC, datetime
@@ -121,9 +122,7 @@ class Artifact(Base):
 
     __tablename__ = "artifacts"
 
-    job_id: Mapped[str] = mapped_column(
-        ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True
-    )
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
     name: Mapped[str] = mapped_column(String(64), primary_key=True)
     size: Mapped[int] = mapped_column(BigInteger)
     sha256: Mapped[str] = mapped_column(String(64))

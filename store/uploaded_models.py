@@ -1,4 +1,5 @@
 """Uploaded weights registered once and reused by many jobs (`/v1/models`)."""
+
 from __future__ import annotations
 
 from sqlalchemy import select

@@ -3,6 +3,7 @@
 PostgreSQL tests run in a schema of their own (dropped afterwards) on the server at
 HAWADA_TEST_PG_URL and skip cleanly when it cannot be reached.
 """
+
 from __future__ import annotations
 
 import os

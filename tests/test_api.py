@@ -1,4 +1,5 @@
 """HTTP API tests on SQLite and PostgreSQL, with an in-memory enqueuer instead of Celery."""
+
 from __future__ import annotations
 
 import hashlib
@@ -48,10 +49,18 @@ def torch_zip_bytes() -> bytes:
     return buf.getvalue()
 
 
-def submit(client: TestClient, recipe: Any = None, weights: bytes | None = None, name: str = "w.safetensors",
-           headers: dict[str, str] | None = None, dataset: tuple[str, bytes] | None = None) -> Any:
+def submit(
+    client: TestClient,
+    recipe: Any = None,
+    weights: bytes | None = None,
+    name: str = "w.safetensors",
+    headers: dict[str, str] | None = None,
+    dataset: tuple[str, bytes] | None = None,
+) -> Any:
     text = recipe if isinstance(recipe, str) else yaml.safe_dump(recipe or RECIPE)
-    files: dict[str, Any] = {"weights": (name, weights if weights is not None else safetensors_bytes())}
+    files: dict[str, Any] = {
+        "weights": (name, weights if weights is not None else safetensors_bytes())
+    }
     if dataset is not None:
         files["dataset"] = dataset
     return client.post("/v1/jobs", data={"recipe": text}, files=files, headers=headers or {})
@@ -69,7 +78,9 @@ def assert_error(resp: Any, status: int, code: str) -> dict[str, Any]:
     return body
 
 
-def test_submit_yaml_multipart_queues_and_enqueues(client: TestClient, enqueued: Any, settings: Any) -> None:
+def test_submit_yaml_multipart_queues_and_enqueues(
+    client: TestClient, enqueued: Any, settings: Any
+) -> None:
     resp = submit(client)
     assert resp.status_code == 202, resp.text
     job = resp.json()
@@ -117,7 +128,9 @@ def test_unknown_arch_is_422(client: TestClient) -> None:
         ("w.bin", b"anything"),
     ],
 )
-def test_bad_weights_rejected_and_nothing_kept(client: TestClient, enqueued: Any, settings: Any, name: str, payload: bytes) -> None:
+def test_bad_weights_rejected_and_nothing_kept(
+    client: TestClient, enqueued: Any, settings: Any, name: str, payload: bytes
+) -> None:
     assert_error(submit(client, weights=payload, name=name), 400, "bad_weights")
     assert enqueued.job_ids == [] and uploads(settings) == []
     assert client.get("/v1/jobs").json()["items"] == []
@@ -126,7 +139,9 @@ def test_bad_weights_rejected_and_nothing_kept(client: TestClient, enqueued: Any
 def test_oversized_upload_is_413(tmp_path: Path, settings: Any) -> None:
     small = settings.model_copy(update={"max_upload_bytes": 64})
     with TestClient(create_app(small, enqueue=lambda _id: None)) as client:
-        assert_error(submit(client, weights=safetensors_bytes() + b"\x00" * 100), 413, "upload_too_large")
+        assert_error(
+            submit(client, weights=safetensors_bytes() + b"\x00" * 100), 413, "upload_too_large"
+        )
         assert uploads(small) == []
         assert client.get("/v1/jobs").json()["items"] == []
 
@@ -138,8 +153,16 @@ def test_bad_dataset_and_missing_parts(client: TestClient, settings: Any) -> Non
     assert "weights" in assert_error(resp, 422, "invalid_request")["message"]
     resp = client.post("/v1/jobs", files={"weights": ("w.safetensors", safetensors_bytes())})
     assert "recipe" in assert_error(resp, 422, "invalid_request")["message"]
-    assert_error(client.post("/v1/jobs", content=b"x", headers={"content-type": "text/plain"}), 415, "unsupported_media_type")
-    assert_error(client.post("/v1/jobs", content=b"{", headers={"content-type": "application/json"}), 400, "bad_request")
+    assert_error(
+        client.post("/v1/jobs", content=b"x", headers={"content-type": "text/plain"}),
+        415,
+        "unsupported_media_type",
+    )
+    assert_error(
+        client.post("/v1/jobs", content=b"{", headers={"content-type": "application/json"}),
+        400,
+        "bad_request",
+    )
     assert_error(client.post("/v1/jobs", json={"recipe": RECIPE}), 422, "invalid_request")
 
 
@@ -152,15 +175,25 @@ def test_idempotency_key(client: TestClient, enqueued: Any, settings: Any) -> No
     assert len(uploads(settings)) == 1  # the replay's copy was dropped
     other = json.loads(json.dumps(RECIPE))
     other["target"]["ratio"] = 0.3
-    assert_error(submit(client, other, headers={"Idempotency-Key": "abc"}), 409, "idempotency_conflict")
-    assert_error(submit(client, weights=torch_zip_bytes(), name="w.pt", headers={"Idempotency-Key": "abc"}),
-                 409, "idempotency_conflict")
+    assert_error(
+        submit(client, other, headers={"Idempotency-Key": "abc"}), 409, "idempotency_conflict"
+    )
+    assert_error(
+        submit(client, weights=torch_zip_bytes(), name="w.pt", headers={"Idempotency-Key": "abc"}),
+        409,
+        "idempotency_conflict",
+    )
     assert len(uploads(settings)) == 1
 
 
 def test_unknown_job_and_route_are_json_404(client: TestClient) -> None:
-    for path in ("/v1/jobs/" + "0" * 32, "/v1/jobs/not-an-id", "/v1/jobs/" + "0" * 32 + "/events",
-                 "/v1/jobs/" + "0" * 32 + "/artifacts/report.json", "/v1/models/" + "0" * 32):
+    for path in (
+        "/v1/jobs/" + "0" * 32,
+        "/v1/jobs/not-an-id",
+        "/v1/jobs/" + "0" * 32 + "/events",
+        "/v1/jobs/" + "0" * 32 + "/artifacts/report.json",
+        "/v1/models/" + "0" * 32,
+    ):
         assert client.get(path).json()["error"]["code"].endswith("not_found")
         assert client.get(path).status_code == 404
     assert_error(client.get("/v1/nothing-here"), 404, "not_found")
@@ -177,15 +210,25 @@ def test_auth_owner_scoping(settings: Any, enqueued: Any) -> None:
             revoked = keys.create_key(s, "carol")
             keys.revoke_key(s, keys.list_keys(s, "carol")[0].id)
         assert_error(client.get("/v1/jobs"), 401, "unauthorized")
-        assert_error(client.get("/v1/jobs", headers={"Authorization": "Bearer hwd_wrong"}), 401, "unauthorized")
-        assert_error(client.get("/v1/jobs", headers={"Authorization": f"Bearer {revoked}"}), 401, "unauthorized")
+        assert_error(
+            client.get("/v1/jobs", headers={"Authorization": "Bearer hwd_wrong"}),
+            401,
+            "unauthorized",
+        )
+        assert_error(
+            client.get("/v1/jobs", headers={"Authorization": f"Bearer {revoked}"}),
+            401,
+            "unauthorized",
+        )
         assert_error(submit(client), 401, "unauthorized")
         as_alice = {"Authorization": f"Bearer {alice}"}
         as_bob = {"Authorization": f"Bearer {bob}"}
         job = submit(client, headers=as_alice).json()
         assert client.get(f"/v1/jobs/{job['id']}", headers=as_alice).status_code == 200
         assert_error(client.get(f"/v1/jobs/{job['id']}", headers=as_bob), 404, "job_not_found")
-        assert_error(client.post(f"/v1/jobs/{job['id']}/cancel", headers=as_bob), 404, "job_not_found")
+        assert_error(
+            client.post(f"/v1/jobs/{job['id']}/cancel", headers=as_bob), 404, "job_not_found"
+        )
         assert_error(client.delete(f"/v1/jobs/{job['id']}", headers=as_bob), 404, "job_not_found")
         assert client.get("/v1/jobs", headers=as_bob).json()["items"] == []
         assert client.get("/healthz").status_code == 200  # infrastructure needs no key
@@ -226,7 +269,12 @@ def test_events_after(client: TestClient, settings: Any) -> None:
     job_id = submit(client).json()["id"]
     _run_with_events(settings, job_id, finish=False)
     running = client.get(f"/v1/jobs/{job_id}").json()
-    assert (running["status"], running["phase"], running["progress"], running["attempts"]) == ("running", "training", 0.5, 1)
+    assert (running["status"], running["phase"], running["progress"], running["attempts"]) == (
+        "running",
+        "training",
+        0.5,
+        1,
+    )
     items = client.get(f"/v1/jobs/{job_id}/events").json()["items"]
     assert [e["seq"] for e in items] == [1, 2, 3, 4]
     assert [e["data"].get("phase") for e in items[:3]] == ["loading", "baseline", "training"]
@@ -237,16 +285,25 @@ def test_events_after(client: TestClient, settings: Any) -> None:
 def test_events_sse_stream(client: TestClient, settings: Any) -> None:
     job_id = submit(client).json()["id"]
     _run_with_events(settings, job_id)
-    with client.stream("GET", f"/v1/jobs/{job_id}/events", headers={"Accept": "text/event-stream"}) as resp:
+    with client.stream(
+        "GET", f"/v1/jobs/{job_id}/events", headers={"Accept": "text/event-stream"}
+    ) as resp:
         assert resp.status_code == 200
         assert resp.headers["content-type"].startswith("text/event-stream")
         text = "".join(resp.iter_text())
     blocks = [b for b in text.split("\n\n") if b.startswith("id:")]
     first = dict(line.split(": ", 1) for line in blocks[0].splitlines())
-    assert first["id"] == "1" and first["event"] == "phase" and json.loads(first["data"])["phase"] == "loading"
+    assert (
+        first["id"] == "1"
+        and first["event"] == "phase"
+        and json.loads(first["data"])["phase"] == "loading"
+    )
     assert len(blocks) == 4 and "event: end" in text  # stream ends with the finished job
-    with client.stream("GET", f"/v1/jobs/{job_id}/events",
-                       headers={"Accept": "text/event-stream", "Last-Event-ID": "3"}) as resp:
+    with client.stream(
+        "GET",
+        f"/v1/jobs/{job_id}/events",
+        headers={"Accept": "text/event-stream", "Last-Event-ID": "3"},
+    ) as resp:
         resumed = [b for b in "".join(resp.iter_text()).split("\n\n") if b.startswith("id:")]
     assert [b.splitlines()[0] for b in resumed] == ["id: 4"]
 
@@ -277,10 +334,16 @@ def test_artifact_download(client: TestClient, settings: Any) -> None:
     payload = bytes(range(256)) * 4000
     job_id, sha = _finished_with_artifact(client, settings, payload)
     job = client.get(f"/v1/jobs/{job_id}").json()
-    assert job["status"] == "succeeded" and job["metrics"] == {"speedup": 1.8} and job["progress"] == 1
+    assert (
+        job["status"] == "succeeded" and job["metrics"] == {"speedup": 1.8} and job["progress"] == 1
+    )
     [art] = job["artifacts"]
-    assert art == {"name": "pruned.safetensors", "size": len(payload), "sha256": sha,
-                   "url": f"/v1/jobs/{job_id}/artifacts/pruned.safetensors"}
+    assert art == {
+        "name": "pruned.safetensors",
+        "size": len(payload),
+        "sha256": sha,
+        "url": f"/v1/jobs/{job_id}/artifacts/pruned.safetensors",
+    }
     resp = client.get(art["url"])
     assert resp.status_code == 200 and resp.content == payload
     assert int(resp.headers["content-length"]) == len(payload)
@@ -305,8 +368,11 @@ def test_delete_removes_files(client: TestClient, settings: Any) -> None:
 
 
 def test_models_reused_by_json_jobs(client: TestClient, enqueued: Any, settings: Any) -> None:
-    resp = client.post("/v1/models", files={"weights": ("r18.safetensors", safetensors_bytes())},
-                       data={"arch": "resnet18"})
+    resp = client.post(
+        "/v1/models",
+        files={"weights": ("r18.safetensors", safetensors_bytes())},
+        data={"arch": "resnet18"},
+    )
     assert resp.status_code == 201, resp.text
     model = resp.json()
     assert model["size"] == len(safetensors_bytes())
@@ -315,14 +381,32 @@ def test_models_reused_by_json_jobs(client: TestClient, enqueued: Any, settings:
     job = client.post("/v1/jobs", json={"recipe": RECIPE, "model_id": model["id"]})
     assert job.status_code == 202, job.text
     assert job.json()["model_id"] == model["id"] and enqueued.job_ids == [job.json()["id"]]
-    assert client.post("/v1/jobs", json={"recipe": yaml.safe_dump(RECIPE), "model_id": model["id"]}).status_code == 202
-    assert_error(client.post("/v1/jobs", json={"recipe": RECIPE, "model_id": "f" * 32}), 404, "model_not_found")
+    assert (
+        client.post(
+            "/v1/jobs", json={"recipe": yaml.safe_dump(RECIPE), "model_id": model["id"]}
+        ).status_code
+        == 202
+    )
+    assert_error(
+        client.post("/v1/jobs", json={"recipe": RECIPE, "model_id": "f" * 32}),
+        404,
+        "model_not_found",
+    )
     client.post(f"/v1/jobs/{job.json()['id']}/cancel")
     assert client.delete(f"/v1/jobs/{job.json()['id']}").status_code == 204
     assert len(uploads(settings)) == 1  # the model outlives jobs that used it
-    assert_error(client.post("/v1/models", files={"weights": ("x.pt", b"junk")}), 400, "bad_weights")
-    assert_error(client.post("/v1/models", files={"weights": ("x.safetensors", safetensors_bytes())},
-                             data={"arch": "lenet"}), 422, "unsupported_arch")
+    assert_error(
+        client.post("/v1/models", files={"weights": ("x.pt", b"junk")}), 400, "bad_weights"
+    )
+    assert_error(
+        client.post(
+            "/v1/models",
+            files={"weights": ("x.safetensors", safetensors_bytes())},
+            data={"arch": "lenet"},
+        ),
+        422,
+        "unsupported_arch",
+    )
     assert len(uploads(settings)) == 1
 
 
@@ -343,16 +427,25 @@ def test_health_ready_metrics_openapi(client: TestClient, settings: Any) -> None
     job_id, _ = _finished_with_artifact(client, settings, b"x")
     submit(client)
     text = client.get("/metrics").text
-    assert 'hawada_jobs{state="queued"} 1.0' in text and 'hawada_jobs{state="succeeded"} 1.0' in text
+    assert (
+        'hawada_jobs{state="queued"} 1.0' in text and 'hawada_jobs{state="succeeded"} 1.0' in text
+    )
     assert 'hawada_phase_duration_seconds_count{phase="training"} 1.0' in text
     assert 'hawada_phase_duration_seconds_count{phase="loading"} 1.0' in text
     client.get(f"/v1/jobs/{job_id}")
     text = client.get("/metrics").text
-    assert 'hawada_http_request_duration_seconds_count{method="GET",route="/v1/jobs/{job_id}",status="200"} 1.0' in text
+    labels = 'method="GET",route="/v1/jobs/{job_id}",status="200"'
+    assert f"hawada_http_request_duration_seconds_count{{{labels}}} 1.0" in text
     assert 'hawada_phase_duration_seconds_count{phase="training"} 1.0' in text  # not counted twice
     spec = client.get("/openapi.json").json()
-    assert {"/v1/jobs", "/v1/jobs/{job_id}", "/v1/jobs/{job_id}/events", "/v1/models",
-            "/v1/recipes", "/v1/architectures"} <= set(spec["paths"])
+    assert {
+        "/v1/jobs",
+        "/v1/jobs/{job_id}",
+        "/v1/jobs/{job_id}/events",
+        "/v1/models",
+        "/v1/recipes",
+        "/v1/architectures",
+    } <= set(spec["paths"])
     assert "multipart/form-data" in spec["paths"]["/v1/jobs"]["post"]["requestBody"]["content"]
 
 

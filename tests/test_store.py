@@ -1,4 +1,5 @@
 """Store tests on SQLite and PostgreSQL: schema, job state machine, keys, artifacts."""
+
 from __future__ import annotations
 
 import io
@@ -20,7 +21,9 @@ RECIPE = {"model": {"arch": "resnet18"}}
 
 
 def _job(s, owner: str = "alice", **kw):
-    return jobs.create_job(s, owner=owner, recipe=RECIPE, recipe_hash="h" * 64, weights_path="/w", **kw)
+    return jobs.create_job(
+        s, owner=owner, recipe=RECIPE, recipe_hash="h" * 64, weights_path="/w", **kw
+    )
 
 
 def test_migration_matches_models(db_url: str) -> None:
@@ -116,7 +119,9 @@ def test_lease_renew_and_cancel(db_url: str) -> None:
         assert cancelled.status == "cancelling"
         assert jobs.is_cancel_requested(s, job.id)
         assert not jobs.renew_lease(s, job.id, "w1", 30)  # the worker's cue to stop
-        assert jobs.finish_job(s, job.id, "cancelled", error={"code": "cancelled", "message": "by user"})
+        assert jobs.finish_job(
+            s, job.id, "cancelled", error={"code": "cancelled", "message": "by user"}
+        )
         assert jobs.load_job(s, job.id).status == "cancelled"
 
 
@@ -193,14 +198,19 @@ def test_progress_and_delete(db_url: str, tmp_path: Path) -> None:
         jobs.add_event(s, job.id, "phase", {"phase": "training"})
         jobs.record_artifact(s, job.id, "report.json", 3, "a" * 64)
         jobs.record_artifact(s, job.id, "report.json", 4, "b" * 64)  # retried attempt replaces
-        assert [(a.size, a.sha256) for a in jobs.list_artifacts(s, [job.id])[job.id]] == [(4, "b" * 64)]
+        assert [(a.size, a.sha256) for a in jobs.list_artifacts(s, [job.id])[job.id]] == [
+            (4, "b" * 64)
+        ]
         with pytest.raises(jobs.JobBusy):
             jobs.delete_job(s, "alice", job.id)
         jobs.finish_job(s, job.id, "failed", error={"code": "bad_weights", "message": "nope"})
         assert not jobs.delete_job(s, "bob", job.id)
         assert jobs.delete_job(s, "alice", job.id)
         assert jobs.load_job(s, job.id) is None
-        assert jobs.list_events(s, job.id) == [] and jobs.get_artifact(s, job.id, "report.json") is None
+        assert (
+            jobs.list_events(s, job.id) == []
+            and jobs.get_artifact(s, job.id, "report.json") is None
+        )
 
 
 def test_count_by_status(db_url: str) -> None:
@@ -225,8 +235,16 @@ def test_api_keys(db_url: str) -> None:
 
 def test_models_and_latency_tables(db_url: str) -> None:
     with session_scope(db_url) as s:
-        m = create_model(s, model_id="c" * 32, owner="alice", filename="w.safetensors",
-                         format="safetensors", size=10, sha256="d" * 64, path="/x")
+        m = create_model(
+            s,
+            model_id="c" * 32,
+            owner="alice",
+            filename="w.safetensors",
+            format="safetensors",
+            size=10,
+            sha256="d" * 64,
+            path="/x",
+        )
         assert get_model(s, "alice", m.id).filename == "w.safetensors"
         assert get_model(s, "bob", m.id) is None
         assert get_latency_table(s, "k") is None
@@ -255,7 +273,10 @@ def test_artifact_store_atomic_write_and_validation(tmp_path: Path) -> None:
         with pytest.raises(ValueError):
             store.path(bad_id, "report.json")
     assert sorted(p.name for p in store.job_dir(job_id).iterdir()) == [
-        "pruned.safetensors", "report.html", "report.json"]  # no temporary files left
+        "pruned.safetensors",
+        "report.html",
+        "report.json",
+    ]  # no temporary files left
     store.delete_job(job_id)
     assert not store.job_dir(job_id).exists()
 

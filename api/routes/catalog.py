@@ -1,4 +1,5 @@
 """/v1/recipes and /v1/architectures: what the service offers."""
+
 from __future__ import annotations
 
 from fastapi import APIRouter
@@ -13,7 +14,10 @@ router = APIRouter(prefix="/v1", tags=["catalog"])
 def list_recipes() -> RecipeList:
     """Built-in recipes (full, defaults filled in), by name."""
     return RecipeList(
-        items=[RecipePublic(name=n, recipe=recipe_to_dict(r)) for n, r in sorted(builtin_recipes().items())]
+        items=[
+            RecipePublic(name=n, recipe=recipe_to_dict(r))
+            for n, r in sorted(builtin_recipes().items())
+        ]
     )
 
 

@@ -1,4 +1,5 @@
 """/v1/jobs/{id}/events: progress events as a JSON page or a Server-Sent Events stream."""
+
 from __future__ import annotations
 
 import asyncio
@@ -22,7 +23,9 @@ POLL_S = 0.5
 KEEPALIVE_S = 15.0
 
 
-def _page(database_url: str, owner: str, job_id: str, after: int, limit: int) -> tuple[list[EventPublic], bool]:
+def _page(
+    database_url: str, owner: str, job_id: str, after: int, limit: int
+) -> tuple[list[EventPublic], bool]:
     """Events after `after` and whether the job has ended (404 if it is not the owner's)."""
     with session_scope(database_url) as session:
         job = job_or_404(session, owner, job_id)
@@ -31,11 +34,15 @@ def _page(database_url: str, owner: str, job_id: str, after: int, limit: int) ->
 
 
 def _sse(event: EventPublic) -> str:
-    payload = json.dumps({"seq": event.seq, "created_at": event.created_at.isoformat(), **event.data})
+    payload = json.dumps(
+        {"seq": event.seq, "created_at": event.created_at.isoformat(), **event.data}
+    )
     return f"id: {event.seq}\nevent: {event.kind}\ndata: {payload}\n\n"
 
 
-async def _follow(request: Request, database_url: str, owner: str, job_id: str, after: int) -> AsyncIterator[str]:
+async def _follow(
+    request: Request, database_url: str, owner: str, job_id: str, after: int
+) -> AsyncIterator[str]:
     """Yield new events until the job has ended and every event was sent."""
     idle = 0.0
     yield "retry: 2000\n\n"
@@ -62,7 +69,10 @@ async def _follow(request: Request, database_url: str, owner: str, job_id: str, 
 @router.get(
     "/{job_id}/events",
     response_model=EventList,
-    responses={**ERRORS, 200: {"content": {"text/event-stream": {}}, "description": "JSON page or SSE"}},
+    responses={
+        **ERRORS,
+        200: {"content": {"text/event-stream": {}}, "description": "JSON page or SSE"},
+    },
 )
 async def job_events(
     job_id: str,
@@ -73,7 +83,7 @@ async def job_events(
     limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
     last_event_id: Annotated[str | None, Header()] = None,
 ) -> EventList | StreamingResponse:
-    """Events in order; with `Accept: text/event-stream`, a stream that follows the job to its end."""
+    """Events in order; with `Accept: text/event-stream`, a stream following the job to its end."""
     url = settings.database_url
     if "text/event-stream" in request.headers.get("accept", ""):
         if last_event_id and last_event_id.isdigit():

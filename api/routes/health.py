@@ -1,4 +1,5 @@
 """/healthz, /readyz, /metrics (outside /v1: infrastructure, not API)."""
+
 from __future__ import annotations
 
 import os
@@ -60,8 +61,13 @@ def readyz(settings: SettingsDep) -> JSONResponse:
     if failed:
         message = "; ".join(f"{name}: {err}" for name, err in failed.items())
         return JSONResponse(
-            {"error": {"code": "not_ready", "message": message, "details": [
-                {"path": name, "message": err} for name, err in failed.items()]}},
+            {
+                "error": {
+                    "code": "not_ready",
+                    "message": message,
+                    "details": [{"path": name, "message": err} for name, err in failed.items()],
+                }
+            },
             status_code=503,
         )
     return JSONResponse({"status": "ok", "checks": {name: "ok" for name in checks}})

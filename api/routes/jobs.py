@@ -1,4 +1,5 @@
 """/v1/jobs: submit, list, get, cancel, delete."""
+
 from __future__ import annotations
 
 import json
@@ -44,10 +45,16 @@ SUBMIT_OPENAPI: dict[str, Any] = {
                     "required": ["recipe", "weights"],
                     "properties": {
                         "recipe": {"type": "string", "description": "recipe as JSON or YAML text"},
-                        "weights": {"type": "string", "format": "binary",
-                                    "description": ".safetensors, or .pt/.pth state dict"},
-                        "dataset": {"type": "string", "format": "binary",
-                                    "description": "optional .npz with arrays x, y"},
+                        "weights": {
+                            "type": "string",
+                            "format": "binary",
+                            "description": ".safetensors, or .pt/.pth state dict",
+                        },
+                        "dataset": {
+                            "type": "string",
+                            "format": "binary",
+                            "description": "optional .npz with arrays x, y",
+                        },
                     },
                 }
             },
@@ -82,7 +89,9 @@ class _Inputs:
     uploaded: tuple[Path, ...] = ()  # files this request created (removed if it fails)
 
 
-def _store_file(store: ArtifactStore, settings: Settings, upload: UploadFile, kind: str) -> tuple[Path, str]:
+def _store_file(
+    store: ArtifactStore, settings: Settings, upload: UploadFile, kind: str
+) -> tuple[Path, str]:
     """Copy a multipart file into the store (capped) and check it; nothing kept on failure."""
     if kind == "weights":
         fmt = weights_format(upload.filename)
@@ -104,19 +113,31 @@ def _store_file(store: ArtifactStore, settings: Settings, upload: UploadFile, ki
 def _multipart_inputs(form: Any, store: ArtifactStore, settings: Settings) -> _Inputs:
     recipe_field = form.get("recipe")
     if recipe_field is None:
-        raise ApiError(422, "invalid_request", "recipe: field required",
-                       [{"path": "recipe", "message": "field required"}])
+        raise ApiError(
+            422,
+            "invalid_request",
+            "recipe: field required",
+            [{"path": "recipe", "message": "field required"}],
+        )
     if isinstance(recipe_field, UploadFile):
         recipe_field = recipe_field.file.read()
     recipe = parse_recipe(recipe_field)
     weights = form.get("weights")
     if not isinstance(weights, UploadFile):
-        raise ApiError(422, "invalid_request", "weights: file required",
-                       [{"path": "weights", "message": "file required"}])
+        raise ApiError(
+            422,
+            "invalid_request",
+            "weights: file required",
+            [{"path": "weights", "message": "file required"}],
+        )
     dataset = form.get("dataset")
     if dataset is not None and not isinstance(dataset, UploadFile):
-        raise ApiError(422, "invalid_request", "dataset: must be a file",
-                       [{"path": "dataset", "message": "must be a file"}])
+        raise ApiError(
+            422,
+            "invalid_request",
+            "dataset: must be a file",
+            [{"path": "dataset", "message": "must be a file"}],
+        )
     weights_path, weights_sha = _store_file(store, settings, weights, "weights")
     dataset_path = None
     if dataset is not None:
@@ -133,13 +154,22 @@ def _json_inputs(body: Any, owner: str, settings: Settings) -> _Inputs:
     try:
         req = JobCreateJson.model_validate(body)
     except ValidationError as exc:
-        details = [{"path": ".".join(map(str, e["loc"])), "message": e["msg"]} for e in exc.errors()]
-        raise ApiError(422, "invalid_request", "; ".join(f"{d['path']}: {d['message']}" for d in details), details) from None
+        details = [
+            {"path": ".".join(map(str, e["loc"])), "message": e["msg"]} for e in exc.errors()
+        ]
+        raise ApiError(
+            422,
+            "invalid_request",
+            "; ".join(f"{d['path']}: {d['message']}" for d in details),
+            details,
+        ) from None
     recipe = parse_recipe(req.recipe)
     with session_scope(settings.database_url) as session:
         model = get_model(session, owner, req.model_id) if _ID.match(req.model_id) else None
     if model is None:
-        raise ApiError(404, "model_not_found", f"no model {req.model_id!r}; upload it with POST /v1/models")
+        raise ApiError(
+            404, "model_not_found", f"no model {req.model_id!r}; upload it with POST /v1/models"
+        )
     return _Inputs(recipe, Path(model.path), model.sha256, model.id)
 
 
@@ -148,17 +178,27 @@ def _create(
 ) -> tuple[JobPublic, bool]:
     """Insert the job (or find the idempotent original); returns (job, created)."""
     if inputs.recipe.data.source == "upload" and inputs.dataset_path is None:
-        raise ApiError(422, "invalid_request", "data.source is 'upload' but no dataset file was sent",
-                       [{"path": "dataset", "message": "file required for data.source upload"}])
+        raise ApiError(
+            422,
+            "invalid_request",
+            "data.source is 'upload' but no dataset file was sent",
+            [{"path": "dataset", "message": "file required for data.source upload"}],
+        )
     rhash = recipe_hash(inputs.recipe)
     with session_scope(settings.database_url) as session:
         for _ in range(2):  # a second round only after losing an insert race on the same key
             if key is not None:
                 original = repo.find_by_idempotency_key(session, owner, key)
                 if original is not None:
-                    if original.recipe_hash != rhash or original.weights_sha256 != inputs.weights_sha256:
-                        raise ApiError(409, "idempotency_conflict",
-                                       "Idempotency-Key was already used with a different request")
+                    if (
+                        original.recipe_hash != rhash
+                        or original.weights_sha256 != inputs.weights_sha256
+                    ):
+                        raise ApiError(
+                            409,
+                            "idempotency_conflict",
+                            "Idempotency-Key was already used with a different request",
+                        )
                     return public(session, original), False
             try:
                 job = repo.create_job(
@@ -178,11 +218,18 @@ def _create(
                 session.rollback()
                 if key is None:
                     raise
-        raise ApiError(409, "idempotency_conflict", "concurrent requests with the same Idempotency-Key")
+        raise ApiError(
+            409, "idempotency_conflict", "concurrent requests with the same Idempotency-Key"
+        )
 
 
-@router.post("", status_code=202, response_model=JobPublic, openapi_extra=SUBMIT_OPENAPI,
-             responses={200: {"model": JobPublic, "description": "idempotent replay"}, **ERRORS})
+@router.post(
+    "",
+    status_code=202,
+    response_model=JobPublic,
+    openapi_extra=SUBMIT_OPENAPI,
+    responses={200: {"model": JobPublic, "description": "idempotent replay"}, **ERRORS},
+)
 async def submit_job(
     request: Request,
     response: Response,
@@ -196,7 +243,9 @@ async def submit_job(
     length = int(request.headers.get("content-length") or 0)
     # Two capped files plus form fields: refuse before reading anything when clearly too big.
     if length > 2 * settings.max_upload_bytes + MAX_JSON_BODY:
-        raise ApiError(413, "upload_too_large", f"request exceeds {settings.max_upload_bytes} bytes per file")
+        raise ApiError(
+            413, "upload_too_large", f"request exceeds {settings.max_upload_bytes} bytes per file"
+        )
     if ctype in ("multipart/form-data", "application/x-www-form-urlencoded"):
         form = await request.form(max_files=2, max_fields=8)
         try:
@@ -213,9 +262,13 @@ async def submit_job(
             raise ApiError(400, "bad_request", "body is not valid JSON") from None
         inputs = await run_in_threadpool(_json_inputs, parsed, owner, settings)
     else:
-        raise ApiError(415, "unsupported_media_type", "send multipart/form-data or application/json")
+        raise ApiError(
+            415, "unsupported_media_type", "send multipart/form-data or application/json"
+        )
     try:
-        job, created = await run_in_threadpool(_create, inputs, owner, idempotency_key, settings, store)
+        job, created = await run_in_threadpool(
+            _create, inputs, owner, idempotency_key, settings, store
+        )
     except BaseException:
         for path in inputs.uploaded:
             store.delete_upload(path)
@@ -229,8 +282,12 @@ async def submit_job(
         await run_in_threadpool(request.app.state.enqueue, job.id)
     except Exception as exc:
         with session_scope(settings.database_url) as session:
-            repo.finish_job(session, job.id, "failed", error={"code": "broker_unavailable", "message": str(exc)})
-        raise ApiError(503, "broker_unavailable", "the job queue is unreachable; try again") from exc
+            repo.finish_job(
+                session, job.id, "failed", error={"code": "broker_unavailable", "message": str(exc)}
+            )
+        raise ApiError(
+            503, "broker_unavailable", "the job queue is unreachable; try again"
+        ) from exc
     return job
 
 
@@ -246,7 +303,9 @@ def list_jobs(
     if status is not None and status not in JOB_STATES:
         raise ApiError(422, "invalid_request", f"status must be one of {', '.join(JOB_STATES)}")
     try:
-        page, next_cursor = repo.list_jobs(session, owner, status=status, limit=limit, cursor=cursor)
+        page, next_cursor = repo.list_jobs(
+            session, owner, status=status, limit=limit, cursor=cursor
+        )
     except repo.InvalidCursor as exc:
         raise ApiError(400, "invalid_cursor", str(exc)) from None
     arts = repo.list_artifacts(session, [j.id for j in page])

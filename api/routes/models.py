@@ -1,4 +1,5 @@
 """/v1/models: upload weights once, reuse them in many jobs by id."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,7 +10,7 @@ from starlette.datastructures import UploadFile
 
 from api.deps import CurrentOwner, SessionDep, SettingsDep, StoreDep
 from api.errors import ApiError
-from api.routes.jobs import ERRORS, _ID
+from api.routes.jobs import _ID, ERRORS
 from api.schemas import ModelPublic
 from api.uploads import check_weights, save_capped, weights_format
 from core.config import Settings
@@ -43,31 +44,54 @@ UPLOAD_OPENAPI = {
 def _register(form: dict, owner: str, settings: Settings, store: ArtifactStore) -> ModelPublic:
     weights = form.get("weights")
     if not isinstance(weights, UploadFile):
-        raise ApiError(422, "invalid_request", "weights: file required",
-                       [{"path": "weights", "message": "file required"}])
+        raise ApiError(
+            422,
+            "invalid_request",
+            "weights: file required",
+            [{"path": "weights", "message": "file required"}],
+        )
     arch = form.get("arch") or None
     if arch is not None and (not isinstance(arch, str) or arch not in ARCHITECTURES):
-        raise ApiError(422, "unsupported_arch", f"unknown architecture {arch!r}; see GET /v1/architectures")
+        raise ApiError(
+            422, "unsupported_arch", f"unknown architecture {arch!r}; see GET /v1/architectures"
+        )
     fmt = weights_format(weights.filename)
     suffix = Path(weights.filename or "").suffix.lower()
     path, size, sha = save_capped(store, "models", weights.file, settings.max_upload_bytes, suffix)
     try:
         check_weights(path, fmt)
         with session_scope(settings.database_url) as session:
-            model = create_model(session, model_id=new_id(), owner=owner,
-                                 filename=Path(weights.filename or "weights").name[:255], format=fmt,
-                                 size=size, sha256=sha, path=str(path), arch=arch)
+            model = create_model(
+                session,
+                model_id=new_id(),
+                owner=owner,
+                filename=Path(weights.filename or "weights").name[:255],
+                format=fmt,
+                size=size,
+                sha256=sha,
+                path=str(path),
+                arch=arch,
+            )
     except BaseException:
         store.delete_upload(path)
         raise
     return ModelPublic.build(model)
 
 
-@router.post("", status_code=201, response_model=ModelPublic, openapi_extra=UPLOAD_OPENAPI, responses=ERRORS)
-async def upload_model(request: Request, owner: CurrentOwner, settings: SettingsDep, store: StoreDep) -> ModelPublic:
+@router.post(
+    "", status_code=201, response_model=ModelPublic, openapi_extra=UPLOAD_OPENAPI, responses=ERRORS
+)
+async def upload_model(
+    request: Request, owner: CurrentOwner, settings: SettingsDep, store: StoreDep
+) -> ModelPublic:
     """Store a weights file; jobs then refer to it with `{"model_id": ...}`."""
-    if request.headers.get("content-type", "").split(";")[0].strip().lower() != "multipart/form-data":
-        raise ApiError(415, "unsupported_media_type", "send multipart/form-data with a weights file")
+    if (
+        request.headers.get("content-type", "").split(";")[0].strip().lower()
+        != "multipart/form-data"
+    ):
+        raise ApiError(
+            415, "unsupported_media_type", "send multipart/form-data with a weights file"
+        )
     form = await request.form(max_files=1, max_fields=4)
     try:
         return await run_in_threadpool(_register, dict(form), owner, settings, store)

@@ -1,4 +1,5 @@
 """Alembic environment: online migrations only, on the connection `init_db` hands over."""
+
 from __future__ import annotations
 
 from alembic import context
