@@ -338,17 +338,26 @@ def _from_validation_error(exc: ValidationError) -> RecipeError:
 
 
 def _load_text(text: str) -> Any:
-    if len(text.encode("utf-8", errors="replace")) > MAX_RECIPE_BYTES:
+    # len() first: a huge string is refused without encoding a copy of it.
+    if len(text) > MAX_RECIPE_BYTES or len(text.encode("utf-8", errors="replace")) > MAX_RECIPE_BYTES:
         raise RecipeError([{"path": "(root)", "message": f"recipe larger than {MAX_RECIPE_BYTES} bytes"}])
     try:
         return json.loads(text)
     except ValueError:
         pass  # not JSON: YAML is the other accepted syntax
+    except RecursionError:
+        raise _too_deep() from None
     try:
         return yaml.load(text, Loader=_NoAliasLoader)  # noqa: S506 - SafeLoader subclass
     except yaml.YAMLError as exc:
         detail = " ".join(str(exc).split())  # one line: messages end up in JSON errors
         raise RecipeError([{"path": "(root)", "message": f"not valid JSON or YAML: {detail}"}]) from None
+    except RecursionError:
+        raise _too_deep() from None
+
+
+def _too_deep() -> RecipeError:
+    return RecipeError([{"path": "(root)", "message": "recipe nested too deeply"}])
 
 
 def parse_recipe(src: str | bytes | Mapping[str, Any] | Recipe) -> Recipe:
@@ -373,6 +382,8 @@ def parse_recipe(src: str | bytes | Mapping[str, Any] | Recipe) -> Recipe:
         return Recipe.model_validate(dict(data))
     except ValidationError as exc:
         raise _from_validation_error(exc) from None
+    except RecursionError:  # a deeply nested mapping passed in directly
+        raise _too_deep() from None
 
 
 def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:

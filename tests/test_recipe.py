@@ -223,3 +223,9 @@ def test_recipe_module_does_not_import_torch() -> None:
     code = "import sys, core.recipe; core.recipe.builtin_recipes(); print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("src", ["[" * 50_000, '{"a":' * 50_000, "a: " + "[" * 20_000])
+def test_deeply_nested_text_is_a_recipe_error(src: str) -> None:
+    with pytest.raises(RecipeError, match="nested too deeply"):
+        parse_recipe(src)
