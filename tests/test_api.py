@@ -461,3 +461,42 @@ def test_catalog(client: TestClient) -> None:
     assert {"name": "resnet18", "family": "resnet"} in archs
     recipes = {r["name"]: r["recipe"] for r in client.get("/v1/recipes").json()["items"]}
     assert recipes and all("model" in r and "target" in r for r in recipes.values())
+
+
+def test_settings_defaults_and_production_guard(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pydantic import ValidationError
+
+    from core.config import Settings, get_settings, reset_settings
+
+    for name in (
+        "HAWADA_DATABASE_URL",
+        "HAWADA_ARTIFACTS_DIR",
+        "HAWADA_LUT_DIR",
+        "HAWADA_AUTH_REQUIRED",
+    ):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HAWADA_VAR_DIR", str(tmp_path))
+    monkeypatch.setenv("HAWADA_LEASE_S", "12")
+    reset_settings()
+    s = get_settings()
+    assert s.database_url == f"sqlite:///{tmp_path / 'hawada.db'}"
+    assert (s.artifacts_dir, s.lut_dir, s.lease_s) == (
+        tmp_path / "artifacts",
+        tmp_path / "lut",
+        12.0,
+    )
+    assert s.broker_dir == tmp_path / "broker" / "queue" and get_settings() is s
+    monkeypatch.setenv("HAWADA_LEASE_S", "30")
+    reset_settings()
+    assert get_settings().lease_s == 30.0
+    reset_settings()
+    with pytest.raises(ValidationError, match="auth_required"):
+        Settings(environment="production", database_url="postgresql+psycopg://db/x")
+    with pytest.raises(ValidationError, match="SQLite"):
+        Settings(environment="production", auth_required=True)
+    prod = Settings(
+        environment="production", auth_required=True, database_url="postgresql+psycopg://db/x"
+    )
+    assert prod.auth_required and prod.database_url.startswith("postgresql")

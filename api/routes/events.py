@@ -12,6 +12,7 @@ from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from api.deps import CurrentOwner, SettingsDep
+from api.errors import ApiError
 from api.routes.jobs import ERRORS, job_or_404
 from api.schemas import EventList, EventPublic
 from store import jobs as repo
@@ -47,7 +48,11 @@ async def _follow(
     idle = 0.0
     yield "retry: 2000\n\n"
     while True:
-        events, ended = await run_in_threadpool(_page, database_url, owner, job_id, after, 500)
+        try:
+            events, ended = await run_in_threadpool(_page, database_url, owner, job_id, after, 500)
+        except ApiError:  # the job was deleted while we were following it
+            yield "event: end\ndata: {}\n\n"
+            return
         for event in events:
             after = event.seq
             yield _sse(event)

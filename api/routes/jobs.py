@@ -20,7 +20,7 @@ from api.errors import ApiError
 from api.schemas import ErrorBody, JobCreateJson, JobList, JobPublic
 from api.uploads import check_dataset, check_weights, save_capped, weights_format
 from core.config import Settings
-from core.recipe import Recipe, parse_recipe, recipe_hash, recipe_to_dict
+from core.recipe import MAX_RECIPE_BYTES, Recipe, parse_recipe, recipe_hash, recipe_to_dict
 from store import jobs as repo
 from store.artifacts import ArtifactStore
 from store.db import session_scope
@@ -120,7 +120,7 @@ def _multipart_inputs(form: Any, store: ArtifactStore, settings: Settings) -> _I
             [{"path": "recipe", "message": "field required"}],
         )
     if isinstance(recipe_field, UploadFile):
-        recipe_field = recipe_field.file.read()
+        recipe_field = recipe_field.file.read(MAX_RECIPE_BYTES + 1)  # parse_recipe refuses more
     recipe = parse_recipe(recipe_field)
     weights = form.get("weights")
     if not isinstance(weights, UploadFile):
@@ -240,7 +240,8 @@ async def submit_job(
 ) -> JobPublic:
     """Submit a compression job (multipart upload, or JSON with a `model_id`)."""
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    length = int(request.headers.get("content-length") or 0)
+    length_header = request.headers.get("content-length") or "0"
+    length = int(length_header) if length_header.isdigit() else 0
     # Two capped files plus form fields: refuse before reading anything when clearly too big.
     if length > 2 * settings.max_upload_bytes + MAX_JSON_BODY:
         raise ApiError(
