@@ -7,6 +7,7 @@ import io
 import json
 import pickle
 import struct
+import time
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -500,3 +501,25 @@ def test_settings_defaults_and_production_guard(
         environment="production", auth_required=True, database_url="postgresql+psycopg://db/x"
     )
     assert prod.auth_required and prod.database_url.startswith("postgresql")
+
+
+def test_sse_follows_a_live_job_to_its_end(client: TestClient, settings: Any) -> None:
+    import threading
+
+    job_id = submit(client).json()["id"]
+    _run_with_events(settings, job_id, finish=False)
+
+    def finish_later() -> None:
+        time.sleep(0.8)  # the stream has sent the backlog and is polling by now
+        with session_scope(settings.database_url) as s:
+            repo.add_event(s, job_id, "phase", {"kind": "phase", "phase": "packaging"})
+            repo.finish_job(s, job_id, "succeeded")
+
+    threading.Thread(target=finish_later, daemon=True).start()
+    start = time.monotonic()
+    headers = {"Accept": "text/event-stream"}
+    with client.stream("GET", f"/v1/jobs/{job_id}/events", headers=headers) as resp:
+        text = "".join(resp.iter_text())
+    ids = [line for line in text.splitlines() if line.startswith("id: ")]
+    assert ids == [f"id: {n}" for n in range(1, 6)] and text.rstrip().endswith("data: {}")
+    assert '"phase": "packaging"' in text and time.monotonic() - start < 10
