@@ -293,18 +293,25 @@ def status(job_id: str, url: Url = DEFAULT_URL, api_key: ApiKey = None,
 @app.command(name="list")
 def list_jobs(status: Annotated[Optional[str], typer.Option(help="Filter by status.")] = None,
               limit: Annotated[int, typer.Option(help="Page size.")] = 20,
+              cursor: Annotated[Optional[str], typer.Option(help="Next-page cursor.")] = None,
               url: Url = DEFAULT_URL, api_key: ApiKey = None) -> None:
     """List your jobs, newest first."""
     with _client(url, api_key) as client:
         try:
-            page = client.list(status=status, limit=limit)
+            page = client.list(status=status, limit=limit, cursor=cursor)
         except HawadaAPIError as exc:
             _fail(exc)
-    table = Table("id", "status", "phase", "progress", "created")
+    table = Table(box=None)
+    table.add_column("id", no_wrap=True, min_width=32)  # ids are copied from here: never wrap
+    for name in ("status", "phase", "progress", "created"):
+        table.add_column(name)
     for job in page.get("items", []):
+        created = str(job.get("created_at", ""))[:19].replace("T", " ")
         table.add_row(job["id"], job["status"], job.get("phase") or "",
-                      f"{float(job.get('progress') or 0):.0%}", str(job.get("created_at", "")))
+                      f"{float(job.get('progress') or 0):.0%}", created)
     console.print(table)
+    if page.get("next_cursor"):
+        console.print(f"more: --cursor {page['next_cursor']}")
 
 
 @app.command()
@@ -393,11 +400,17 @@ def keys_list(owner: Annotated[Optional[str], typer.Option()] = None) -> None:
     from store import keys
 
     _init_db()
-    table = Table("id", "owner", "name", "prefix", "created", "revoked")
+    table = Table(box=None)
+    table.add_column("id", no_wrap=True, min_width=32)
+    for name in ("owner", "name", "prefix", "created", "revoked"):
+        table.add_column(name)
+
+    def when(t: Any) -> str:
+        return t.strftime("%Y-%m-%d %H:%M") if t else ""
+
     with _session() as session:
         for k in keys.list_keys(session, owner=owner):
-            table.add_row(k.id, k.owner, k.name, k.prefix, str(k.created_at),
-                          str(k.revoked_at or ""))
+            table.add_row(k.id, k.owner, k.name, k.prefix, when(k.created_at), when(k.revoked_at))
     console.print(table)
 
 
