@@ -38,6 +38,11 @@ _LIST = 20  # names kept per list in MappingSummary.to_dict()
 Shape = tuple[int, ...]
 
 
+def _informative_first(names: list[str]) -> list[str]:
+    # BN counters say nothing about a model; list parameters first (stable otherwise).
+    return sorted(names, key=lambda n: n.endswith(_OPTIONAL_SUFFIX))
+
+
 @dataclass
 class MappingSummary:
     """How a user's state dict was matched to the model (goes into the report)."""
@@ -65,12 +70,12 @@ class MappingSummary:
                 "filled": len(self.filled),
                 "renamed": len(self.renamed),
             },
-            "mapped": self.mapped[:_LIST],
+            "mapped": _informative_first(self.mapped)[:_LIST],
             "mismatched": [
                 {"key": k, "expected": list(e), "got": list(g)} for k, e, g in self.mismatched[:_LIST]
             ],
-            "missing": self.missing[:_LIST],
-            "unexpected": self.unexpected[:_LIST],
+            "missing": _informative_first(self.missing)[:_LIST],
+            "unexpected": _informative_first(self.unexpected)[:_LIST],
             "filled": self.filled[:_LIST],
             "renamed": dict(list(self.renamed.items())[:_LIST]),
         }
@@ -182,7 +187,6 @@ def map_state_dict(model: nn.Module, sd: Mapping[str, Tensor]) -> tuple[dict[str
     """
     expected = model.state_dict()
     out: dict[str, Tensor] = {}
-    mapped: list[str] = []
     mismatched: list[tuple[str, Shape, Shape]] = []
     unexpected: list[str] = []
     renamed: dict[str, str] = {}
@@ -200,11 +204,13 @@ def map_state_dict(model: nn.Module, sd: Mapping[str, Tensor]) -> tuple[dict[str
             mismatched.append((target, want, tuple(tensor.shape)))
             continue
         out[target] = tensor
-        mapped.append(target)
+    mapped: list[str] = []  # in the model's own order, which reads better than the file's
     missing: list[str] = []
     filled: list[str] = []
     for name in expected:
         if name in taken:
+            if name in out:
+                mapped.append(name)
             continue
         if name.endswith(_OPTIONAL_SUFFIX):
             out[name] = expected[name]  # the model's own counter; no copy needed
@@ -233,10 +239,6 @@ def _hints(summary: MappingSummary) -> list[str]:
         hints.append("the model has layers the weights lack: a shallower architecture?")
     return hints
 
-
-def _informative_first(names: list[str]) -> list[str]:
-    # BN counters say nothing about what went wrong; show parameter names first.
-    return sorted(names, key=lambda n: n.endswith(_OPTIONAL_SUFFIX))
 
 
 def _mismatch_message(summary: MappingSummary, arch: str) -> str:
