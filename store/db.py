@@ -89,9 +89,36 @@ def init_db(url: str) -> None:
     cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
     # ConfigParser interpolation would choke on '%' in passwords.
     cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
-    with get_engine(url).begin() as conn:
+    with _migration_lock(url), get_engine(url).begin() as conn:
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, "head")
+
+
+@contextmanager
+def _migration_lock(url: str) -> Iterator[None]:
+    """Serialise upgrades of one SQLite file across processes (API and worker start together).
+
+    pysqlite runs DDL outside transactions, so two first-time upgrades could interleave; a file
+    lock beside the database prevents that. PostgreSQL uses an advisory lock in env.py instead.
+    """
+    parsed = make_url(url)
+    if (
+        parsed.get_backend_name() != "sqlite"
+        or not parsed.database
+        or parsed.database == ":memory:"
+    ):
+        yield
+        return
+    import fcntl
+
+    lock_path = Path(parsed.database).with_name(Path(parsed.database).name + ".migrate.lock")
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with lock_path.open("a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def dispose_engines() -> None:

@@ -291,3 +291,29 @@ def test_save_upload_cap_leaves_nothing(tmp_path: Path) -> None:
     assert [p.name for p in path.parent.iterdir()] == [path.name]
     store.delete_upload(path)
     assert not path.exists()
+
+
+def test_concurrent_first_upgrades_of_one_sqlite_file(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    url = f"sqlite:///{tmp_path / 'fresh.db'}"
+    code = f"from store.db import init_db; init_db({url!r})"
+    root = Path(__file__).resolve().parents[1]
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code], cwd=root, stderr=subprocess.PIPE)
+        for _ in range(3)
+    ]
+    errors = [p.communicate(timeout=120)[1].decode() for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], errors
+    with session_scope(url) as s:
+        assert jobs.list_jobs(s, "x") == ([], None)
+
+
+def test_timestamps_are_utc_aware(db_url: str) -> None:
+    with session_scope(db_url) as s:
+        job_id = _job(s).id
+    with session_scope(db_url) as s:
+        job = jobs.load_job(s, job_id)
+        assert job.created_at.tzinfo is not None and job.created_at.utcoffset() == timedelta(0)
+        assert abs((utcnow() - job.created_at).total_seconds()) < 60
