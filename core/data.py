@@ -265,7 +265,7 @@ def _mnist_5k() -> tuple[np.ndarray, np.ndarray]:
     except (OSError, ModuleNotFoundError) as exc:
         raise DataError(f"mnist-5k data is not available: {exc}") from None
     # One C-level parse instead of a Python loop over 3.9M numbers.
-    values = np.fromstring(text.replace("\n", ","), dtype=np.int64, sep=",")  # noqa: NPY201
+    values = np.fromstring(text.replace("\n", ","), dtype=np.int64, sep=",")
     table = values.reshape(-1, 785)
     return table[:, :784].astype(np.uint8).reshape(-1, 28, 28), table[:, 784].copy()
 
@@ -403,9 +403,9 @@ def load_data(
             x, y = _npz(path)
         if len(x) < 2:
             raise DataError(f"the dataset has {len(x)} samples; at least 2 are needed")
+        data_classes = int(y.max()) + 1  # of the whole dataset: a `limit` subset may miss some
         x, y = _take(x, y, _subset(len(x), spec.limit, generator))
         images, labels = _resize(_to_nchw_tensor(x), size), torch.from_numpy(np.ascontiguousarray(y))
-        data_classes = int(labels.max()) + 1
 
     if data_classes > recipe.model.num_classes:
         raise DataError(

@@ -68,6 +68,11 @@ def test_builtin_sources_shapes_and_dtypes(source: str, channels: int, total: in
     assert bundle.describe()["n_train"] == 30
 
 
+def test_class_count_is_the_datasets_not_the_subsets() -> None:
+    bundle = load_data(_recipe({"source": "mnist-5k", "limit": 3}))
+    assert bundle.num_classes == 10 and bundle.n_train + bundle.n_heldout == 3
+
+
 def test_digits_pixel_scale() -> None:
     # sklearn's 0..16 intensities must span the full byte range, not stay dark.
     bundle = load_data(_recipe({"source": "digits", "limit": 200}, size=8))
@@ -259,6 +264,13 @@ def test_folder_errors(tmp_path: Path) -> None:
     (tmp_path / "imgs" / "dog" / "broken.png").write_bytes(b"\x89PNG not really")
     with pytest.raises(DataError, match=r"dog/broken\.png"):
         load_data(_recipe({"source": "folder", "path": str(tmp_path / "imgs")}))
+    (tmp_path / "flat").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "flat" / "a.png")
+    with pytest.raises(DataError, match="class folder"):  # images but no class sub-folders
+        load_data(_recipe({"source": "folder", "path": str(tmp_path / "flat")}))
+    (tmp_path / "flat" / "empty_class").mkdir()
+    with pytest.raises(DataError, match="empty_class"):
+        load_data(_recipe({"source": "folder", "path": str(tmp_path / "flat")}))
 
 
 def test_allowed_roots_confine_data_path(tmp_path: Path) -> None:
