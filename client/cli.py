@@ -141,7 +141,7 @@ def run(recipe: Annotated[Path, typer.Option(help="Recipe YAML/JSON file.")],
         parsed = parse_recipe(recipe.read_text())
     except RecipeError as exc:
         _fail(exc)
-    with _ProgressView() as view:
+    with _ProgressView(local=True) as view:
         try:
             report = run_local(parsed, weights, out, dataset=dataset, device=device,
                                on_event=view.on_event)
@@ -156,7 +156,8 @@ def run(recipe: Annotated[Path, typer.Option(help="Recipe YAML/JSON file.")],
 class _ProgressView:
     """A one-line rich progress bar fed by job events (phase + progress)."""
 
-    def __init__(self) -> None:
+    def __init__(self, local: bool = False) -> None:
+        self._local = local
         self._progress = Progress(TextColumn("{task.description:<12}"), BarColumn(),
                                   TaskProgressColumn(), TextColumn("{task.fields[info]}"),
                                   TimeElapsedColumn(), console=console)
@@ -174,16 +175,17 @@ class _ProgressView:
         data = event.get("data", event)
         kind = event.get("kind", data.get("kind"))
         if kind == "phase":
-            self._progress.update(self._task, description=data.get("phase", ""), completed=0,
-                                  info="")
+            self._progress.update(self._task, description=data.get("phase", ""), info="")
         elif kind == "progress":
-            info = "  ".join(f"{k} {data[k]:.3g}" for k in ("loss", "cost_ratio")
+            info = "  ".join(f"{k} {data[k]:.3g}" for k in ("step", "loss", "cost_ratio")
                              if isinstance(data.get(k), (int, float)))
             self._progress.update(self._task, description=data.get("phase", "training"),
-                                  completed=float(data.get("progress", 0.0)), info=info)
+                                  info=info)
+            if self._local:  # in-process runs have no job row: show the phase's fraction
+                self._progress.update(self._task, completed=float(data.get("progress", 0.0)))
 
     def on_job(self, job: dict[str, Any]) -> None:
-        """Apply a polled job (status, phase, progress) to the bar."""
+        """Apply a polled job (status, phase, overall progress) to the bar."""
         desc = job.get("phase") or job["status"]
         self._progress.update(self._task, description=desc,
                               completed=float(job.get("progress") or 0.0))

@@ -218,3 +218,26 @@ def test_lut_cache_round_trip(settings: Settings) -> None:
     cache.put("cpu|resnet18|16", b"\x00table")
     cache.put("cpu|resnet18|16", b"\x01table")  # re-measured: replaced, not an error
     assert cache.get("cpu|resnet18|16") == b"\x01table"
+
+
+def test_job_progress_is_overall_and_monotone(settings: Settings,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[float] = []
+
+    def body(work: Path, sink: Any, cancel: threading.Event) -> dict[str, Any]:
+        for phase in ("loading", "baseline", "profiling", "training"):
+            sink({"kind": "phase", "phase": phase})
+            seen.append(_job(settings, body.job_id).progress)
+        for frac in (0.5, 1.0):
+            sink({"kind": "progress", "phase": "training", "progress": frac})
+            seen.append(_job(settings, body.job_id).progress)
+        for phase in ("exporting", "finetuning", "evaluating", "packaging"):
+            sink({"kind": "phase", "phase": phase})
+            seen.append(_job(settings, body.job_id).progress)
+        return {}
+
+    _fake_pipeline(monkeypatch, body)
+    body.job_id = _new_job(settings)  # type: ignore[attr-defined]
+    assert runner.execute(body.job_id, settings) == "succeeded"  # type: ignore[attr-defined]
+    assert seen == sorted(seen) and seen[0] == 0.0 and 0.9 < seen[-1] < 1.0
+    assert _job(settings, body.job_id).progress == 1.0  # type: ignore[attr-defined]

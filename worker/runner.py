@@ -28,6 +28,22 @@ log = logging.getLogger("hawada.worker")
 
 # Progress events are throttled to one per this many seconds (phase/log events never are).
 PROGRESS_EVERY_S = 1.0
+# Share of a typical job's time per phase (DESIGN.md order): the job's `progress` is overall
+# and monotone, while each progress event keeps the engine's within-phase fraction.
+PHASE_SHARE = {"loading": 0.03, "baseline": 0.05, "profiling": 0.07, "training": 0.60,
+               "exporting": 0.03, "finetuning": 0.15, "evaluating": 0.05, "packaging": 0.02}
+
+
+def overall_progress(phase: str | None, fraction: float) -> float:
+    """Job progress 0..1 from the current phase and the fraction of it done."""
+    if phase not in PHASE_SHARE:
+        return 0.0
+    done = 0.0
+    for name, share in PHASE_SHARE.items():
+        if name == phase:
+            return min(1.0, done + share * min(1.0, max(0.0, fraction)))
+        done += share
+    return done
 
 
 def worker_id() -> str:
@@ -111,10 +127,12 @@ class EventSink:
         with session_scope(self.url) as session:
             jobs.add_event(session, self.job_id, kind, _jsonable(event))
             if kind == "phase":
-                jobs.set_progress(session, self.job_id, phase=self.phase, progress=0.0)
+                jobs.set_progress(session, self.job_id, phase=self.phase,
+                                  progress=overall_progress(self.phase, 0.0))
             elif kind == "progress":
-                jobs.set_progress(session, self.job_id, phase=event.get("phase", self.phase),
-                                  progress=float(event.get("progress", 0.0)))
+                phase = event.get("phase", self.phase)
+                jobs.set_progress(session, self.job_id, phase=phase, progress=overall_progress(
+                    phase, float(event.get("progress", 0.0))))
 
 
 def _jsonable(value: Any) -> Any:
