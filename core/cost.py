@@ -97,18 +97,44 @@ class _BilinearCost:
         self._coef = torch.tensor(coefs, dtype=torch.float64)
         self._in = torch.tensor(ins, dtype=torch.long)
         self._out = torch.tensor(outs, dtype=torch.long)
-        self._on: dict[torch.device, tuple[Tensor, Tensor, Tensor]] = {}
+        self._full = torch.tensor([*self.full.values(), 1.0], dtype=torch.float64)
+        self._on: dict[torch.device, tuple[Tensor, Tensor, Tensor, Tensor]] = {}
+        self._slots: dict[tuple[torch.device, tuple[str, ...]], Tensor] = {}
+        self._index = index
         self._baseline = float(self.cost({}))
 
     @staticmethod
     def _terms(spec: LayerSpec) -> list[tuple[float, tuple, tuple]]:
         raise NotImplementedError
 
-    def _buffers(self, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
-        # Index/coefficient tensors are moved once per device, not once per step.
+    def _buffers(self, device: torch.device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        # Constant tensors are moved once per device, not once per step.
         if device not in self._on:
-            self._on[device] = (self._coef.to(device), self._in.to(device), self._out.to(device))
+            self._on[device] = tuple(t.to(device) for t in
+                                     (self._coef, self._in, self._out, self._full))
         return self._on[device]
+
+    def _slot_index(self, device: torch.device, names: tuple[str, ...]) -> Tensor:
+        # The trainer passes the same groups every step: build each index tensor once.
+        key = (device, names)
+        if key not in self._slots:
+            self._slots[key] = torch.tensor([self._index[g] for g in names], device=device)
+        return self._slots[key]
+
+    def _vector(self, widths: Mapping[str, Width], device: torch.device, full: Tensor
+                ) -> Tensor:
+        """[width of every group..., 1] with the given widths placed over the full ones."""
+        v = full
+        fixed = tuple(g for g, w in widths.items() if not isinstance(w, Tensor))
+        if fixed:
+            values = torch.tensor([float(widths[g]) for g in fixed], dtype=torch.float64,
+                                  device=device)
+            v = v.index_put((self._slot_index(device, fixed),), values)
+        learned = tuple(g for g, w in widths.items() if isinstance(w, Tensor))
+        if learned:
+            values = torch.stack([widths[g].reshape(()) for g in learned]).to(torch.float64)
+            v = v.index_put((self._slot_index(device, learned),), values)
+        return v
 
     def cost(self, widths: Mapping[str, Width]) -> Tensor:
         """Cost at `widths` (float64 0-dim tensor, differentiable in tensor widths)."""
@@ -117,11 +143,8 @@ class _BilinearCost:
             raise KeyError(f"unknown gate groups: {sorted(unknown)}")
         device = next((w.device for w in widths.values() if isinstance(w, Tensor)),
                       torch.device("cpu"))
-        values = [torch.as_tensor(widths.get(g, self.full[g]), dtype=torch.float64, device=device)
-                  for g in self.group_names]
-        values.append(torch.ones((), dtype=torch.float64, device=device))
-        v = torch.stack([x.reshape(()) for x in values])
-        coef, ins, outs = self._buffers(device)
+        coef, ins, outs, full = self._buffers(device)
+        v = self._vector(widths, device, full)
         return (coef * v[ins] * v[outs]).sum()
 
     def baseline(self) -> float:

@@ -83,6 +83,19 @@ def snap_units(count: int, group: GateGroup) -> int:
     return min(max(snapped, floor), units)
 
 
+def _snap_tensor(count: Tensor, group: GateGroup) -> Tensor:
+    """`snap_units` on a 0-dim device tensor (same rule, no host sync)."""
+    r, units = group.round_units, group.units
+    below = torch.div(count, r, rounding_mode="floor") * r
+    up = below + r
+    best = below
+    # Candidates in ascending order with <= comparisons: ties go to the larger width.
+    best = torch.where((up <= units) & (up - count <= count - best), up, best)
+    best = torch.where(units - count <= (count - best).abs(), torch.full_like(best, units), best)
+    floor = -(-group.min_units // r) * r
+    return best.clamp(min=floor).clamp(max=units)
+
+
 def _key(name: str) -> str:
     # ParameterDict keys cannot contain "."; group names can ("layer1.0.inner1").
     return name.replace(".", "__")
@@ -142,14 +155,24 @@ class Gates(nn.Module):
         """Keep probability per unit: sigmoid(logit / temperature)."""
         return torch.sigmoid(self.logit(g) / self.temperature)
 
-    def kept_units(self, g: str | GateGroup) -> Tensor:
-        """Indices (ascending) of the kept units: top-k logits, k = snap(#logits > 0)."""
+    def hard_unit_mask(self, g: str | GateGroup) -> Tensor:
+        """Boolean per-unit mask of the kept units: the top-k logits, k = snap(#logits > 0).
+
+        This is the one definition of kept. It runs entirely on the logits' device (no host
+        sync), so hard-mode forwards stay cheap on GPU.
+        """
         group = self._group(g)
         logit = self.logit(group).detach()
-        k = snap_units(int((logit > 0).sum()), group)
+        k = _snap_tensor((logit > 0).sum(), group)
         # Stable sort so equal logits resolve deterministically (lower index first).
-        order = torch.sort(logit, descending=True, stable=True).indices[:k]
-        return torch.sort(order).values
+        order = torch.sort(logit, descending=True, stable=True).indices
+        rank = torch.empty_like(order)
+        rank[order] = torch.arange(order.numel(), device=order.device)
+        return rank < k
+
+    def kept_units(self, g: str | GateGroup) -> Tensor:
+        """Indices (ascending) of the kept units (see `hard_unit_mask`)."""
+        return self.hard_unit_mask(g).nonzero().reshape(-1)
 
     def kept_channels(self, g: str | GateGroup) -> Tensor:
         """Channel indices (ascending) of the kept units."""
@@ -167,10 +190,7 @@ class Gates(nn.Module):
             return None
         if self._mode == "soft":
             return self.probs(g)
-        logit = self.logit(g)
-        mask = torch.zeros_like(logit, requires_grad=False)
-        mask[self.kept_units(g)] = 1.0
-        return mask
+        return self.hard_unit_mask(g).to(self.logit(g).dtype)
 
     def channel_mask(self, g: str | GateGroup) -> Tensor | None:
         """Per-channel mask for the current mode (None when off)."""

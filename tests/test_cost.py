@@ -82,6 +82,8 @@ def test_hand_computed_costs_and_gradients() -> None:
     cost.backward()
     assert a.grad.item() == 2 * 16 * 9 * 3
     assert flops.cost({"a": 4.0, "a2": 6}).item() == cost.item()
+    # absent groups are full width; float32 tensor widths work the same
+    assert flops.cost({"a": torch.tensor(8.0)}).item() == flops.baseline()
     with pytest.raises(KeyError):
         flops.cost({"nope": 1.0})
 

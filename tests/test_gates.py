@@ -52,6 +52,20 @@ def test_snap_full_width_allowed_and_floor_rounded_up() -> None:
     assert snap_units(0, group(6)) == 6  # smaller than the floor: stays full
 
 
+@pytest.mark.parametrize(("units", "round_to", "min_channels"), [
+    (32, 8, 8), (36, 8, 8), (72, 16, 20), (6, 8, 8), (64, 1, 1), (10, 3, 5)])
+def test_hard_mask_count_follows_snap_units_for_every_count(units: int, round_to: int,
+                                                           min_channels: int) -> None:
+    g = group(units, round_to=round_to, min_channels=min_channels)
+    gates = Gates([g])
+    for count in range(units + 1):
+        with torch.no_grad():  # exactly `count` positive logits, in scrambled positions
+            logit = gates.logit("g")
+            logit.copy_(-1.0 - torch.rand(units))
+            logit[torch.randperm(units)[:count]] = 1.0
+        assert len(gates.kept_units("g")) == snap_units(count, g), count
+
+
 def test_group_units_for_grouped_convs() -> None:
     g = group(32, unit_width=4)
     assert (g.channels, g.round_units, g.min_units) == (128, 2, 2)
