@@ -27,7 +27,7 @@ __all__ = ["DEFAULT_FASHION_MNIST_DIR", "DataBundle", "load_data"]
 DEFAULT_FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 SYNTHETIC_SAMPLES = 512  # when data.limit is unset
 MAX_DATASET_BYTES = 8 * 1024**3  # decompressed npz arrays; a small .npz can inflate enormously
-_RESIZE_CHUNK = 2048  # images resized per interpolate call (bounds the float copy)
+_RESIZE_CHUNK = 2048  # images per interpolate call (bounds temporaries on the float fallback)
 
 Batch = tuple[Tensor, Tensor]
 
@@ -72,10 +72,12 @@ class DataBundle:
 
     @property
     def n_train(self) -> int:
+        """Samples in the training split (gates and fine-tuning see only these)."""
         return int(self.train_idx.numel())
 
     @property
     def n_heldout(self) -> int:
+        """Samples held out for accuracy."""
         return int(self.heldout_idx.numel())
 
     def describe(self) -> dict[str, Any]:
