@@ -11,7 +11,7 @@ export: the top-k logits where k is the snapped count of positive logits.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Literal
@@ -253,7 +253,7 @@ def attach(model: nn.Module, gates: Gates) -> GateHandle:
     return GateHandle(handles)
 
 
-def _make_hook(gates: Gates, group: str):
+def _make_hook(gates: Gates, group: str) -> Callable[[nn.Module, tuple, Tensor], Tensor | None]:
     def hook(_module: nn.Module, _inputs: tuple, output: Tensor) -> Tensor | None:
         mask = gates.channel_mask(group)
         if mask is None:

@@ -247,3 +247,30 @@ def test_registry_allowlist() -> None:
     model = build_model("resnet18", 7, stem="cifar")
     assert isinstance(model, ResNet) and model.fc.out_features == 7
     assert (model.hawada_arch, model.hawada_stem) == ("resnet18", "cifar")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_export_on_gpu_matches_hard_gates() -> None:
+    torch.backends.cudnn.allow_tf32 = False  # compare in true float32
+    torch.manual_seed(3)
+    model = build_model("resnext50_32x4d", 10)
+    randomize_bn(model, 3)
+    model = model.cuda()
+    gates = random_gates(model, "resnext50_32x4d", SPEC, 3).cuda()
+    x = torch.randn(8, 3, 64, 64, device="cuda")
+    expected = hard_output(model, gates, x)
+    pruned = get_adapter("resnext50_32x4d").export_pruned(model, keep_from_gates(gates))
+    assert next(pruned.parameters()).is_cuda
+    with torch.no_grad():
+        assert (pruned(x) - expected).abs().max().item() <= TOL
+
+
+def test_load_pruned_rejects_incomplete_json(tmp_path: Path) -> None:
+    (tmp_path / "pruned.json").write_text(json.dumps({"arch": "resnet18"}))
+    with pytest.raises(ValueError, match="num_classes"):
+        load_pruned(tmp_path / "pruned.json", tmp_path / "none.safetensors")
+    (tmp_path / "pruned.json").write_text(json.dumps(
+        {"arch": "os.system", "num_classes": 1, "stem": "cifar", "channels": {}}))
+    with pytest.raises(UnsupportedArch):
+        load_pruned(tmp_path / "pruned.json", tmp_path / "none.safetensors")

@@ -19,6 +19,7 @@ from adapters.torchvision.resnet import ResNetAdapter
 from core.errors import UnsupportedArch
 
 _ADAPTERS: dict[str, FamilyAdapter] = {"resnet": ResNetAdapter()}
+_REQUIRED = ("arch", "num_classes", "stem", "channels")
 
 __all__ = [
     "STEMS",
@@ -47,8 +48,9 @@ def load_pruned(json_path: str | Path, weights_path: str | Path) -> nn.Module:
     and filled from the safetensors file with a strict load (shapes must match exactly).
     """
     config = json.loads(Path(json_path).read_text())
-    if not isinstance(config, dict) or "arch" not in config:
-        raise ValueError(f"{json_path}: not a pruned.json (no 'arch')")
+    missing = [k for k in _REQUIRED if not isinstance(config, dict) or k not in config]
+    if missing:
+        raise ValueError(f"{json_path}: not a pruned.json (missing {', '.join(missing)})")
     model = get_adapter(config["arch"]).pruned_skeleton(config)
     state = load_file(str(weights_path), device="cpu")
     model.load_state_dict(state, strict=True, assign=True)
