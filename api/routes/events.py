@@ -35,8 +35,9 @@ def _page(
 
 
 def _sse(event: EventPublic) -> str:
+    # seq and created_at last: they are ours and must not be shadowed by the worker's data.
     payload = json.dumps(
-        {"seq": event.seq, "created_at": event.created_at.isoformat(), **event.data}
+        {**event.data, "seq": event.seq, "created_at": event.created_at.isoformat()}
     )
     return f"id: {event.seq}\nevent: {event.kind}\ndata: {payload}\n\n"
 
