@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from typing import Annotated
 
@@ -9,12 +10,17 @@ from fastapi import Depends, Request
 from sqlalchemy.orm import Session
 
 from api.errors import ApiError
+from api.schemas import JobPublic
 from core.config import Settings
+from store import jobs as repo
 from store.artifacts import ArtifactStore
 from store.db import session_scope
 from store.keys import resolve_key
+from store.models import Job
 
 LOCAL_OWNER = "local"
+# Ids of jobs and models: anything else cannot exist, so it is a 404 without a query.
+OBJECT_ID = re.compile(r"^[0-9a-f]{32}$")
 
 
 def get_app_settings(request: Request) -> Settings:
@@ -61,3 +67,16 @@ def get_owner(request: Request, settings: SettingsDep) -> str:
 
 
 CurrentOwner = Annotated[str, Depends(get_owner)]
+
+
+def job_or_404(session: Session, owner: str, job_id: str) -> Job:
+    """The owner's job or a 404 (also for malformed ids and other owners' jobs)."""
+    job = repo.get_job(session, owner, job_id) if OBJECT_ID.match(job_id) else None
+    if job is None:
+        raise ApiError(404, "job_not_found", f"no job {job_id!r}")
+    return job
+
+
+def public_job(session: Session, job: Job) -> JobPublic:
+    """A job as the API shows it, with its artifacts."""
+    return JobPublic.build(job, repo.list_artifacts(session, [job.id])[job.id])

@@ -49,6 +49,13 @@ class ApiError(Exception):
         self.headers = headers
 
 
+def invalid_field(path: str, message: str) -> ApiError:
+    """A 422 `invalid_request` about one field of the request."""
+    return ApiError(
+        422, "invalid_request", f"{path}: {message}", [{"path": path, "message": message}]
+    )
+
+
 def error_response(
     status: int,
     code: str,

@@ -5,9 +5,9 @@ from __future__ import annotations
 from fastapi import APIRouter
 from fastapi.responses import FileResponse
 
-from api.deps import CurrentOwner, SessionDep, StoreDep
+from api.deps import CurrentOwner, SessionDep, StoreDep, job_or_404
 from api.errors import ApiError
-from api.routes.jobs import ERRORS, job_or_404
+from api.routes.jobs import ERRORS
 from store import jobs as repo
 from store.artifacts import ARTIFACT_NAMES
 

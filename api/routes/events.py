@@ -11,9 +11,9 @@ from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from api.deps import CurrentOwner, SettingsDep
+from api.deps import CurrentOwner, SettingsDep, job_or_404
 from api.errors import ApiError
-from api.routes.jobs import ERRORS, job_or_404
+from api.routes.jobs import ERRORS
 from api.schemas import EventList, EventPublic
 from store import jobs as repo
 from store.db import session_scope

@@ -3,33 +3,28 @@
 from __future__ import annotations
 
 import json
-import re
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Request, Response
-from pydantic import ValidationError
-from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
-from starlette.datastructures import UploadFile
 
-from api.deps import CurrentOwner, SessionDep, SettingsDep, StoreDep
+from api.deps import (
+    CurrentOwner,
+    SessionDep,
+    SettingsDep,
+    StoreDep,
+    job_or_404,
+    public_job,
+)
 from api.errors import ApiError
 from api.schemas import ErrorBody, JobCreateJson, JobList, JobPublic
-from api.uploads import check_dataset, check_weights, save_capped, weights_format
-from core.config import Settings
-from core.recipe import MAX_RECIPE_BYTES, Recipe, parse_recipe, recipe_hash, recipe_to_dict
+from api.submission import create_or_replay, from_json, from_multipart
 from store import jobs as repo
-from store.artifacts import ArtifactStore
 from store.db import session_scope
-from store.models import JOB_STATES, Job
-from store.uploaded_models import get_model
+from store.models import JOB_STATES
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
-_ID = re.compile(r"^[0-9a-f]{32}$")
 MAX_JSON_BODY = 1024 * 1024
 ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorBody} for code in (400, 401, 404, 409, 413, 415, 422)
@@ -64,165 +59,6 @@ SUBMIT_OPENAPI: dict[str, Any] = {
 }
 
 
-def job_or_404(session: Session, owner: str, job_id: str) -> Job:
-    """The owner's job or a 404 (also for malformed ids and other owners' jobs)."""
-    job = repo.get_job(session, owner, job_id) if _ID.match(job_id) else None
-    if job is None:
-        raise ApiError(404, "job_not_found", f"no job {job_id!r}")
-    return job
-
-
-def public(session: Session, job: Job) -> JobPublic:
-    """A job as the API shows it, with its artifacts."""
-    return JobPublic.build(job, repo.list_artifacts(session, [job.id])[job.id])
-
-
-@dataclass
-class _Inputs:
-    """What a submission carries once its files are on disk."""
-
-    recipe: Recipe
-    weights_path: Path
-    weights_sha256: str
-    model_id: str | None = None
-    dataset_path: Path | None = None
-    uploaded: tuple[Path, ...] = ()  # files this request created (removed if it fails)
-
-
-def _store_file(
-    store: ArtifactStore, settings: Settings, upload: UploadFile, kind: str
-) -> tuple[Path, str]:
-    """Copy a multipart file into the store (capped) and check it; nothing kept on failure."""
-    if kind == "weights":
-        fmt = weights_format(upload.filename)
-        suffix = Path(upload.filename or "").suffix.lower()
-    else:
-        suffix = ".npz"
-    path, _size, sha = save_capped(store, kind, upload.file, settings.max_upload_bytes, suffix)
-    try:
-        if kind == "weights":
-            check_weights(path, fmt)
-        else:
-            check_dataset(path, upload.filename)
-    except BaseException:
-        store.delete_upload(path)
-        raise
-    return path, sha
-
-
-def _multipart_inputs(form: Any, store: ArtifactStore, settings: Settings) -> _Inputs:
-    recipe_field = form.get("recipe")
-    if recipe_field is None:
-        raise ApiError(
-            422,
-            "invalid_request",
-            "recipe: field required",
-            [{"path": "recipe", "message": "field required"}],
-        )
-    if isinstance(recipe_field, UploadFile):
-        recipe_field = recipe_field.file.read(MAX_RECIPE_BYTES + 1)  # parse_recipe refuses more
-    recipe = parse_recipe(recipe_field)
-    weights = form.get("weights")
-    if not isinstance(weights, UploadFile):
-        raise ApiError(
-            422,
-            "invalid_request",
-            "weights: file required",
-            [{"path": "weights", "message": "file required"}],
-        )
-    dataset = form.get("dataset")
-    if dataset is not None and not isinstance(dataset, UploadFile):
-        raise ApiError(
-            422,
-            "invalid_request",
-            "dataset: must be a file",
-            [{"path": "dataset", "message": "must be a file"}],
-        )
-    weights_path, weights_sha = _store_file(store, settings, weights, "weights")
-    dataset_path = None
-    if dataset is not None:
-        try:
-            dataset_path, _ = _store_file(store, settings, dataset, "dataset")
-        except BaseException:
-            store.delete_upload(weights_path)
-            raise
-    uploaded = (weights_path,) + ((dataset_path,) if dataset_path else ())
-    return _Inputs(recipe, weights_path, weights_sha, None, dataset_path, uploaded)
-
-
-def _json_inputs(body: Any, owner: str, settings: Settings) -> _Inputs:
-    try:
-        req = JobCreateJson.model_validate(body)
-    except ValidationError as exc:
-        details = [
-            {"path": ".".join(map(str, e["loc"])), "message": e["msg"]} for e in exc.errors()
-        ]
-        raise ApiError(
-            422,
-            "invalid_request",
-            "; ".join(f"{d['path']}: {d['message']}" for d in details),
-            details,
-        ) from None
-    recipe = parse_recipe(req.recipe)
-    with session_scope(settings.database_url) as session:
-        model = get_model(session, owner, req.model_id) if _ID.match(req.model_id) else None
-    if model is None:
-        raise ApiError(
-            404, "model_not_found", f"no model {req.model_id!r}; upload it with POST /v1/models"
-        )
-    return _Inputs(recipe, Path(model.path), model.sha256, model.id)
-
-
-def _create(
-    inputs: _Inputs, owner: str, key: str | None, settings: Settings, store: ArtifactStore
-) -> tuple[JobPublic, bool]:
-    """Insert the job (or find the idempotent original); returns (job, created)."""
-    if inputs.recipe.data.source == "upload" and inputs.dataset_path is None:
-        raise ApiError(
-            422,
-            "invalid_request",
-            "data.source is 'upload' but no dataset file was sent",
-            [{"path": "dataset", "message": "file required for data.source upload"}],
-        )
-    rhash = recipe_hash(inputs.recipe)
-    with session_scope(settings.database_url) as session:
-        for _ in range(2):  # a second round only after losing an insert race on the same key
-            if key is not None:
-                original = repo.find_by_idempotency_key(session, owner, key)
-                if original is not None:
-                    if (
-                        original.recipe_hash != rhash
-                        or original.weights_sha256 != inputs.weights_sha256
-                    ):
-                        raise ApiError(
-                            409,
-                            "idempotency_conflict",
-                            "Idempotency-Key was already used with a different request",
-                        )
-                    return public(session, original), False
-            try:
-                job = repo.create_job(
-                    session,
-                    owner=owner,
-                    recipe=recipe_to_dict(inputs.recipe),
-                    recipe_hash=rhash,
-                    weights_path=str(inputs.weights_path),
-                    weights_sha256=inputs.weights_sha256,
-                    model_id=inputs.model_id,
-                    dataset_path=str(inputs.dataset_path) if inputs.dataset_path else None,
-                    idempotency_key=key,
-                    max_attempts=settings.max_attempts,
-                )
-                return public(session, job), True
-            except IntegrityError:
-                session.rollback()
-                if key is None:
-                    raise
-        raise ApiError(
-            409, "idempotency_conflict", "concurrent requests with the same Idempotency-Key"
-        )
-
-
 @router.post(
     "",
     status_code=202,
@@ -250,7 +86,7 @@ async def submit_job(
     if ctype in ("multipart/form-data", "application/x-www-form-urlencoded"):
         form = await request.form(max_files=2, max_fields=8)
         try:
-            inputs = await run_in_threadpool(_multipart_inputs, form, store, settings)
+            inputs = await run_in_threadpool(from_multipart, form, store, settings)
         finally:
             await form.close()
     elif ctype == "application/json":
@@ -261,14 +97,14 @@ async def submit_job(
             parsed = json.loads(body)
         except ValueError:
             raise ApiError(400, "bad_request", "body is not valid JSON") from None
-        inputs = await run_in_threadpool(_json_inputs, parsed, owner, settings)
+        inputs = await run_in_threadpool(from_json, parsed, owner, settings)
     else:
         raise ApiError(
             415, "unsupported_media_type", "send multipart/form-data or application/json"
         )
     try:
         job, created = await run_in_threadpool(
-            _create, inputs, owner, idempotency_key, settings, store
+            create_or_replay, inputs, owner, idempotency_key, settings
         )
     except BaseException:
         for path in inputs.uploaded:
@@ -316,7 +152,7 @@ def list_jobs(
 @router.get("/{job_id}", response_model=JobPublic, responses=ERRORS)
 def get_job(job_id: str, session: SessionDep, owner: CurrentOwner) -> JobPublic:
     """One job: state, phase, progress, error, metrics and artifacts."""
-    return public(session, job_or_404(session, owner, job_id))
+    return public_job(session, job_or_404(session, owner, job_id))
 
 
 @router.post("/{job_id}/cancel", status_code=202, response_model=JobPublic, responses=ERRORS)
@@ -327,7 +163,7 @@ def cancel_job(job_id: str, session: SessionDep, owner: CurrentOwner) -> JobPubl
         raise ApiError(409, "job_finished", f"job is already {before.status}")
     job = repo.request_cancel(session, owner, job_id)
     assert job is not None  # it existed a moment ago and only its owner can delete it
-    return public(session, job)
+    return public_job(session, job)
 
 
 @router.delete("/{job_id}", status_code=204, responses=ERRORS)

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
-from api.deps import CurrentOwner, SessionDep, SettingsDep, StoreDep
-from api.errors import ApiError
-from api.routes.jobs import _ID, ERRORS
+from api.deps import OBJECT_ID, CurrentOwner, SessionDep, SettingsDep, StoreDep
+from api.errors import ApiError, invalid_field
+from api.routes.jobs import ERRORS
 from api.schemas import ModelPublic
 from api.uploads import check_weights, save_capped, weights_format
 from core.config import Settings
@@ -41,15 +42,13 @@ UPLOAD_OPENAPI = {
 }
 
 
-def _register(form: dict, owner: str, settings: Settings, store: ArtifactStore) -> ModelPublic:
+def _register(
+    form: dict[str, Any], owner: str, settings: Settings, store: ArtifactStore
+) -> ModelPublic:
+    """Store, check and register an uploaded weights file (nothing kept on failure)."""
     weights = form.get("weights")
     if not isinstance(weights, UploadFile):
-        raise ApiError(
-            422,
-            "invalid_request",
-            "weights: file required",
-            [{"path": "weights", "message": "file required"}],
-        )
+        raise invalid_field("weights", "file required")
     arch = form.get("arch") or None
     if arch is not None and (not isinstance(arch, str) or arch not in ARCHITECTURES):
         raise ApiError(
@@ -102,7 +101,7 @@ async def upload_model(
 @router.get("/{model_id}", response_model=ModelPublic, responses=ERRORS)
 def read_model(model_id: str, session: SessionDep, owner: CurrentOwner) -> ModelPublic:
     """An uploaded model's metadata."""
-    model = get_model(session, owner, model_id) if _ID.match(model_id) else None
+    model = get_model(session, owner, model_id) if OBJECT_ID.match(model_id) else None
     if model is None:
         raise ApiError(404, "model_not_found", f"no model {model_id!r}")
     return ModelPublic.build(model)
