@@ -5,7 +5,7 @@ activation or residual add). With a 0/1 mask the removed channels are exactly ze
 which is why a hard-gated model and the physically pruned export give the same outputs. The
 model itself stays a plain torchvision model; the teacher is the same model with mode "off".
 
-One definition of "kept" (`Gates.kept_units`) is shared by training, penalty, evaluation and
+One definition of "kept" (`Gates.hard_unit_mask`) is shared by training, penalty, evaluation and
 export: the top-k logits where k is the snapped count of positive logits.
 """
 from __future__ import annotations
