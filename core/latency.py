@@ -12,7 +12,7 @@ import functools
 import platform
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from time import perf_counter_ns
+from time import perf_counter_ns, process_time_ns
 from typing import Any
 
 import torch
@@ -98,12 +98,15 @@ def summarize(times_ms: Sequence[float]) -> tuple[float, float, float]:
     return _percentile(s, 0.5), _percentile(s, 0.1), _percentile(s, 0.9)
 
 
-def time_callable(fn: Callable[[], Any], device: torch.device, repeats: int, warmup: int) -> list[float]:
+def time_callable(fn: Callable[[], Any], device: torch.device, repeats: int, warmup: int,
+                  clock: str = "wall") -> list[float]:
     """Run ``fn`` ``warmup`` times untimed, then ``repeats`` times timed; ms per repeat.
 
     On CUDA each repeat is bracketed by its own pair of events on the current stream and one
     synchronize at the end reads them all, so host overhead between launches is not counted
-    twice and the GPU queue stays full as in serving.
+    twice and the GPU queue stays full as in serving. On CPU ``clock="wall"`` is the monotonic
+    clock (latency); ``clock="cpu"`` is this process's CPU time, which a busy neighbour does not
+    inflate — a stand-in for uncontended latency that is only meaningful with one torch thread.
     """
     repeats = max(1, int(repeats))
     for _ in range(max(0, int(warmup))):
@@ -118,11 +121,14 @@ def time_callable(fn: Callable[[], Any], device: torch.device, repeats: int, war
             e.record()
         torch.cuda.synchronize(device)
         return [s.elapsed_time(e) for s, e in zip(starts, ends)]
+    if clock not in ("wall", "cpu"):
+        raise ValueError(f"clock must be 'wall' or 'cpu', got {clock!r}")
+    now = perf_counter_ns if clock == "wall" else process_time_ns
     out: list[float] = []
     for _ in range(repeats):
-        t0 = perf_counter_ns()
+        t0 = now()
         fn()
-        out.append((perf_counter_ns() - t0) / 1e6)
+        out.append((now() - t0) / 1e6)
     return out
 
 
@@ -173,12 +179,14 @@ def effective_dtype(requested: str, device: torch.device) -> tuple[str, str | No
     return requested, None
 
 
-def measure_latency(model: nn.Module, input_size: Sequence[int], spec: Any, device: str | torch.device | None) -> LatencyStats:
+def measure_latency(model: nn.Module, input_size: Sequence[int], spec: Any, device: str | torch.device | None,
+                    *, clock: str = "wall") -> LatencyStats:
     """Median/p10/p90 forward latency of ``model`` at the recipe's latency settings.
 
     ``input_size`` is (C, H, W); ``spec`` is the recipe's ``latency`` block (batch_size, dtype,
     repeats, warmup, channels_last). The model is timed in eval mode under inference_mode; its
-    parameters, dtype, device and train/eval flag are unchanged afterwards.
+    parameters, dtype, device and train/eval flag are unchanged afterwards. ``clock="cpu"``
+    (CPU only, benchmarks on shared hosts) times process CPU time instead of wall time.
     """
     dev = resolve_device(device)
     batch = int(spec_value(spec, "batch_size", 1))
@@ -200,11 +208,13 @@ def measure_latency(model: nn.Module, input_size: Sequence[int], spec: Any, devi
         x = x.contiguous(memory_format=torch.channels_last)
     try:
         with torch.inference_mode():
-            times = time_callable(lambda: m(x), dev, repeats, max(1, warmup))
+            times = time_callable(lambda: m(x), dev, repeats, max(1, warmup), clock)
     finally:
         m.train(was_training)
         torch.backends.cudnn.benchmark = prev_benchmark
     med, p10, p90 = summarize(times)
+    if clock == "cpu" and dev.type == "cpu":
+        note = "; ".join(filter(None, [note, "process CPU time, not wall clock"]))
     return LatencyStats(
         median_ms=med,
         p10_ms=p10,

@@ -229,7 +229,8 @@ class LatencyTable:
 # --------------------------------------------------------------------------- building
 
 def _time_point(shape: LayerShape, cin: int, cout: int, weight: Tensor, bn: tuple[Tensor, ...],
-                x_full: Tensor, dev: torch.device, channels_last: bool, repeats: int, warmup: int) -> float:
+                x_full: Tensor, dev: torch.device, channels_last: bool, repeats: int, warmup: int,
+                clock: str) -> float:
     """Median ms of one layer at (cin, cout): conv + BN + ReLU (what a pruned block runs)."""
     if shape.kind == "linear":
         x = x_full[:, :cin].contiguous()
@@ -255,12 +256,16 @@ def _time_point(shape: LayerShape, cin: int, cout: int, weight: Tensor, bn: tupl
             y = F.conv2d(x, w, None, stride, padding, dilation, groups)
             return F.relu(F.batch_norm(y, mean, var, gamma, beta, False, 0.0, 1e-5))
     with torch.inference_mode():
-        times = time_callable(fn, dev, repeats, warmup)
-    return summarize(times)[0]
+        times = time_callable(fn, dev, repeats, warmup, clock)
+    # CPU: the fastest repeat — on a shared host a neighbour's burst inflates the others, and
+    # contention is not a property of the layer (the calibration maps to whole-model medians).
+    # GPU timings are steady: the median.
+    return min(times) if dev.type == "cpu" else summarize(times)[0]
 
 
 def _measure_entry(shape: LayerShape, cins: list[int], couts: list[int], dev: torch.device,
-                   dtype: torch.dtype, channels_last: bool, repeats: int, warmup: int) -> list[list[float]]:
+                   dtype: torch.dtype, channels_last: bool, repeats: int, warmup: int,
+                   clock: str = "wall") -> list[list[float]]:
     """Time every grid point of one signature, slicing one full-width weight (no re-allocation)."""
     gen = torch.Generator(device="cpu").manual_seed(0)
     if shape.kind == "linear":
@@ -280,13 +285,13 @@ def _measure_entry(shape: LayerShape, cins: list[int], couts: list[int], dev: to
         bn = (torch.zeros(c), torch.ones(c), torch.ones(c), torch.zeros(c))
         bn = tuple(t.to(dev, dtype) for t in bn)
         x_full = torch.randn(shape.batch, shape.cin, *shape.in_hw, generator=gen).to(dev, dtype)
-    return [[_time_point(shape, ci, co, weight, bn, x_full, dev, channels_last, repeats, warmup)
+    return [[_time_point(shape, ci, co, weight, bn, x_full, dev, channels_last, repeats, warmup, clock)
              for co in couts] for ci in cins]
 
 
 def build_lut(layers: Sequence[Any], spec: Any, device: str | torch.device | None, round_to: int,
               max_points_per_axis: int | None = None, *, repeats: int | None = None,
-              warmup: int | None = None, key: str = "") -> LatencyTable:
+              warmup: int | None = None, key: str = "", clock: str = "wall") -> LatencyTable:
     """Measure the per-layer latency table of ``layers`` (``core.cost.LayerSpec``) on ``device``.
 
     ``spec`` is the recipe's latency block (batch_size, dtype, channels_last). Identical layer
@@ -318,12 +323,13 @@ def build_lut(layers: Sequence[Any], spec: Any, device: str | torch.device | Non
             step = _axis_step(s, round_to)
             cins = axis_values(s.cin, step, max_points) if s.cin_varies else [s.cin]
             couts = axis_values(s.cout, step, max_points) if s.cout_varies else [s.cout]
-            ms = _measure_entry(s, cins, couts, dev, dtype, channels_last, repeats, warmup)
+            ms = _measure_entry(s, cins, couts, dev, dtype, channels_last, repeats, warmup, clock)
             entries[sig] = LutEntry(cins, couts, ms)
     finally:
         torch.backends.cudnn.benchmark = prev
     meta = {"batch_size": batch, "dtype": dtype_name, "channels_last": channels_last,
-            "round_to": int(round_to), "repeats": repeats, "max_points_per_axis": max_points}
+            "round_to": int(round_to), "repeats": repeats, "max_points_per_axis": max_points,
+            "clock": clock}
     if note:
         meta["note"] = note
     return LatencyTable(key=key, device=device_name(dev), entries=entries,
@@ -455,7 +461,9 @@ def fit_calibration(table: LatencyTable, samples: Sequence[tuple[float, float]])
     """Least-squares ``measured ≈ scale * predicted_raw + offset``; stored on the table.
 
     ``samples`` are (raw per-layer sum, measured whole-model ms) pairs, e.g. the baseline plus a
-    few random-width exported models. With one sample (or no spread) only the scale is fitted.
+    few random-width exported models. The offset stands for per-model overhead (pooling, launch
+    gaps), so it is kept in [0, 25% of the fastest measurement]: a handful of noisy samples over
+    a narrow range would otherwise trade scale for a wild offset. One sample: scale only.
     """
     pts = [(float(x), float(y)) for x, y in samples if x > 0 and y > 0]
     if not pts:
@@ -465,9 +473,11 @@ def fit_calibration(table: LatencyTable, samples: Sequence[tuple[float, float]])
     my = sum(y for _, y in pts) / n
     sxx = sum((x - mx) ** 2 for x, _ in pts)
     sxy = sum((x - mx) * (y - my) for x, y in pts)
-    scale, offset = (sxy / sxx, my - sxy / sxx * mx) if n >= 2 and sxx > 1e-12 * mx * mx else (0.0, 0.0)
-    # A non-positive slope (noise on a tiny spread) would invert the cost; fall back to ratio.
-    if scale <= 0 or my - scale * mx < -0.5 * my:
+    offset = my - sxy / sxx * mx if n >= 2 and sxx > 1e-12 * mx * mx else 0.0
+    offset = min(max(offset, 0.0), 0.25 * min(y for _, y in pts))
+    # best scale for that offset (least squares through the point (0, offset))
+    scale = sum(x * (y - offset) for x, y in pts) / sum(x * x for x, _ in pts)
+    if scale <= 0:  # only possible with absurd samples; fall back to the plain ratio
         scale, offset = sum(y for _, y in pts) / sum(x for x, _ in pts), 0.0
     table.scale, table.offset = float(scale), float(offset)
     errs = [abs(scale * x + offset - y) / y for x, y in pts]
@@ -497,8 +507,8 @@ class WidthMeasurer:
 
     def __init__(self, model: nn.Module, export_fn: Callable[[nn.Module, dict[str, Tensor]], nn.Module],
                  groups: Sequence[Any], input_size: Sequence[int], spec: Any,
-                 device: str | torch.device | None) -> None:
-        self.model, self.export_fn = model, export_fn
+                 device: str | torch.device | None, clock: str = "wall") -> None:
+        self.model, self.export_fn, self.clock = model, export_fn, clock
         self.groups = {g.name: g for g in groups}
         self.input_size, self.spec, self.device = tuple(input_size), spec, device
 
@@ -514,7 +524,7 @@ class WidthMeasurer:
 
     def __call__(self, widths: Mapping[str, int]) -> float:
         pruned = self.export_fn(self.model, self.keep_for(widths))
-        return measure_latency(pruned, self.input_size, self.spec, self.device).median_ms
+        return measure_latency(pruned, self.input_size, self.spec, self.device, clock=self.clock).median_ms
 
     def random_widths(self, rng: random.Random, low: float = 0.25) -> dict[str, int]:
         """Random exportable widths of the pruned groups (multiples of each group's step)."""
@@ -531,7 +541,7 @@ def make_width_measurer(model: nn.Module, export_fn: Callable[[nn.Module, dict[s
 
 
 def calibrate(table: LatencyTable, layers: Sequence[Any], measure_widths: Callable[[Mapping[str, int]], float],
-              n_random: int = 4, seed: int = 0) -> tuple[float, float]:
+              n_random: int = 4, seed: int = 0, passes: int = 2) -> tuple[float, float]:
     """Fit the table's scale/offset to the full model plus ``n_random`` random-width models.
 
     ``measure_widths(widths)`` exports the model at those channel counts and returns its
@@ -544,7 +554,9 @@ def calibrate(table: LatencyTable, layers: Sequence[Any], measure_widths: Callab
     configs: list[dict[str, int]] = [{}]
     for _ in range(n_random):
         configs.append(sampler(rng) if sampler else random_widths(cost.full_widths, round_to, rng))
-    samples = [(float(cost.raw(w)), float(measure_widths(w))) for w in configs]
+    # interleaved passes, fastest per config: a burst of host load hits one pass, not every one
+    runs = [[float(measure_widths(w)) for w in configs] for _ in range(max(1, passes))]
+    samples = [(float(cost.raw(w)), min(r[i] for r in runs)) for i, w in enumerate(configs)]
     return fit_calibration(table, samples)
 
 
