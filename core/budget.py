@@ -150,9 +150,10 @@ def _grow(st: _State, target: float, plateau_tol: float, fill: bool) -> None:
     # 1. equal cost -> keep the widest: grow while the predicted cost does not increase
     for n, lad in st.ladders.items():
         i = lad.index(st.units[n])
+        ceiling = min(target, st.cost + plateau_tol * abs(st.cost))  # tolerance not compounded
         while i + 1 < len(lad):
             c = st.with_units(n, lad[i + 1])
-            if c > st.cost + plateau_tol * abs(st.cost) or c > target:
+            if c > ceiling:
                 break
             i += 1
             st.units[n], st.cost = lad[i], c

@@ -31,10 +31,19 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from core.cost import group_widths
-from core.latency import DTYPES, device_name, effective_dtype, measure_latency, resolve_device, spec_value, summarize, time_callable
+from core.latency import (
+    DTYPES,
+    device_name,
+    effective_dtype,
+    measure_latency,
+    resolve_device,
+    spec_value,
+    summarize,
+    time_callable,
+)
 
 LUT_VERSION = 1
-# Per point the table needs a robust median, not the recipe's long run: the points are many.
+# Per grid point a few repeats suffice (the recipe's long run is for whole models): points are many.
 _CPU_REPEATS, _CPU_WARMUP, _CPU_POINTS = 5, 1, 6
 _GPU_REPEATS, _GPU_WARMUP, _GPU_POINTS = 20, 5, 12
 
@@ -141,24 +150,6 @@ class LutEntry:
     cout: list[int]
     ms: list[list[float]]  # ms[i][j] at (cin[i], cout[j])
 
-    def lookup(self, cin: float, cout: float) -> float:
-        """Bilinear interpolation (float, no autograd) — used by tests and the benchmark."""
-        xi, ti = _bracket(self.cin, cin)
-        xj, tj = _bracket(self.cout, cout)
-        m = self.ms
-        i1, j1 = min(xi + 1, len(self.cin) - 1), min(xj + 1, len(self.cout) - 1)
-        return ((1 - ti) * (1 - tj) * m[xi][xj] + ti * (1 - tj) * m[i1][xj]
-                + (1 - ti) * tj * m[xi][j1] + ti * tj * m[i1][j1])
-
-
-def _bracket(axis: Sequence[int], v: float) -> tuple[int, float]:
-    if len(axis) == 1:
-        return 0, 0.0
-    i = 0
-    while i < len(axis) - 2 and v > axis[i + 1]:
-        i += 1
-    return i, (v - axis[i]) / (axis[i + 1] - axis[i])
-
 
 @dataclass
 class LatencyTable:
@@ -222,7 +213,7 @@ class LatencyTable:
             return cls(key=str(doc["key"]), device=str(doc["device"]), entries=entries,
                        build_seconds=float(doc["build_seconds"]), scale=float(doc["scale"]),
                        offset=float(doc["offset"]), meta=dict(doc.get("meta") or {}))
-        except (KeyError, TypeError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        except (AttributeError, KeyError, TypeError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ValueError(f"not a latency table: {e}") from e
 
 
@@ -231,7 +222,7 @@ class LatencyTable:
 def _time_point(shape: LayerShape, cin: int, cout: int, weight: Tensor, bn: tuple[Tensor, ...],
                 x_full: Tensor, dev: torch.device, channels_last: bool, repeats: int, warmup: int,
                 clock: str) -> float:
-    """Median ms of one layer at (cin, cout): conv + BN + ReLU (what a pruned block runs)."""
+    """ms of one layer at (cin, cout): conv + BN + ReLU, as a pruned block runs it."""
     if shape.kind == "linear":
         x = x_full[:, :cin].contiguous()
         w = weight[:cout, :cin].contiguous()
