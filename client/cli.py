@@ -56,11 +56,23 @@ def worker_command(loglevel: str = "INFO") -> list[str]:
             "--without-heartbeat", "-n", f"hawada-{os.getpid()}@%h"]
 
 
+def _die_with_parent() -> None:
+    """In the forked child before exec: get SIGTERM when `serve` dies, even by SIGKILL (Linux)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass  # not Linux: serve's finally block is the only stop
+
+
 def start_worker(env: dict[str, str] | None = None, log: Path | None = None) -> subprocess.Popen:
-    """Start a Celery worker subprocess in its own session (so Ctrl-C reaches only us)."""
+    """Start a Celery worker subprocess in its own session (so Ctrl-C reaches only us);
+    it is told to stop if this process dies without cleaning up."""
     out = open(log, "ab") if log else None  # noqa: SIM115 - the child owns the handle
     return subprocess.Popen(worker_command(), env=env, stdout=out, stderr=subprocess.STDOUT
-                            if out else None, start_new_session=True)
+                            if out else None, start_new_session=True,
+                            preexec_fn=_die_with_parent if sys.platform == "linux" else None)
 
 
 def stop_worker(proc: subprocess.Popen, grace_s: float = 10.0) -> None:

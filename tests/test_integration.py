@@ -270,3 +270,42 @@ def test_torch_lives_only_in_the_worker_child(service: Service, weights: Path) -
     assert not _loads_torch(api_pid)
     assert not _loads_torch(parents[0])
     assert any(_loads_torch(c) for c in children)
+
+
+def _kill_tree(pid: int) -> None:
+    for child in _children(pid):
+        _kill_tree(child)
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def test_job_of_a_killed_worker_is_requeued_and_completes(tmp_path: Path,
+                                                          weights: Path) -> None:
+    """Kill API, worker and job process mid-training; a new `serve` finishes the job."""
+    var_dir = tmp_path / "var"
+    var_dir.mkdir()
+    env = _base_env(var_dir)
+    env["HAWADA_LEASE_S"] = "3"
+    svc = Service(env, var_dir, embedded=True)
+    try:
+        job_id = svc.client.submit(_recipe(train={"steps": 40, "log_every": 1}), weights)["id"]
+        deadline = time.monotonic() + 180
+        while svc.client.get(job_id)["phase"] != "training":
+            assert time.monotonic() < deadline, svc.tail()
+            time.sleep(0.2)
+        time.sleep(1.0)
+    finally:
+        svc.client.close()
+        _kill_tree(svc.procs[0].pid)  # no clean-up of any kind: like a power cut
+        svc.procs[0].wait()
+    svc = Service(env, var_dir, embedded=True)
+    try:
+        job = _wait(svc, job_id)
+        assert job["status"] == "succeeded", f"{job}\n{svc.tail()}"
+        assert job["attempts"] == 2
+        kinds = [e["kind"] for e in svc.client.events(job_id)]
+        assert "requeued" in kinds
+    finally:
+        svc.stop()
