@@ -46,6 +46,7 @@ LUT_VERSION = 1
 # Per grid point a few repeats suffice (the recipe's long run is for whole models): points are many.
 _CPU_REPEATS, _CPU_WARMUP, _CPU_POINTS = 5, 1, 6
 _GPU_REPEATS, _GPU_WARMUP, _GPU_POINTS = 20, 5, 12
+_CPU_BUDGET_S, _GPU_BUDGET_S = 45.0, 120.0  # default build-time budgets (grid shrinks to fit)
 
 
 # --------------------------------------------------------------------------- signatures
@@ -254,46 +255,71 @@ def _time_point(shape: LayerShape, cin: int, cout: int, weight: Tensor, bn: tupl
     return min(times) if dev.type == "cpu" else summarize(times)[0]
 
 
-def _measure_entry(shape: LayerShape, cins: list[int], couts: list[int], dev: torch.device,
-                   dtype: torch.dtype, channels_last: bool, repeats: int, warmup: int,
-                   clock: str = "wall") -> list[list[float]]:
-    """Time every grid point of one signature, slicing one full-width weight (no re-allocation)."""
+def _entry_tensors(shape: LayerShape, dev: torch.device, dtype: torch.dtype) -> tuple[Tensor, tuple[Tensor, ...], Tensor]:
+    """Full-width weight, BN tensors and input of one signature; grid points slice them."""
     gen = torch.Generator(device="cpu").manual_seed(0)
     if shape.kind == "linear":
         weight = torch.randn(shape.cout, shape.cin, generator=gen).to(dev, dtype)
         bn: tuple[Tensor, ...] = (torch.zeros(shape.cout, device=dev, dtype=dtype),)
         x_full = torch.randn(shape.batch, shape.cin, generator=gen).to(dev, dtype)
+        return weight, bn, x_full
+    if shape.groups_mode.startswith("tied:"):
+        per_in = int(shape.groups_mode.split(":")[1])
+    elif shape.groups_mode.startswith("fixed:"):
+        per_in = shape.cin // int(shape.groups_mode.split(":")[1])
     else:
-        if shape.groups_mode.startswith("tied:"):
-            per_in = int(shape.groups_mode.split(":")[1])
-        elif shape.groups_mode.startswith("fixed:"):
-            per_in = shape.cin // int(shape.groups_mode.split(":")[1])
-        else:
-            per_in = shape.cin
-        # randn * small scale: normal-range values, no denormals that would slow a CPU down
-        weight = (torch.randn(shape.cout, per_in, *shape.kernel, generator=gen) * 0.05).to(dev, dtype)
-        c = shape.cout
-        bn = (torch.zeros(c), torch.ones(c), torch.ones(c), torch.zeros(c))
-        bn = tuple(t.to(dev, dtype) for t in bn)
-        x_full = torch.randn(shape.batch, shape.cin, *shape.in_hw, generator=gen).to(dev, dtype)
-    return [[_time_point(shape, ci, co, weight, bn, x_full, dev, channels_last, repeats, warmup, clock)
-             for co in couts] for ci in cins]
+        per_in = shape.cin
+    # randn * small scale: normal-range values, no denormals that would slow a CPU down
+    weight = (torch.randn(shape.cout, per_in, *shape.kernel, generator=gen) * 0.05).to(dev, dtype)
+    c = shape.cout
+    bn = tuple(t.to(dev, dtype) for t in (torch.zeros(c), torch.ones(c), torch.ones(c), torch.zeros(c)))
+    x_full = torch.randn(shape.batch, shape.cin, *shape.in_hw, generator=gen).to(dev, dtype)
+    return weight, bn, x_full
+
+
+def _grid(shape: LayerShape, round_to: int, max_points: int) -> tuple[list[int], list[int]]:
+    step = _axis_step(shape, round_to)
+    cins = axis_values(shape.cin, step, max_points) if shape.cin_varies else [shape.cin]
+    couts = axis_values(shape.cout, step, max_points) if shape.cout_varies else [shape.cout]
+    return cins, couts
+
+
+def _points_for_budget(shapes: Mapping[str, LayerShape], full_ms: Mapping[str, float], round_to: int,
+                       max_points: int, runs: int, budget_s: float) -> int:
+    """Largest points-per-axis (<= max_points, >= 2) whose estimated build time fits the budget.
+
+    A point's time is estimated as the full-width time scaled by its share of the full
+    channel product (with a floor: small kernels do not get proportionally faster).
+    """
+    for p in range(max_points, 1, -1):
+        est_ms = 0.0
+        for sig, s in shapes.items():
+            cins, couts = _grid(s, round_to, p)
+            share = sum(max(ci * co / (s.cin * s.cout), 0.05) for ci in cins for co in couts)
+            est_ms += full_ms[sig] * share * runs
+        if est_ms / 1000 <= budget_s:
+            return p
+    return 2
 
 
 def build_lut(layers: Sequence[Any], spec: Any, device: str | torch.device | None, round_to: int,
               max_points_per_axis: int | None = None, *, repeats: int | None = None,
-              warmup: int | None = None, key: str = "", clock: str = "wall") -> LatencyTable:
+              warmup: int | None = None, key: str = "", clock: str = "wall",
+              time_budget_s: float | None = None) -> LatencyTable:
     """Measure the per-layer latency table of ``layers`` (``core.cost.LayerSpec``) on ``device``.
 
     ``spec`` is the recipe's latency block (batch_size, dtype, channels_last). Identical layer
-    signatures are measured once. Each varying axis is sampled at ``round_to`` multiples (at most
-    ``max_points_per_axis`` of them, always including the smallest and the full width).
+    signatures are measured once. Each varying axis is sampled at ``round_to`` multiples: at most
+    ``max_points_per_axis`` of them (default 6 on CPU, 12 on GPU), always including the smallest
+    and the full width, and fewer when one timing of every full-width layer says the grid would
+    not fit ``time_budget_s`` (default 45 s on CPU, 120 s on GPU; ``math.inf``: no limit).
     """
     dev = resolve_device(device)
     gpu = dev.type == "cuda"
     max_points = int(max_points_per_axis or (_GPU_POINTS if gpu else _CPU_POINTS))
     repeats = int(repeats or (_GPU_REPEATS if gpu else _CPU_REPEATS))
     warmup = int(warmup if warmup is not None else (_GPU_WARMUP if gpu else _CPU_WARMUP))
+    budget_s = float(time_budget_s if time_budget_s is not None else (_GPU_BUDGET_S if gpu else _CPU_BUDGET_S))
     batch = int(spec_value(spec, "batch_size", 1))
     channels_last = bool(spec_value(spec, "channels_last", False))
     dtype_name, note = effective_dtype(str(spec_value(spec, "dtype", "float32")), dev)
@@ -304,18 +330,27 @@ def build_lut(layers: Sequence[Any], spec: Any, device: str | torch.device | Non
         s = layer_shape(layer, batch)
         shapes.setdefault(s.signature, s)
 
+    def point(s: LayerShape, t: tuple, ci: int, co: int, reps: int, warm: int) -> float:
+        return _time_point(s, ci, co, t[0], t[1], t[2], dev, channels_last, reps, warm, clock)
+
     prev = torch.backends.cudnn.benchmark
     if gpu:
         torch.backends.cudnn.benchmark = True
     t0 = time.perf_counter()
     entries: dict[str, LutEntry] = {}
     try:
+        if math.isfinite(budget_s):
+            # one quick timing per signature at full width to size the grid to the budget
+            full_ms = {sig: point(s, _entry_tensors(s, dev, dtype), s.cin, s.cout, 1, 1)
+                       for sig, s in shapes.items()}
+            spent = time.perf_counter() - t0
+            max_points = _points_for_budget(shapes, full_ms, round_to, max_points, repeats + warmup,
+                                            max(0.0, budget_s - spent))
         for sig, s in shapes.items():
-            step = _axis_step(s, round_to)
-            cins = axis_values(s.cin, step, max_points) if s.cin_varies else [s.cin]
-            couts = axis_values(s.cout, step, max_points) if s.cout_varies else [s.cout]
-            ms = _measure_entry(s, cins, couts, dev, dtype, channels_last, repeats, warmup, clock)
-            entries[sig] = LutEntry(cins, couts, ms)
+            cins, couts = _grid(s, round_to, max_points)
+            t = _entry_tensors(s, dev, dtype)
+            entries[sig] = LutEntry(cins, couts, [[point(s, t, ci, co, repeats, warmup) for co in couts]
+                                                  for ci in cins])
     finally:
         torch.backends.cudnn.benchmark = prev
     meta = {"batch_size": batch, "dtype": dtype_name, "channels_last": channels_last,

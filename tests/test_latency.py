@@ -69,6 +69,13 @@ def test_recipe_latency_block_is_accepted() -> None:
     assert stats.batch_size == 1 and stats.repeats == 3
 
 
+def test_cpu_time_clock_is_labelled() -> None:
+    stats = measure_latency(_small_cnn(), INPUT, SPEC, "cpu", clock="cpu")
+    assert stats.median_ms > 0 and "CPU time" in (stats.note or "")
+    with pytest.raises(ValueError, match="clock"):
+        measure_latency(_small_cnn(), INPUT, SPEC, "cpu", clock="sundial")
+
+
 def test_unknown_dtype_is_refused() -> None:
     with pytest.raises(ValueError, match="dtype"):
         measure_latency(_small_cnn(), INPUT, {**SPEC, "dtype": "int8"}, "cpu")

@@ -146,18 +146,18 @@ def test_table_roundtrips_through_bytes(resnet18, table: LatencyTable) -> None:
 def test_cache_hit_reuses_table_without_measuring(resnet18, tmp_path, monkeypatch) -> None:
     _, _, layers = resnet18
     calls = {"n": 0}
-    real = lut_mod._measure_entry
+    real = lut_mod._time_point
 
     def counting(*args, **kwargs):
         calls["n"] += 1
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(lut_mod, "_measure_entry", counting)
+    monkeypatch.setattr(lut_mod, "_time_point", counting)
     cache = FolderLutCache(tmp_path / "lut")
     parts = {"arch": "resnet18", "input_size": list(INPUT)}
     first = get_or_build_lut(layers, SPEC, "cpu", 16, cache, parts, **FAST)
     built = calls["n"]
-    assert built == len(first.entries)
+    assert built >= first.points
     assert list((tmp_path / "lut").glob("*.json")) == [tmp_path / "lut" / f"{first.key}.json"]
     second = get_or_build_lut(layers, SPEC, "cpu", 16, cache, parts, **FAST)
     assert calls["n"] == built  # nothing measured on a hit
@@ -165,6 +165,18 @@ def test_cache_hit_reuses_table_without_measuring(resnet18, tmp_path, monkeypatc
     # a different batch size is a different table
     other = get_or_build_lut(layers, {**SPEC, "batch_size": 2}, "cpu", 16, cache, parts, **FAST)
     assert other.key != first.key and calls["n"] > built
+    # a corrupt cache entry is rebuilt, not trusted
+    (tmp_path / "lut" / f"{first.key}.json").write_bytes(b"{broken")
+    rebuilt = get_or_build_lut(layers, SPEC, "cpu", 16, cache, parts, **FAST)
+    assert rebuilt.key == first.key and rebuilt.points == first.points
+    assert LatencyTable.from_bytes(cache.get(first.key)).points == first.points
+
+
+def test_grid_shrinks_to_the_time_budget(resnet18) -> None:
+    _, _, layers = resnet18
+    small = build_lut(layers, SPEC, "cpu", 8, 6, repeats=1, warmup=0, time_budget_s=0.0)
+    assert small.meta["max_points_per_axis"] == 2
+    assert all(len(e.cin) <= 2 and len(e.cout) <= 2 for e in small.entries.values())
 
 
 def test_folder_cache_refuses_keys_that_are_not_hashes(tmp_path) -> None:
