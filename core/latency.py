@@ -47,8 +47,12 @@ class LatencyStats:
 def resolve_device(device: str | torch.device | None) -> torch.device:
     """Turn ``auto``/``cpu``/``cuda``/a torch.device into a concrete torch.device."""
     if device is None or str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is None:
+        # an explicit index, so "is the model already there" compares equal to cuda:N tensors
+        dev = torch.device("cuda", torch.cuda.current_device())
+    return dev
 
 
 @functools.cache
@@ -159,6 +163,7 @@ def prepare_model(model: nn.Module, device: torch.device, dtype: torch.dtype, ch
     return m
 
 
+@functools.cache
 def _cpu_dtype_works(dtype: torch.dtype) -> bool:
     """Whether this CPU build runs a conv in ``dtype`` (half/bf16 kernels are optional)."""
     try:
