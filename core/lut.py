@@ -46,7 +46,8 @@ LUT_VERSION = 1
 # Per grid point a few repeats suffice (the recipe's long run is for whole models): points are many.
 _CPU_REPEATS, _CPU_WARMUP, _CPU_POINTS = 5, 1, 6
 _GPU_REPEATS, _GPU_WARMUP, _GPU_POINTS = 20, 5, 12
-_CPU_BUDGET_S, _GPU_BUDGET_S = 45.0, 120.0  # default build-time budgets (grid shrinks to fit)
+_CPU_BUDGET_S, _GPU_BUDGET_S = 30.0, 120.0  # build-time budgets (grid shrinks to fit), with
+# headroom: on a shared CPU the estimate from one probe timing can be off by half
 
 
 # --------------------------------------------------------------------------- signatures
@@ -284,19 +285,21 @@ def _grid(shape: LayerShape, round_to: int, max_points: int) -> tuple[list[int],
     return cins, couts
 
 
-def _points_for_budget(shapes: Mapping[str, LayerShape], full_ms: Mapping[str, float], round_to: int,
-                       max_points: int, runs: int, budget_s: float) -> int:
+def _points_for_budget(shapes: Mapping[str, LayerShape], probes: Mapping[str, tuple[float, float]],
+                       round_to: int, max_points: int, runs: int, budget_s: float) -> int:
     """Largest points-per-axis (<= max_points, >= 2) whose estimated build time fits the budget.
 
-    A point's time is estimated as the full-width time scaled by its share of the full
-    channel product (with a floor: small kernels do not get proportionally faster).
+    ``probes[sig]`` = (ms at the smallest grid point, ms at full width); a point in between is
+    estimated linearly in its channel product (small convs are not proportionally cheaper).
     """
     for p in range(max_points, 1, -1):
         est_ms = 0.0
         for sig, s in shapes.items():
             cins, couts = _grid(s, round_to, p)
-            share = sum(max(ci * co / (s.cin * s.cout), 0.05) for ci in cins for co in couts)
-            est_ms += full_ms[sig] * share * runs
+            lo, hi = probes[sig]
+            p_lo, p_hi = cins[0] * couts[0], s.cin * s.cout
+            span = max(p_hi - p_lo, 1)
+            est_ms += sum(lo + (hi - lo) * (ci * co - p_lo) / span for ci in cins for co in couts) * runs
         if est_ms / 1000 <= budget_s:
             return p
     return 2
@@ -312,7 +315,7 @@ def build_lut(layers: Sequence[Any], spec: Any, device: str | torch.device | Non
     signatures are measured once. Each varying axis is sampled at ``round_to`` multiples: at most
     ``max_points_per_axis`` of them (default 6 on CPU, 12 on GPU), always including the smallest
     and the full width, and fewer when one timing of every full-width layer says the grid would
-    not fit ``time_budget_s`` (default 45 s on CPU, 120 s on GPU; ``math.inf``: no limit).
+    not fit ``time_budget_s`` (default 30 s on CPU, 120 s on GPU; ``math.inf``: no limit).
     """
     dev = resolve_device(device)
     gpu = dev.type == "cuda"
@@ -340,11 +343,14 @@ def build_lut(layers: Sequence[Any], spec: Any, device: str | torch.device | Non
     entries: dict[str, LutEntry] = {}
     try:
         if math.isfinite(budget_s):
-            # one quick timing per signature at full width to size the grid to the budget
-            full_ms = {sig: point(s, _entry_tensors(s, dev, dtype), s.cin, s.cout, 1, 1)
-                       for sig, s in shapes.items()}
+            # time the smallest and the full point of every signature once to size the grid
+            probes: dict[str, tuple[float, float]] = {}
+            for sig, s in shapes.items():
+                t = _entry_tensors(s, dev, dtype)
+                cins, couts = _grid(s, round_to, 2)
+                probes[sig] = (point(s, t, cins[0], couts[0], 2, 1), point(s, t, s.cin, s.cout, 2, 1))
             spent = time.perf_counter() - t0
-            max_points = _points_for_budget(shapes, full_ms, round_to, max_points, repeats + warmup,
+            max_points = _points_for_budget(shapes, probes, round_to, max_points, repeats + warmup,
                                             max(0.0, budget_s - spent))
         for sig, s in shapes.items():
             cins, couts = _grid(s, round_to, max_points)
