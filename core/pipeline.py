@@ -129,18 +129,6 @@ def _progress_emitter(ctx: JobContext, phase: str, log_every: int) -> Callable[[
     return emit
 
 
-def _model_stats(model: nn.Module, recipe: Recipe, data: Any, device: torch.device,
-                 latency_device: torch.device) -> dict[str, Any]:
-    """params, FLOPs, held-out accuracy and measured latency of one model."""
-    from core.latency import measure_latency
-
-    input_size = tuple(recipe.model.input_size)
-    acc = accuracy(model, data.heldout_batches(recipe.data.batch_size), device)
-    lat = measure_latency(model, input_size, recipe.latency, latency_device)
-    return model_block(params=count_params(model), flops=count_flops(model, input_size),
-                       accuracy=acc, latency=lat.to_dict())
-
-
 def _target(recipe: Recipe, baseline: Mapping[str, Any]) -> dict[str, Any]:
     metric = recipe.target.metric
     base_value = {"flops": baseline["flops"], "params": baseline["params"],
@@ -158,12 +146,11 @@ def _layers_rows(gates: Any, keep: Mapping[str, torch.Tensor]) -> list[dict[str,
     return rows
 
 
-def _floor_hint(gates: Any, keep: Mapping[str, torch.Tensor]) -> str | None:
-    """Why the budget could not cut further, when every group sits at its floor."""
-    at_floor = all(len(keep[n]) <= -(-g.min_units // g.round_units) * g.round_units * g.unit_width
-                   for n, g in gates.groups.items())
-    return "every coupling group is at its minimum width (gates.min_channels / round_to)" \
-        if at_floor else None
+def _data_block(recipe: Recipe, data: Any) -> dict[str, Any]:
+    block = dict(data.describe()) if hasattr(data, "describe") else {}
+    block.update({"source": recipe.data.source, "n_train": int(data.n_train),
+                  "n_heldout": int(data.n_heldout)})
+    return block
 
 
 def _fingerprint(recipe: Recipe, weights: Path) -> str:
@@ -245,7 +232,13 @@ def run_job(ctx: JobContext) -> dict[str, Any]:
             lut_summary = lut.summary()
         cost_model = make_cost_model(recipe.target.metric, layers, lut=lut)
     check_cancel()
-    ratio = min(1.0, float(target["ratio"]))
+    # Latency targets are absolute ms (the calibrated table predicts ms); FLOPs/params targets
+    # are a share of the analytic baseline, which equals the counted one.
+    if recipe.target.metric == "latency":
+        target_cost = float(target["value"])
+    else:
+        target_cost = float(target["ratio"]) * float(cost_model.baseline())
+    ratio = min(1.0, target_cost / float(cost_model.baseline()))
 
     # -- training
     with phase("training"):
@@ -275,13 +268,13 @@ def run_job(ctx: JobContext) -> dict[str, Any]:
 
     # -- exporting
     with phase("exporting"):
-        target_cost = ratio * float(cost_model.baseline())
         measure = None
         if recipe.target.metric == "latency":
             def measure(keep: Mapping[str, torch.Tensor]) -> float:
                 return measure_latency(adapter.export_pruned(model, keep), input_size,
                                        recipe.latency, lat_device).median_ms
-        keep = fit_to_budget(gates, cost_model.cost, target_cost, measure=measure)
+        budget = fit_to_budget(gates, cost_model, target_cost, measure=measure)
+        keep = dict(budget)
         keep = {k: v.to("cpu") for k, v in keep.items()}
         keepall = {k: v for k, v in model.state_dict().items()}
         pruned = adapter.export_pruned(model, keep).to(device).eval()
@@ -315,11 +308,11 @@ def run_job(ctx: JobContext) -> dict[str, Any]:
             recipe=recipe_to_dict(recipe), baseline=baseline, pruned=pruned_block, target=target,
             history=history, layers=layers_rows,
             weights_mapping=mapping.to_dict() if hasattr(mapping, "to_dict") else None,
-            data={"source": recipe.data.source, "n_train": int(data.n_train),
-                  "n_heldout": int(data.n_heldout)},
+            data=_data_block(recipe, data),
             phases=phase.seconds, device=device_name(device), lut=lut_summary,
-            finetune_history=ft_history, target_hint=_floor_hint(gates, keep),
-            extra={"export_max_abs_diff": export_diff, "latency_device": device_name(lat_device)})
+            finetune_history=ft_history, target_hint=getattr(budget, "reason", None),
+            extra={"export_max_abs_diff": export_diff, "latency_device": device_name(lat_device),
+                   "budget": budget.to_dict() if hasattr(budget, "to_dict") else None})
         _write_artifacts(out, recipe, adapter, model, pruned, keep, keepall, gates, report)
         report["phases"]["packaging"] = round(phase.seconds.get("packaging", 0.0), 4)
     # Packaging time is known only now; rewrite report.json with it (small file).
@@ -420,6 +413,7 @@ def save_checkpoint(directory: Path, snapshot: Mapping[str, Any], fingerprint: s
     write_safetensors(directory / _CKPT_TENSORS, tensors, metadata={"step": str(step)})
     write_json(directory / _CKPT_JSON, {
         "fingerprint": fingerprint, "step": step, "multiplier": float(snapshot["multiplier"]),
+        "start_ratio": snapshot.get("start_ratio"),
         "history": snapshot.get("history", []), "param_groups": opt["param_groups"],
         "opt_scalars": opt_scalars})
 
@@ -447,6 +441,7 @@ def load_checkpoint(directory: Path, fingerprint: str) -> dict[str, Any] | None:
     for pid, scalars in meta.get("opt_scalars", {}).items():
         opt_state.setdefault(int(pid), {}).update(scalars)
     return {"step": int(meta["step"]), "gates": gates_sd, "multiplier": meta["multiplier"],
+            "start_ratio": meta.get("start_ratio"),
             "history": meta.get("history", []),
             "optimizer": {"state": opt_state, "param_groups": meta["param_groups"]}}
 

@@ -7,6 +7,7 @@ multiplier follows dual ascent, so the expected cost is driven to the recipe's t
 """
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -24,10 +25,12 @@ CheckpointCallback = Callable[[dict[str, Any]], None]
 
 # Augmented-Lagrangian defaults, tuned on ResNet-18 (digits, Fashion-MNIST) so that the expected
 # cost lands on the target within a few hundred Adam steps at lr 0.05:
-DUAL_STEP = 1.0          # eta: multiplier += eta * (ratio - target) each step
+DUAL_STEP = 0.5          # eta: multiplier += eta * (ratio - target) each step
 PENALTY_RHO = 4.0        # rho: quadratic term, damps the oscillation of pure dual ascent
 TARGET_WARMUP = 0.6      # the target walks linearly from 1 to target.ratio over this step share
-INIT_LOGIT = 3.0         # gates start almost fully open (sigmoid(3) = 0.95) so KD sees the base
+INIT_LOGIT = 1.0         # mean initial logit: gates start almost open so KD sees the base model
+INIT_SPREAD = 0.5        # initial logits span INIT_LOGIT * (1 +- INIT_SPREAD), ordered by |BN gamma|
+LOGIT_BOUND = 1e9        # |logit| <= LOGIT_BOUND * T keeps every gate's gradient alive
 CHECKPOINT_EVERY_S = 10.0
 CHECKPOINT_EVERY_STEPS = 50
 RECALIBRATE_BATCHES = 50
@@ -40,16 +43,18 @@ def temperature_at(step: int, steps: int, start: float, end: float) -> float:
     return start * (end / start) ** (step / (steps - 1))
 
 
-def target_at(step: int, steps: int, target: float, warmup: float = TARGET_WARMUP) -> float:
-    """Target schedule: linear from 1.0 down to `target` over the first `warmup` of the steps.
+def target_at(step: int, steps: int, target: float, start: float = 1.0,
+              warmup: float = TARGET_WARMUP) -> float:
+    """Target schedule: linear from `start` (the initial cost ratio) to `target` over the first
+    `warmup` share of the steps, then constant.
 
-    Asking for the whole cut at step 0 makes the multiplier overshoot while the gates are still
+    Asking for the whole cut at step 0 makes the multiplier wind up while the gates are still
     soft; a gliding target lets distillation keep up and the multiplier stay small.
     """
     span = max(1, int(round(steps * warmup)))
-    if step >= span:
+    if step >= span or start <= target:
         return target
-    return 1.0 + (target - 1.0) * step / span
+    return start + (target - start) * step / span
 
 
 def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -91,6 +96,29 @@ class _WidthReader:
         probs = torch.sigmoid(flat / temperature)
         units = torch.zeros_like(self.unit_width).index_add(0, self.segment, probs)
         return dict(zip(self.names, (units * self.unit_width).unbind()))
+
+
+def init_gate_logits(gates: nn.Module, model: nn.Module, init_logit: float = INIT_LOGIT,
+                     spread: float = INIT_SPREAD) -> None:
+    """Spread the initial logits by channel importance (|BN gamma| summed over the group).
+
+    Equal logits move in lockstep under Adam and would all cross zero at once, so the cost
+    would jump from full to empty. Ranked logits cross one by one, least important first,
+    which lets the cost glide down to the target; distillation then reorders them.
+    """
+    with torch.no_grad():
+        for name, g in gates.groups.items():
+            logit = gates.logit(name)
+            score = torch.zeros(g.channels, device=logit.device)
+            for mod_name in g.modules:
+                weight = getattr(model.get_submodule(mod_name), "weight", None)
+                if weight is not None and weight.numel() == g.channels:
+                    score += weight.detach().abs().to(score.device)
+            units = score.view(g.units, g.unit_width).sum(1)
+            rank = torch.empty_like(units)
+            rank[torch.argsort(units, stable=True)] = torch.linspace(-1.0, 1.0, g.units,
+                                                                     device=units.device)
+            logit.copy_(init_logit * (1.0 + spread * rank))
 
 
 def _move_optimizer_state(opt: torch.optim.Optimizer, device: torch.device) -> None:
@@ -136,22 +164,29 @@ def train_gates(model: nn.Module, gates: nn.Module, cost_model: Any, data: Any, 
     opt = torch.optim.Adam(gates.parameters(), lr=float(tr.lr))
     history: list[dict[str, float]] = []
     multiplier = torch.zeros((), device=device)
-    if state is not None:
+    if state is None:
+        init_gate_logits(gates, model)
+    else:
         gates.load_state_dict(state["gates"])
         opt.load_state_dict(state["optimizer"])
         _move_optimizer_state(opt, device)
         multiplier.fill_(float(state["multiplier"]))
         history = [dict(r) for r in state.get("history", [])]
+    start_ratio = None if state is None else state.get("start_ratio")
 
+    labelled = getattr(data, "labelled", True)  # synthetic labels are noise: KD only
     widths_of = _WidthReader(gates, device)
+    penalty_scale = math.sqrt(float(sum(g.units for g in gates.groups.values())))
     baseline = torch.as_tensor(cost_model.baseline(), dtype=torch.float32, device=device)
-    # Data order differs after a resume (fresh seed per start) rather than replaying step 0's batches.
-    batches = data.train_batches(recipe.data.batch_size, recipe.data.seed + start_step)
+    batches = data.train_batches(recipe.data.batch_size, recipe.data.seed, device=device)
+    # A resumed run sees the batches the interrupted one would have seen: exact continuation.
+    batches = itertools.islice(batches, start_step, None)
     last_ckpt = time.monotonic()
 
     def snapshot(step_done: int) -> dict[str, Any]:
         return {"step": step_done, "gates": {k: v.detach().cpu() for k, v in gates.state_dict().items()},
                 "optimizer": opt.state_dict(), "multiplier": float(multiplier.item()),
+                "start_ratio": start_ratio,
                 "history": list(history)}
 
     for step in range(start_step, steps):
@@ -159,25 +194,34 @@ def train_gates(model: nn.Module, gates: nn.Module, cost_model: Any, data: Any, 
             raise JobCancelled(f"cancelled at gate-training step {step}")
         temperature = temperature_at(step, steps, t_start, t_end)
         gates.temperature = temperature
-        tgt = target_at(step, steps, target)
         x, y = next(batches)
         x = x.to(device, non_blocking=True)
-        y = y.to(device, non_blocking=True) if y is not None else None
+        y = y.to(device, non_blocking=True) if labelled else None
 
         with torch.no_grad(), gates.using("off"):
             teacher = model(x)
         with gates.using("soft"):
             student = model(x)
-            ratio = cost_model.cost(widths_of(temperature)) / baseline
+            ratio = (cost_model.cost(widths_of(temperature)) / baseline).float()
+        if start_ratio is None:
+            start_ratio = float(ratio.item())  # once per run: where the target schedule starts
+        tgt = target_at(step, steps, target, start_ratio)
         objective, kd, ce = _distill_objective(student, teacher, y, alpha, kd_t)
         gap = ratio - tgt
         # multiplier is a constant here (detached by construction); rho adds curvature.
-        loss = objective + multiplier * gap + 0.5 * PENALTY_RHO * gap * gap
+        # Scaled by the number of gate units so one unit's share of the cost gradient is O(1)
+        # whatever the model size: the same eta and rho then work for ResNet-18 and -152.
+        loss = objective + penalty_scale * (multiplier * gap + 0.5 * PENALTY_RHO * gap * gap)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         with torch.no_grad():
             multiplier += DUAL_STEP * gap.detach()
+            # A logit far beyond the temperature has a vanishing gradient and could never come
+            # back if the multiplier later asks for more width; keep all within reach.
+            bound = LOGIT_BOUND * temperature
+            for p in gates.parameters():
+                p.clamp_(-bound, bound)
 
         last = step == steps - 1
         if on_step is not None or (step + 1) % log_every == 0 or last:
@@ -228,12 +272,13 @@ def finetune(student: nn.Module, teacher: nn.Module, data: Any, recipe: Any, *,
     log_every = max(1, int(getattr(recipe.train, "log_every", 10)))
     alpha = float(recipe.train.kd.alpha)
     kd_t = float(recipe.train.kd.temperature)
+    labelled = getattr(data, "labelled", True)
     teacher_was_training = teacher.training
     teacher.eval()
     student.requires_grad_(True)
     student.train()
     opt = torch.optim.SGD(student.parameters(), lr=float(ft.lr), momentum=0.9, nesterov=True)
-    batches = data.train_batches(bs, recipe.data.seed + 7919)  # a different order than training
+    batches = data.train_batches(bs, recipe.data.seed + 7919, device=device)  # not training's order
     history: list[dict[str, float]] = []
     try:
         for step in range(steps):
@@ -242,7 +287,7 @@ def finetune(student: nn.Module, teacher: nn.Module, data: Any, recipe: Any, *,
             _cosine_lr(opt, float(ft.lr), step, steps)
             x, y = next(batches)
             x = x.to(device, non_blocking=True)
-            y = y.to(device, non_blocking=True) if y is not None else None
+            y = y.to(device, non_blocking=True) if labelled else None
             with torch.no_grad():
                 t_logits = teacher(x)
             loss, kd, ce = _distill_objective(student(x), t_logits, y, alpha, kd_t)
@@ -288,7 +333,7 @@ def recalibrate_bn(model: nn.Module, data: Any, batches: int, *,
         m.momentum = None
     model.train()
     try:
-        it = data.train_batches(batch_size, seed)
+        it = data.train_batches(batch_size, seed, device=device)
         with torch.no_grad():
             for _ in range(batches):
                 x, _y = next(it)
@@ -312,7 +357,7 @@ def train_classifier(model: nn.Module, data: Any, *, steps: int, lr: float,
     model.requires_grad_(True)
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True,
                           weight_decay=weight_decay)
-    batches: Iterator = data.train_batches(batch_size, seed)
+    batches: Iterator = data.train_batches(batch_size, seed, device=device)
     history: list[dict[str, float]] = []
     for step in range(steps):
         _cosine_lr(opt, lr, step, steps)

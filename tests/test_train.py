@@ -1,0 +1,189 @@
+"""Gate training, fine-tuning and BN recalibration on tiny models (CPU, a few seconds)."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from adapters.torchvision import build_model, get_adapter
+from core.cost import FlopsCost, LayerSpec, make_cost_model
+from core.data import load_data
+from core.errors import JobCancelled
+from core.gates import GateGroup, Gates, attach, keep_from_gates
+from core.recipe import parse_recipe
+from core.train import finetune, recalibrate_bn, temperature_at, train_classifier, train_gates
+
+
+def _recipe(**over):
+    spec = {"model": {"arch": "resnet18", "num_classes": 4, "stem": "cifar",
+                      "input_size": [3, 16, 16]},
+            "data": {"source": "synthetic", "limit": 48, "batch_size": 8},
+            "target": {"metric": "flops", "ratio": 0.5},
+            "train": {"steps": 3, "log_every": 1},
+            "finetune": {"epochs": 0.25, "lr": 0.01}}
+    for key, value in over.items():
+        spec[key] = {**spec.get(key, {}), **value}
+    return parse_recipe(spec)
+
+
+class Tiny(nn.Module):
+    """Two gated conv layers: fast enough to train gates for hundreds of steps in a test."""
+
+    def __init__(self, classes: int = 4, width: int = 32) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, width, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.fc = nn.Linear(width, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = torch.relu(self.bn2(self.conv2(x)))
+        return self.fc(x.mean((2, 3)))
+
+
+def _tiny_setup(width: int = 32, hw: int = 8):
+    torch.manual_seed(0)
+    model = Tiny(width=width).eval()
+    with torch.no_grad():  # trained-looking BN scales, so importance differs per channel
+        for bn in (model.bn1, model.bn2):
+            bn.weight.uniform_(0.2, 2.0)
+    groups = [GateGroup.from_channels(n, width, modules=[bn], covers=[conv, bn], round_to=4,
+                                      min_channels=4)
+              for n, conv, bn in (("g1", "conv1", "bn1"), ("g2", "conv2", "bn2"))]
+    layers = [LayerSpec("conv1", "conv", None, "g1", 3, width, 1, False, (3, 3), (hw, hw)),
+              LayerSpec("conv2", "conv", "g1", "g2", width, width, 1, False, (3, 3), (hw, hw)),
+              LayerSpec("fc", "linear", "g2", None, width, 4, 1, False, (1, 1), (1, 1))]
+    gates = Gates(groups)
+    attach(model, gates)
+    return model, gates, FlopsCost(layers)
+
+
+def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_temperature_schedule_endpoints() -> None:
+    assert temperature_at(0, 10, 1.0, 0.05) == pytest.approx(1.0)
+    assert temperature_at(9, 10, 1.0, 0.05) == pytest.approx(0.05)
+    mid = temperature_at(5, 11, 1.0, 0.04)
+    assert mid == pytest.approx(0.2)  # geometric: sqrt(1 * 0.04)
+
+
+def test_only_gates_train_base_bit_identical() -> None:
+    recipe = _recipe()
+    model = build_model("resnet18", num_classes=4, stem="cifar")
+    adapter = get_adapter("resnet18")
+    gates = Gates(adapter.gate_groups(model, recipe.gates))
+    cost = make_cost_model("flops", adapter.layers(model, (3, 16, 16)))
+    before = _snapshot(model)
+    logits_before = {k: v.clone() for k, v in gates.named_logits().items()}
+    handle = attach(model, gates)
+    rows: list[dict] = []
+    history = train_gates(model, gates, cost, load_data(recipe), recipe, device="cpu",
+                          on_step=rows.append)
+    handle.remove()
+    after = model.state_dict()
+    assert before.keys() == after.keys()
+    for k, v in before.items():
+        assert torch.equal(v, after[k]), f"base tensor {k} changed"
+    assert all(not p.requires_grad for p in model.parameters())
+    assert any(not torch.equal(logits_before[k], v) for k, v in gates.named_logits().items())
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert rows[0]["temperature"] == pytest.approx(recipe.gates.temperature.start)
+    assert history[-1]["temperature"] == pytest.approx(recipe.gates.temperature.end)
+    for key in ("loss", "kd", "ce", "cost_ratio", "multiplier", "temperature", "steps"):
+        assert isinstance(rows[-1][key], (int, float))
+
+
+@pytest.mark.parametrize("ratio", [0.5, 0.3])
+def test_cost_lands_near_target(ratio: float) -> None:
+    model, gates, cost = _tiny_setup()
+    recipe = _recipe(model={"input_size": [3, 8, 8]}, data={"limit": 256, "batch_size": 32},
+                     target={"ratio": ratio}, train={"steps": 200, "log_every": 10})
+    history = train_gates(model, gates, cost, load_data(recipe), recipe, device="cpu")
+    assert history[-1]["cost_ratio"] == pytest.approx(ratio, abs=0.05)
+    kept = {n: float(len(k)) for n, k in keep_from_gates(gates).items()}
+    # The hard (exported) widths agree with the soft expectation at the final temperature.
+    assert float(cost.cost(kept)) / cost.baseline() == pytest.approx(ratio, abs=0.08)
+
+
+def test_cancellation_raises_job_cancelled() -> None:
+    model, gates, cost = _tiny_setup()
+    recipe = _recipe(model={"input_size": [3, 8, 8]}, train={"steps": 50})
+    calls = {"n": 0}
+
+    def should_stop() -> bool:
+        calls["n"] += 1
+        return calls["n"] > 2
+
+    rows: list[dict] = []
+    with pytest.raises(JobCancelled):
+        train_gates(model, gates, cost, load_data(recipe), recipe, device="cpu",
+                    on_step=rows.append, should_stop=should_stop)
+    assert [r["step"] for r in rows] == [1, 2]
+
+
+def test_resume_continues_exactly() -> None:
+    recipe = _recipe(model={"input_size": [3, 8, 8]}, train={"steps": 8, "log_every": 2})
+    data = load_data(recipe)
+    model, gates, cost = _tiny_setup()
+    full = train_gates(model, gates, cost, data, recipe, device="cpu")
+    expected = gates.named_logits()
+
+    model2, gates2, cost2 = _tiny_setup()
+    saved: list[dict] = []
+
+    def stop_after_checkpoint() -> bool:
+        return bool(saved)
+
+    with pytest.raises(JobCancelled):
+        train_gates(model2, gates2, cost2, data, recipe, device="cpu",
+                    should_stop=stop_after_checkpoint, on_checkpoint=saved.append,
+                    checkpoint_every_steps=4, checkpoint_every_s=1e9)
+    state = saved[0]
+    assert state["step"] == 4
+    model3, gates3, cost3 = _tiny_setup()
+    rows: list[dict] = []
+    resumed = train_gates(model3, gates3, cost3, data, recipe, device="cpu", on_step=rows.append,
+                          start_step=state["step"], state=state)
+    assert [r["step"] for r in rows] == [5, 6, 7, 8]
+    assert [r["step"] for r in resumed] == [r["step"] for r in full]
+    for name, logits in gates3.named_logits().items():
+        torch.testing.assert_close(logits, expected[name])
+    assert resumed[-1]["multiplier"] == pytest.approx(full[-1]["multiplier"], rel=1e-5)
+
+
+def test_finetune_moves_student_not_teacher_and_recalibrates_bn() -> None:
+    recipe = _recipe(model={"input_size": [3, 8, 8]}, data={"limit": 64, "batch_size": 8})
+    data = load_data(recipe)
+    teacher, _, _ = _tiny_setup()
+    student, _, _ = _tiny_setup(width=16)
+    teacher_before = _snapshot(teacher)
+    student_before = _snapshot(student)
+    rows = finetune(student, teacher, data, recipe, device="cpu")
+    assert rows and rows[-1]["step"] == rows[-1]["steps"]
+    for k, v in teacher_before.items():
+        assert torch.equal(v, teacher.state_dict()[k])
+    assert not torch.equal(student_before["conv1.weight"], student.conv1.weight)
+    assert not student.training
+    # Recalibrated stats equal a plain average of per-batch statistics of bn1's input.
+    recalibrate_bn(student, data, 3, batch_size=8, seed=5)
+    it = data.train_batches(8, 5)
+    with torch.no_grad():
+        means = torch.stack([student.conv1(next(it)[0]).mean((0, 2, 3)) for _ in range(3)])
+    torch.testing.assert_close(student.bn1.running_mean, means.mean(0), rtol=1e-4, atol=1e-5)
+    assert student.bn1.momentum == 0.1
+
+
+def test_train_classifier_learns_separable_data() -> None:
+    recipe = _recipe(model={"input_size": [3, 8, 8], "num_classes": 10},
+                     data={"source": "digits", "limit": 400, "batch_size": 32})
+    data = load_data(recipe)
+    torch.manual_seed(0)
+    model = Tiny(classes=10)
+    history = train_classifier(model, data, steps=60, lr=0.1, device="cpu", batch_size=32)
+    assert history[-1]["loss"] < history[0]["loss"]
+    from core.evaluate import accuracy
+    assert accuracy(model, data.heldout_batches(64), "cpu") > 0.5
