@@ -17,6 +17,7 @@ pass, not all of them. The single-pass median error is printed too.
 
 Prints a table; paste it with the machine description into bench/RESULTS.md ("Latency").
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,12 +34,12 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from adapters.torchvision import build_model, get_adapter  # noqa: E402
-from core.budget import fit_to_budget  # noqa: E402
-from core.cost import FlopsCost  # noqa: E402
-from core.gates import Gates  # noqa: E402
-from core.latency import device_name, measure_latency, resolve_device  # noqa: E402
-from core.lut import LatencyCost, WidthMeasurer, build_lut, calibrate  # noqa: E402
+from adapters.torchvision import build_model, get_adapter
+from core.budget import fit_to_budget
+from core.cost import FlopsCost
+from core.gates import Gates
+from core.latency import device_name, measure_latency, resolve_device
+from core.lut import LatencyCost, WidthMeasurer, build_lut, calibrate
 
 ARCH, STEM, INPUT = "resnet18", "cifar", (3, 32, 32)
 
@@ -56,12 +57,18 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=None, help="default: 64 on GPU, 8 on CPU")
     ap.add_argument("--configs", type=int, default=20)
     ap.add_argument("--round-to", type=int, default=8)
-    ap.add_argument("--points", type=int, default=None, help="LUT points per axis (default: device's)")
+    ap.add_argument(
+        "--points", type=int, default=None, help="LUT points per axis (default: device's)"
+    )
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--passes", type=int, default=3, help="interleaved measuring passes")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
-                    help="cpu: process CPU time with one thread, a contention-free stand-in on a shared host")
+    ap.add_argument(
+        "--clock",
+        choices=("wall", "cpu"),
+        default="wall",
+        help="cpu: process CPU time with one thread, a contention-free stand-in on a shared host",
+    )
     ap.add_argument("--quick", action="store_true", help="5 configs, fewer repeats")
     args = ap.parse_args()
 
@@ -75,15 +82,21 @@ def main() -> None:
     batch = args.batch or (64 if gpu else 8)
     repeats = args.repeats or (50 if gpu else (5 if args.quick else 10))
     n_configs = 5 if args.quick else args.configs
-    spec = {"batch_size": batch, "dtype": "float32", "repeats": repeats,
-            "warmup": 10 if gpu else 2, "channels_last": False}
+    spec = {
+        "batch_size": batch,
+        "dtype": "float32",
+        "repeats": repeats,
+        "warmup": 10 if gpu else 2,
+        "channels_last": False,
+    }
 
     torch.manual_seed(0)
     model = build_model(ARCH, num_classes=10, stem=STEM).to(dev).eval()
     adapter = get_adapter(ARCH)
     layers = adapter.layers(model, INPUT)
-    groups = adapter.gate_groups(model, {"round_to": args.round_to, "min_channels": args.round_to,
-                                         "prune_residual": True})
+    groups = adapter.gate_groups(
+        model, {"round_to": args.round_to, "min_channels": args.round_to, "prune_residual": True}
+    )
     measurer = WidthMeasurer(model, adapter.export_pruned, groups, INPUT, spec, dev, clock=clock)
 
     # 1. table build
@@ -100,14 +113,19 @@ def main() -> None:
     rng = random.Random(1)
     configs = [measurer.random_widths(rng) for _ in range(n_configs)]
     models = [adapter.export_pruned(model, measurer.keep_for(w)) for w in configs]
-    passes = [[measure_latency(m, INPUT, spec, dev, clock=clock).median_ms for m in models] for _ in range(args.passes)]
+    passes = [
+        [measure_latency(m, INPUT, spec, dev, clock=clock).median_ms for m in models]
+        for _ in range(args.passes)
+    ]
     measured = [min(p[i] for p in passes) for i in range(n_configs)]
     predicted = [float(cost.cost(w)) for w in configs]
     errors = [abs(p - m) / m * 100 for p, m in zip(predicted, measured)]
     errors_1 = [abs(p - m) / m * 100 for p, m in zip(predicted, passes[0])]
 
     def robust(m: torch.nn.Module) -> float:
-        return min(measure_latency(m, INPUT, spec, dev, clock=clock).median_ms for _ in range(args.passes))
+        return min(
+            measure_latency(m, INPUT, spec, dev, clock=clock).median_ms for _ in range(args.passes)
+        )
 
     # 4. latency targets vs FLOPs targets at equal FLOPs
     base_ms = robust(model)
@@ -116,39 +134,78 @@ def main() -> None:
     rows = []
     for ratio in (0.7, 0.5):
         gates = _random_gates(groups, dev)
-        lat = fit_to_budget(gates, cost.cost, ratio * base_ms,
-                            measure=lambda keep: robust(adapter.export_pruned(model, keep)))
+        lat = fit_to_budget(
+            gates,
+            cost.cost,
+            ratio * base_ms,
+            measure=lambda keep: robust(adapter.export_pruned(model, keep)),
+        )
         p_lat = adapter.export_pruned(model, dict(lat))
         f_lat = flops(p_lat)
         gates = _random_gates(groups, dev)
         fl = fit_to_budget(gates, flops_cost.cost, float(f_lat))
         p_fl = adapter.export_pruned(model, dict(fl))
         # interleaved, so both see the same host load
-        m_lat, m_fl, m_base = (min(v) for v in zip(*[
-            [measure_latency(m, INPUT, spec, dev, clock=clock).median_ms for m in (p_lat, p_fl, model)]
-            for _ in range(args.passes)]))
-        rows.append((ratio, lat.met, f_lat / base_flops, m_base / m_lat, base_flops / f_lat,
-                     flops(p_fl) / base_flops, m_base / m_fl, lat.measure_rounds))
+        m_lat, m_fl, m_base = (
+            min(v)
+            for v in zip(
+                *[
+                    [
+                        measure_latency(m, INPUT, spec, dev, clock=clock).median_ms
+                        for m in (p_lat, p_fl, model)
+                    ]
+                    for _ in range(args.passes)
+                ]
+            )
+        )
+        rows.append(
+            (
+                ratio,
+                lat.met,
+                f_lat / base_flops,
+                m_base / m_lat,
+                base_flops / f_lat,
+                flops(p_fl) / base_flops,
+                m_base / m_fl,
+                lat.measure_rounds,
+            )
+        )
 
     cpu = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} thread(s)"
     print(f"\n### Latency benchmark — {ARCH} ({STEM} stem) {INPUT}, batch {batch}, float32")
-    print(f"device: {device_name(dev)} ({'GPU' if gpu else cpu}); torch {torch.__version__}; "
-          f"clock: {clock}; {repeats} repeats x {args.passes} interleaved passes\n")
+    print(
+        f"device: {device_name(dev)} ({'GPU' if gpu else cpu}); torch {torch.__version__}; "
+        f"clock: {clock}; {repeats} repeats x {args.passes} interleaved passes\n"
+    )
     print("| measure | value |\n|---|---|")
-    print(f"| LUT build | {build_s:.1f} s, {len(table.entries)} entries, {table.points} points "
-          f"(round_to {args.round_to}, <= {table.meta['max_points_per_axis']} points/axis) |")
-    print(f"| calibration (5 whole-model timings) | {calib_s:.1f} s, scale {scale:.3f}, offset {offset:.3f} ms |")
+    print(
+        f"| LUT build | {build_s:.1f} s, {len(table.entries)} entries, {table.points} points "
+        f"(round_to {args.round_to}, <= {table.meta['max_points_per_axis']} points/axis) |"
+    )
+    print(
+        f"| calibration (5 whole-model timings) | {calib_s:.1f} s, scale {scale:.3f}, offset {offset:.3f} ms |"
+    )
     print(f"| baseline latency | {base_ms:.2f} ms |")
-    print(f"| predicted vs measured, {n_configs} random configs | median abs error "
-          f"{statistics.median(errors):.1f}%, max {max(errors):.1f}% (goal <= {5 if gpu else 10}%) |")
-    print(f"| same, single-pass medians | median abs error {statistics.median(errors_1):.1f}%, "
-          f"max {max(errors_1):.1f}% |")
-    print(f"| host load average (1/5/15 min) at the end | {' '.join(f'{v:.2f}' for v in os.getloadavg())} |")
-    print("\n| target (latency ratio) | met | FLOPs kept | measured speedup | FLOPs-ideal speedup "
-          "| FLOPs-targeted job at same FLOPs: FLOPs kept | its measured speedup | measured rounds |")
+    print(
+        f"| predicted vs measured, {n_configs} random configs | median abs error "
+        f"{statistics.median(errors):.1f}%, max {max(errors):.1f}% (goal <= {5 if gpu else 10}%) |"
+    )
+    print(
+        f"| same, single-pass medians | median abs error {statistics.median(errors_1):.1f}%, "
+        f"max {max(errors_1):.1f}% |"
+    )
+    print(
+        f"| host load average (1/5/15 min) at the end | {' '.join(f'{v:.2f}' for v in os.getloadavg())} |"
+    )
+    print(
+        "\n| target (latency ratio) | met | FLOPs kept | measured speedup | FLOPs-ideal speedup "
+        "| FLOPs-targeted job at same FLOPs: FLOPs kept | its measured speedup | measured rounds |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r[0]} | {r[1]} | {r[2]:.3f} | {r[3]:.2f}x | {r[4]:.2f}x | {r[5]:.3f} | {r[6]:.2f}x | {r[7]} |")
+        print(
+            f"| {r[0]} | {r[1]} | {r[2]:.3f} | {r[3]:.2f}x | {r[4]:.2f}x | {r[5]:.3f} | {r[6]:.2f}x | {r[7]} |"
+        )
 
 
 def _random_gates(groups: list, dev: torch.device) -> Gates:

@@ -18,6 +18,7 @@ staircase of allowed widths (``round_units`` multiples, floored, full width alwa
 The result is written back to the gates (kept logits > 0, removed < 0) so ``Gates.kept_units``
 — the one definition of kept — agrees with what is exported.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -62,9 +63,15 @@ class BudgetResult(Mapping[str, Tensor]):
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready summary (no indices)."""
-        return {"target": self.target, "predicted": self.predicted, "measured": self.measured,
-                "met": self.met, "reason": self.reason, "widths": dict(self.widths),
-                "measure_rounds": self.measure_rounds}
+        return {
+            "target": self.target,
+            "predicted": self.predicted,
+            "measured": self.measured,
+            "met": self.met,
+            "reason": self.reason,
+            "widths": dict(self.widths),
+            "measure_rounds": self.measure_rounds,
+        }
 
 
 def ladder(group: Any) -> list[int]:
@@ -78,7 +85,9 @@ def ladder(group: Any) -> list[int]:
 class _State:
     """Current unit counts per group, their removal order, and the predicted cost."""
 
-    def __init__(self, gates: Any, groups: Sequence[Any], cost_fn: Callable[[Mapping[str, float]], Any]) -> None:
+    def __init__(
+        self, gates: Any, groups: Sequence[Any], cost_fn: Callable[[Mapping[str, float]], Any]
+    ) -> None:
         self.groups = {g.name: g for g in groups}
         self.cost_fn = cost_fn
         self.ladders = {n: ladder(g) for n, g in self.groups.items()}
@@ -132,7 +141,9 @@ def _cut_candidates(st: _State, banned: set[str]) -> Iterator[tuple[float, str, 
                 break
 
 
-def _cut_to(st: _State, goal: float, banned: set[str] = frozenset(), at_least_one: bool = False) -> list[tuple[str, int]]:
+def _cut_to(
+    st: _State, goal: float, banned: set[str] = frozenset(), at_least_one: bool = False
+) -> list[tuple[str, int]]:
     """Greedy cuts until the predicted cost is <= goal; returns the (group, old units) undo log."""
     undo: list[tuple[str, int]] = []
     while st.cost > goal or (at_least_one and not undo):
@@ -194,8 +205,10 @@ def _write_back(gates: Any, st: _State) -> dict[str, Tensor]:
     for n, g in st.groups.items():
         ch = gates.kept_channels(n)
         if len(ch) != st.units[n] * int(g.unit_width):  # the one definition of kept must agree
-            raise RuntimeError(f"group {n}: gates keep {len(ch)} channels, budget chose "
-                               f"{st.units[n] * int(g.unit_width)}")
+            raise RuntimeError(
+                f"group {n}: gates keep {len(ch)} channels, budget chose "
+                f"{st.units[n] * int(g.unit_width)}"
+            )
         keep[n] = ch
     return keep
 
@@ -208,10 +221,17 @@ def _as_cost_fn(cost_model: Any) -> Callable[[Mapping[str, float]], Any]:
     raise TypeError("cost_model must be a CostModel or a callable widths -> cost")
 
 
-def fit_to_budget(gates: Any, cost_fn: Any, target_value: float,
-                  measure: Callable[[Mapping[str, Tensor]], float] | None = None, *,
-                  groups: Sequence[Any] | None = None, max_rounds: int = 8, fill: bool = True,
-                  plateau_tol: float | None = None) -> BudgetResult:
+def fit_to_budget(
+    gates: Any,
+    cost_fn: Any,
+    target_value: float,
+    measure: Callable[[Mapping[str, Tensor]], float] | None = None,
+    *,
+    groups: Sequence[Any] | None = None,
+    max_rounds: int = 8,
+    fill: bool = True,
+    plateau_tol: float | None = None,
+) -> BudgetResult:
     """Fit kept widths under ``target_value`` (in the cost's unit); returns the keep.
 
     ``gates``: ``core.gates.Gates`` (its logits decide the removal order; ``groups`` defaults
@@ -224,7 +244,9 @@ def fit_to_budget(gates: Any, cost_fn: Any, target_value: float,
     BudgetResult is a Mapping group -> kept channel indices with ``met``/``reason``/costs.
     """
     groups = list(groups) if groups is not None else list(gates.groups.values())
-    metric = getattr(cost_fn, "metric", None) or getattr(getattr(cost_fn, "__self__", None), "metric", "")
+    metric = getattr(cost_fn, "metric", None) or getattr(
+        getattr(cost_fn, "__self__", None), "metric", ""
+    )
     cost_fn = _as_cost_fn(cost_fn)
     if plateau_tol is None:
         plateau_tol = 0.005 if metric == "latency" else 0.0
@@ -240,8 +262,10 @@ def fit_to_budget(gates: Any, cost_fn: Any, target_value: float,
         rounds = 0
         reason: str | None = None
         if st.cost > target:
-            reason = (f"target {target:.6g} is below the smallest reachable predicted cost "
-                      f"{st.cost:.6g} (every group at its minimum width)")
+            reason = (
+                f"target {target:.6g} is below the smallest reachable predicted cost "
+                f"{st.cost:.6g} (every group at its minimum width)"
+            )
         if measure is not None:
             keep = _write_back(gates, st)
             measured = float(measure(keep))
@@ -256,8 +280,10 @@ def fit_to_budget(gates: Any, cost_fn: Any, target_value: float,
                     if banned:  # every useful group was banned: give them another chance
                         banned.clear()
                         continue
-                    reason = (f"measured {measured:.4g} ms is over the target {target:.4g} ms and "
-                              f"every group is at its minimum width")
+                    reason = (
+                        f"measured {measured:.4g} ms is over the target {target:.4g} ms and "
+                        f"every group is at its minimum width"
+                    )
                     break
                 keep = _write_back(gates, st)
                 m = float(measure(keep))
@@ -271,8 +297,10 @@ def fit_to_budget(gates: Any, cost_fn: Any, target_value: float,
                     continue
                 measured = m
             if measured > target and reason is None:
-                reason = (f"measured {measured:.4g} ms is still over the target {target:.4g} ms "
-                          f"after {rounds} re-measured rounds")
+                reason = (
+                    f"measured {measured:.4g} ms is still over the target {target:.4g} ms "
+                    f"after {rounds} re-measured rounds"
+                )
             elif measured <= target:
                 reason = None
     keep = _write_back(gates, st)
@@ -282,9 +310,17 @@ def fit_to_budget(gates: Any, cost_fn: Any, target_value: float,
         reason = None
     elif reason is None:
         reason = f"cost {final:.6g} over the target {target:.6g}"
-    return BudgetResult(keep=keep, widths=st.widths(st.units), target=target, predicted=st.cost,
-                        measured=measured, met=met, reason=reason, measure_rounds=rounds,
-                        history=history)
+    return BudgetResult(
+        keep=keep,
+        widths=st.widths(st.units),
+        target=target,
+        predicted=st.cost,
+        measured=measured,
+        met=met,
+        reason=reason,
+        measure_rounds=rounds,
+        history=history,
+    )
 
 
 def cost_floor(groups: Sequence[Any], cost_model: Any) -> float:

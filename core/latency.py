@@ -5,6 +5,7 @@ autotuner has picked its kernels. CPU: ``time.perf_counter_ns`` around every rep
 the median and the 10th/90th percentiles, because a mean is dragged by the one repeat that a
 neighbour's process interrupted.
 """
+
 from __future__ import annotations
 
 import copy
@@ -102,8 +103,9 @@ def summarize(times_ms: Sequence[float]) -> tuple[float, float, float]:
     return _percentile(s, 0.5), _percentile(s, 0.1), _percentile(s, 0.9)
 
 
-def time_callable(fn: Callable[[], Any], device: torch.device, repeats: int, warmup: int,
-                  clock: str = "wall") -> list[float]:
+def time_callable(
+    fn: Callable[[], Any], device: torch.device, repeats: int, warmup: int, clock: str = "wall"
+) -> list[float]:
     """Run ``fn`` ``warmup`` times untimed, then ``repeats`` times timed; ms per repeat.
 
     On CUDA each repeat is bracketed by its own pair of events on the current stream and one
@@ -136,12 +138,18 @@ def time_callable(fn: Callable[[], Any], device: torch.device, repeats: int, war
     return out
 
 
-def _placed_like(model: nn.Module, device: torch.device, dtype: torch.dtype, channels_last: bool) -> bool:
+def _placed_like(
+    model: nn.Module, device: torch.device, dtype: torch.dtype, channels_last: bool
+) -> bool:
     """True when the model already lives on ``device`` in ``dtype`` and the memory format asked."""
     for p in model.parameters():
         if p.device != device or (p.is_floating_point() and p.dtype != dtype):
             return False
-        if channels_last and p.dim() == 4 and not p.is_contiguous(memory_format=torch.channels_last):
+        if (
+            channels_last
+            and p.dim() == 4
+            and not p.is_contiguous(memory_format=torch.channels_last)
+        ):
             return False
     for b in model.buffers():
         if b.device != device:
@@ -149,7 +157,9 @@ def _placed_like(model: nn.Module, device: torch.device, dtype: torch.dtype, cha
     return True
 
 
-def prepare_model(model: nn.Module, device: torch.device, dtype: torch.dtype, channels_last: bool) -> nn.Module:
+def prepare_model(
+    model: nn.Module, device: torch.device, dtype: torch.dtype, channels_last: bool
+) -> nn.Module:
     """The model placed for timing, without mutating the caller's model.
 
     ``nn.Module.to`` works in place, so when the placement differs the timing runs on a deep
@@ -184,8 +194,14 @@ def effective_dtype(requested: str, device: torch.device) -> tuple[str, str | No
     return requested, None
 
 
-def measure_latency(model: nn.Module, input_size: Sequence[int], spec: Any, device: str | torch.device | None,
-                    *, clock: str = "wall") -> LatencyStats:
+def measure_latency(
+    model: nn.Module,
+    input_size: Sequence[int],
+    spec: Any,
+    device: str | torch.device | None,
+    *,
+    clock: str = "wall",
+) -> LatencyStats:
     """Median/p10/p90 forward latency of ``model`` at the recipe's latency settings.
 
     ``input_size`` is (C, H, W); ``spec`` is the recipe's ``latency`` block (batch_size, dtype,

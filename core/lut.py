@@ -11,6 +11,7 @@ timings absorb what per-layer timings miss (residual adds, pooling, launch gaps)
 Tables are cached by a key over everything that changes a timing (device, arch, input size,
 batch, dtype, memory format, round_to, layer shapes), so later jobs on the same device reuse them.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -52,6 +53,7 @@ _CPU_BUDGET_S, _GPU_BUDGET_S = 30.0, 120.0  # build-time budgets (grid shrinks t
 
 # --------------------------------------------------------------------------- signatures
 
+
 def _pair(v: Any, default: tuple[int, int]) -> tuple[int, int]:
     if v is None:
         return default
@@ -83,8 +85,10 @@ class LayerShape:
         ci = f"{self.cin}{'v' if self.cin_varies else 'f'}"
         co = f"{self.cout}{'v' if self.cout_varies else 'f'}"
         k, s, p, d, hw = self.kernel, self.stride, self.padding, self.dilation, self.in_hw
-        return (f"{self.kind}|k{k[0]}x{k[1]}|s{s[0]}x{s[1]}|p{p[0]}x{p[1]}|d{d[0]}x{d[1]}"
-                f"|{self.groups_mode}|in{hw[0]}x{hw[1]}|b{self.batch}|ci{ci}|co{co}")
+        return (
+            f"{self.kind}|k{k[0]}x{k[1]}|s{s[0]}x{s[1]}|p{p[0]}x{p[1]}|d{d[0]}x{d[1]}"
+            f"|{self.groups_mode}|in{hw[0]}x{hw[1]}|b{self.batch}|ci{ci}|co{co}"
+        )
 
 
 def layer_shape(layer: Any, batch: int) -> LayerShape:
@@ -105,7 +109,14 @@ def layer_shape(layer: Any, batch: int) -> LayerShape:
     tied = bool(getattr(layer, "tied_groups", False))
     cin, cout = int(layer.in_channels), int(layer.out_channels)
     if kind == "linear":
-        kernel, stride, padding, dilation, in_hw, mode = (1, 1), (1, 1), (0, 0), (1, 1), (1, 1), "dense"
+        kernel, stride, padding, dilation, in_hw, mode = (
+            (1, 1),
+            (1, 1),
+            (0, 0),
+            (1, 1),
+            (1, 1),
+            "dense",
+        )
     elif tied:
         mode = f"tied:{cin // groups}"
     elif groups > 1:
@@ -113,8 +124,20 @@ def layer_shape(layer: Any, batch: int) -> LayerShape:
     else:
         mode = "dense"
     cin_varies = layer.in_group is not None and not tied  # tied: cin follows cout
-    return LayerShape(kind, kernel, stride, padding, dilation, mode, in_hw, int(batch), cin, cout,
-                      cin_varies, layer.out_group is not None)
+    return LayerShape(
+        kind,
+        kernel,
+        stride,
+        padding,
+        dilation,
+        mode,
+        in_hw,
+        int(batch),
+        cin,
+        cout,
+        cin_varies,
+        layer.out_group is not None,
+    )
 
 
 def _axis_step(shape: LayerShape, round_to: int) -> int:
@@ -143,6 +166,7 @@ def axis_values(full: int, step: int, max_points: int) -> list[int]:
 
 
 # --------------------------------------------------------------------------- the table
+
 
 @dataclass
 class LutEntry:
@@ -193,7 +217,9 @@ class LatencyTable:
             "scale": self.scale,
             "offset": self.offset,
             "meta": self.meta,
-            "entries": {s: {"cin": e.cin, "cout": e.cout, "ms": e.ms} for s, e in self.entries.items()},
+            "entries": {
+                s: {"cin": e.cin, "cout": e.cout, "ms": e.ms} for s, e in self.entries.items()
+            },
         }
         return json.dumps(doc, sort_keys=True).encode("utf-8")
 
@@ -205,38 +231,62 @@ class LatencyTable:
             if doc.get("version") != LUT_VERSION:
                 raise ValueError(f"unsupported table version {doc.get('version')!r}")
             entries = {
-                str(s): LutEntry([int(v) for v in e["cin"]], [int(v) for v in e["cout"]],
-                                 [[float(v) for v in row] for row in e["ms"]])
+                str(s): LutEntry(
+                    [int(v) for v in e["cin"]],
+                    [int(v) for v in e["cout"]],
+                    [[float(v) for v in row] for row in e["ms"]],
+                )
                 for s, e in doc["entries"].items()
             }
             for s, e in entries.items():
                 if len(e.ms) != len(e.cin) or any(len(r) != len(e.cout) for r in e.ms):
                     raise ValueError(f"entry {s}: grid shape does not match its axes")
-            return cls(key=str(doc["key"]), device=str(doc["device"]), entries=entries,
-                       build_seconds=float(doc["build_seconds"]), scale=float(doc["scale"]),
-                       offset=float(doc["offset"]), meta=dict(doc.get("meta") or {}))
+            return cls(
+                key=str(doc["key"]),
+                device=str(doc["device"]),
+                entries=entries,
+                build_seconds=float(doc["build_seconds"]),
+                scale=float(doc["scale"]),
+                offset=float(doc["offset"]),
+                meta=dict(doc.get("meta") or {}),
+            )
         except (AttributeError, KeyError, TypeError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ValueError(f"not a latency table: {e}") from e
 
 
 # --------------------------------------------------------------------------- building
 
-def _time_point(shape: LayerShape, cin: int, cout: int, weight: Tensor, bn: tuple[Tensor, ...],
-                x_full: Tensor, dev: torch.device, channels_last: bool, repeats: int, warmup: int,
-                clock: str) -> float:
+
+def _time_point(
+    shape: LayerShape,
+    cin: int,
+    cout: int,
+    weight: Tensor,
+    bn: tuple[Tensor, ...],
+    x_full: Tensor,
+    dev: torch.device,
+    channels_last: bool,
+    repeats: int,
+    warmup: int,
+    clock: str,
+) -> float:
     """ms of one layer at (cin, cout): conv + BN + ReLU, as a pruned block runs it."""
     if shape.kind == "linear":
         x = x_full[:, :cin].contiguous()
         w = weight[:cout, :cin].contiguous()
         b = bn[0][:cout].contiguous()
-        fn = lambda: F.linear(x, w, b)  # noqa: E731
+        fn = lambda: F.linear(x, w, b)
     else:
         if shape.groups_mode.startswith("tied:"):
             per = int(shape.groups_mode.split(":")[1])
             groups, cin = cout // per, cout
             w = weight[:cout].contiguous()  # weight is (cout_full, per, kh, kw)
         else:
-            groups = int(shape.groups_mode.split(":")[1]) if shape.groups_mode.startswith("fixed:") else 1
+            groups = (
+                int(shape.groups_mode.split(":")[1])
+                if shape.groups_mode.startswith("fixed:")
+                else 1
+            )
             w = weight[:cout, : cin // groups].contiguous()
         x = x_full[:, :cin].contiguous()
         if channels_last:
@@ -248,6 +298,7 @@ def _time_point(shape: LayerShape, cin: int, cout: int, weight: Tensor, bn: tupl
         def fn() -> Tensor:
             y = F.conv2d(x, w, None, stride, padding, dilation, groups)
             return F.relu(F.batch_norm(y, mean, var, gamma, beta, False, 0.0, 1e-5))
+
     with torch.inference_mode():
         times = time_callable(fn, dev, repeats, warmup, clock)
     # CPU: the fastest repeat — on a shared host a neighbour's burst inflates the others, and
@@ -256,7 +307,9 @@ def _time_point(shape: LayerShape, cin: int, cout: int, weight: Tensor, bn: tupl
     return min(times) if dev.type == "cpu" else summarize(times)[0]
 
 
-def _entry_tensors(shape: LayerShape, dev: torch.device, dtype: torch.dtype) -> tuple[Tensor, tuple[Tensor, ...], Tensor]:
+def _entry_tensors(
+    shape: LayerShape, dev: torch.device, dtype: torch.dtype
+) -> tuple[Tensor, tuple[Tensor, ...], Tensor]:
     """Full-width weight, BN tensors and input of one signature; grid points slice them."""
     gen = torch.Generator(device="cpu").manual_seed(0)
     if shape.kind == "linear":
@@ -273,7 +326,9 @@ def _entry_tensors(shape: LayerShape, dev: torch.device, dtype: torch.dtype) -> 
     # randn * small scale: normal-range values, no denormals that would slow a CPU down
     weight = (torch.randn(shape.cout, per_in, *shape.kernel, generator=gen) * 0.05).to(dev, dtype)
     c = shape.cout
-    bn = tuple(t.to(dev, dtype) for t in (torch.zeros(c), torch.ones(c), torch.ones(c), torch.zeros(c)))
+    bn = tuple(
+        t.to(dev, dtype) for t in (torch.zeros(c), torch.ones(c), torch.ones(c), torch.zeros(c))
+    )
     x_full = torch.randn(shape.batch, shape.cin, *shape.in_hw, generator=gen).to(dev, dtype)
     return weight, bn, x_full
 
@@ -285,8 +340,14 @@ def _grid(shape: LayerShape, round_to: int, max_points: int) -> tuple[list[int],
     return cins, couts
 
 
-def _points_for_budget(shapes: Mapping[str, LayerShape], probes: Mapping[str, tuple[float, float]],
-                       round_to: int, max_points: int, runs: int, budget_s: float) -> int:
+def _points_for_budget(
+    shapes: Mapping[str, LayerShape],
+    probes: Mapping[str, tuple[float, float]],
+    round_to: int,
+    max_points: int,
+    runs: int,
+    budget_s: float,
+) -> int:
     """Largest points-per-axis (<= max_points, >= 2) whose estimated build time fits the budget.
 
     ``probes[sig]`` = (ms at the smallest grid point, ms at full width); a point in between is
@@ -299,16 +360,27 @@ def _points_for_budget(shapes: Mapping[str, LayerShape], probes: Mapping[str, tu
             lo, hi = probes[sig]
             p_lo, p_hi = cins[0] * couts[0], s.cin * s.cout
             span = max(p_hi - p_lo, 1)
-            est_ms += sum(lo + (hi - lo) * (ci * co - p_lo) / span for ci in cins for co in couts) * runs
+            est_ms += (
+                sum(lo + (hi - lo) * (ci * co - p_lo) / span for ci in cins for co in couts) * runs
+            )
         if est_ms / 1000 <= budget_s:
             return p
     return 2
 
 
-def build_lut(layers: Sequence[Any], spec: Any, device: str | torch.device | None, round_to: int,
-              max_points_per_axis: int | None = None, *, repeats: int | None = None,
-              warmup: int | None = None, key: str = "", clock: str = "wall",
-              time_budget_s: float | None = None) -> LatencyTable:
+def build_lut(
+    layers: Sequence[Any],
+    spec: Any,
+    device: str | torch.device | None,
+    round_to: int,
+    max_points_per_axis: int | None = None,
+    *,
+    repeats: int | None = None,
+    warmup: int | None = None,
+    key: str = "",
+    clock: str = "wall",
+    time_budget_s: float | None = None,
+) -> LatencyTable:
     """Measure the per-layer latency table of ``layers`` (``core.cost.LayerSpec``) on ``device``.
 
     ``spec`` is the recipe's latency block (batch_size, dtype, channels_last). Identical layer
@@ -322,7 +394,9 @@ def build_lut(layers: Sequence[Any], spec: Any, device: str | torch.device | Non
     max_points = int(max_points_per_axis or (_GPU_POINTS if gpu else _CPU_POINTS))
     repeats = int(repeats or (_GPU_REPEATS if gpu else _CPU_REPEATS))
     warmup = int(warmup if warmup is not None else (_GPU_WARMUP if gpu else _CPU_WARMUP))
-    budget_s = float(time_budget_s if time_budget_s is not None else (_GPU_BUDGET_S if gpu else _CPU_BUDGET_S))
+    budget_s = float(
+        time_budget_s if time_budget_s is not None else (_GPU_BUDGET_S if gpu else _CPU_BUDGET_S)
+    )
     batch = int(spec_value(spec, "batch_size", 1))
     channels_last = bool(spec_value(spec, "channels_last", False))
     dtype_name, note = effective_dtype(str(spec_value(spec, "dtype", "float32")), dev)
@@ -348,27 +422,44 @@ def build_lut(layers: Sequence[Any], spec: Any, device: str | torch.device | Non
             for sig, s in shapes.items():
                 t = _entry_tensors(s, dev, dtype)
                 cins, couts = _grid(s, round_to, 2)
-                probes[sig] = (point(s, t, cins[0], couts[0], 2, 1), point(s, t, s.cin, s.cout, 2, 1))
+                probes[sig] = (
+                    point(s, t, cins[0], couts[0], 2, 1),
+                    point(s, t, s.cin, s.cout, 2, 1),
+                )
             spent = time.perf_counter() - t0
-            max_points = _points_for_budget(shapes, probes, round_to, max_points, repeats + warmup,
-                                            max(0.0, budget_s - spent))
+            max_points = _points_for_budget(
+                shapes, probes, round_to, max_points, repeats + warmup, max(0.0, budget_s - spent)
+            )
         for sig, s in shapes.items():
             cins, couts = _grid(s, round_to, max_points)
             t = _entry_tensors(s, dev, dtype)
-            entries[sig] = LutEntry(cins, couts, [[point(s, t, ci, co, repeats, warmup) for co in couts]
-                                                  for ci in cins])
+            entries[sig] = LutEntry(
+                cins, couts, [[point(s, t, ci, co, repeats, warmup) for co in couts] for ci in cins]
+            )
     finally:
         torch.backends.cudnn.benchmark = prev
-    meta = {"batch_size": batch, "dtype": dtype_name, "channels_last": channels_last,
-            "round_to": int(round_to), "repeats": repeats, "max_points_per_axis": max_points,
-            "clock": clock}
+    meta = {
+        "batch_size": batch,
+        "dtype": dtype_name,
+        "channels_last": channels_last,
+        "round_to": int(round_to),
+        "repeats": repeats,
+        "max_points_per_axis": max_points,
+        "clock": clock,
+    }
     if note:
         meta["note"] = note
-    return LatencyTable(key=key, device=device_name(dev), entries=entries,
-                        build_seconds=time.perf_counter() - t0, meta=meta)
+    return LatencyTable(
+        key=key,
+        device=device_name(dev),
+        entries=entries,
+        build_seconds=time.perf_counter() - t0,
+        meta=meta,
+    )
 
 
 # --------------------------------------------------------------------------- the cost model
+
 
 class LatencyCost:
     """``CostModel`` over a LatencyTable: ms = scale * sum_layers interp(cin, cout) + offset.
@@ -392,7 +483,9 @@ class LatencyCost:
         shapes = [layer_shape(layer, batch) for layer in layers]
         missing = [s.signature for s in shapes if s.signature not in table.entries]
         if missing:
-            raise ValueError(f"latency table {table.key or '?'} lacks {len(missing)} layer(s), e.g. {missing[0]}")
+            raise ValueError(
+                f"latency table {table.key or '?'} lacks {len(missing)} layer(s), e.g. {missing[0]}"
+            )
         grids = [self._padded(table.entries[s.signature]) for s in shapes]
         pi = max(len(g[0]) for g in grids)
         pj = max(len(g[1]) for g in grids)
@@ -404,16 +497,32 @@ class LatencyCost:
         nj = torch.empty(n, dtype=torch.long)
         for k, (ci, co, ms) in enumerate(grids):
             # pad axes with increasing values so searchsorted stays valid past a layer's last point
-            xi[k] = torch.tensor(ci + [ci[-1] + 1 + t for t in range(pi - len(ci))], dtype=torch.float64)
-            xj[k] = torch.tensor(co + [co[-1] + 1 + t for t in range(pj - len(co))], dtype=torch.float64)
+            xi[k] = torch.tensor(
+                ci + [ci[-1] + 1 + t for t in range(pi - len(ci))], dtype=torch.float64
+            )
+            xj[k] = torch.tensor(
+                co + [co[-1] + 1 + t for t in range(pj - len(co))], dtype=torch.float64
+            )
             v[k, : len(ci), : len(co)] = torch.tensor(ms, dtype=torch.float64)
             ni[k], nj[k] = len(ci), len(co)
         tied = [s.groups_mode.startswith("tied:") for s in shapes]
         in_slot = torch.tensor(
-            [gidx[la.in_group] if (la.in_group is not None and not t) else const for la, t in zip(layers, tied)])
-        out_slot = torch.tensor([gidx[la.out_group] if la.out_group is not None else const for la in layers])
+            [
+                gidx[la.in_group] if (la.in_group is not None and not t) else const
+                for la, t in zip(layers, tied)
+            ]
+        )
+        out_slot = torch.tensor(
+            [gidx[la.out_group] if la.out_group is not None else const for la in layers]
+        )
         self._cpu: dict[str, Tensor] = {
-            "xi": xi, "xj": xj, "v": v, "ni": ni, "nj": nj, "in_slot": in_slot, "out_slot": out_slot,
+            "xi": xi,
+            "xj": xj,
+            "v": v,
+            "ni": ni,
+            "nj": nj,
+            "in_slot": in_slot,
+            "out_slot": out_slot,
             "rows": torch.arange(n),
             "cin_full": torch.tensor([float(s.cin) for s in shapes], dtype=torch.float64),
             "cout_full": torch.tensor([float(s.cout) for s in shapes], dtype=torch.float64),
@@ -442,15 +551,27 @@ class LatencyCost:
         """(groups + 1,) float64 widths in table order; absent groups at full width."""
         full = self._buffers(device)["full"]
         vals = [widths[g] if g in widths else full[i] for i, g in enumerate(self.groups)]
-        w = torch.stack([v.to(device, torch.float64).reshape(()) if isinstance(v, Tensor)
-                         else torch.tensor(float(v), dtype=torch.float64, device=device) for v in vals]) \
-            if vals else full
+        w = (
+            torch.stack(
+                [
+                    v.to(device, torch.float64).reshape(())
+                    if isinstance(v, Tensor)
+                    else torch.tensor(float(v), dtype=torch.float64, device=device)
+                    for v in vals
+                ]
+            )
+            if vals
+            else full
+        )
         return torch.cat([w, w.new_zeros(1)])
 
     @staticmethod
     def _interp_axis(x: Tensor, axes: Tensor, n: Tensor) -> tuple[Tensor, Tensor]:
         """Interval index per layer and the (unclamped, so extrapolating) position in it."""
-        idx = torch.searchsorted(axes, x.detach().unsqueeze(1).contiguous(), right=True).squeeze(1) - 1
+        idx = (
+            torch.searchsorted(axes, x.detach().unsqueeze(1).contiguous(), right=True).squeeze(1)
+            - 1
+        )
         idx = torch.minimum(idx.clamp_min(0), n - 2)
         x0 = axes.gather(1, idx.unsqueeze(1)).squeeze(1)
         x1 = axes.gather(1, (idx + 1).unsqueeze(1)).squeeze(1)
@@ -461,7 +582,9 @@ class LatencyCost:
         unknown = set(widths) - set(self.full_widths)
         if unknown:
             raise KeyError(f"unknown gate groups: {sorted(unknown)}")
-        device = next((w.device for w in widths.values() if isinstance(w, Tensor)), torch.device("cpu"))
+        device = next(
+            (w.device for w in widths.values() if isinstance(w, Tensor)), torch.device("cpu")
+        )
         b = self._buffers(device)
         w = self._width_vector(widths, device)
         const = len(self.groups)
@@ -471,8 +594,12 @@ class LatencyCost:
         j, u = self._interp_axis(cout, b["xj"], b["nj"])
         v = b["v"]
         rows = b["rows"]
-        per_layer = ((1 - t) * (1 - u) * v[rows, i, j] + t * (1 - u) * v[rows, i + 1, j]
-                     + (1 - t) * u * v[rows, i, j + 1] + t * u * v[rows, i + 1, j + 1])
+        per_layer = (
+            (1 - t) * (1 - u) * v[rows, i, j]
+            + t * (1 - u) * v[rows, i + 1, j]
+            + (1 - t) * u * v[rows, i, j + 1]
+            + t * u * v[rows, i + 1, j + 1]
+        )
         return per_layer.clamp_min(0.0).sum()
 
     def cost(self, widths: Mapping[str, Tensor | float]) -> Tensor:
@@ -489,7 +616,10 @@ class LatencyCost:
 
 # --------------------------------------------------------------------------- calibration
 
-def fit_calibration(table: LatencyTable, samples: Sequence[tuple[float, float]]) -> tuple[float, float]:
+
+def fit_calibration(
+    table: LatencyTable, samples: Sequence[tuple[float, float]]
+) -> tuple[float, float]:
     """Least-squares ``measured ≈ scale * predicted_raw + offset``; stored on the table.
 
     ``samples`` are (raw per-layer sum, measured whole-model ms) pairs, e.g. the baseline plus a
@@ -518,8 +648,12 @@ def fit_calibration(table: LatencyTable, samples: Sequence[tuple[float, float]])
     return table.scale, table.offset
 
 
-def random_widths(full_widths: Mapping[str, int], step: Mapping[str, int] | int, rng: random.Random,
-                  low: float = 0.25) -> dict[str, int]:
+def random_widths(
+    full_widths: Mapping[str, int],
+    step: Mapping[str, int] | int,
+    rng: random.Random,
+    low: float = 0.25,
+) -> dict[str, int]:
     """A random width per group: a multiple of its step in [low * full, full], or full."""
     out: dict[str, int] = {}
     for g, full in full_widths.items():
@@ -537,9 +671,16 @@ class WidthMeasurer:
     latency, only how many, so the first ones are kept.
     """
 
-    def __init__(self, model: nn.Module, export_fn: Callable[[nn.Module, dict[str, Tensor]], nn.Module],
-                 groups: Sequence[Any], input_size: Sequence[int], spec: Any,
-                 device: str | torch.device | None, clock: str = "wall") -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        export_fn: Callable[[nn.Module, dict[str, Tensor]], nn.Module],
+        groups: Sequence[Any],
+        input_size: Sequence[int],
+        spec: Any,
+        device: str | torch.device | None,
+        clock: str = "wall",
+    ) -> None:
         self.model, self.export_fn, self.clock = model, export_fn, clock
         self.groups = {g.name: g for g in groups}
         self.input_size, self.spec, self.device = tuple(input_size), spec, device
@@ -556,7 +697,9 @@ class WidthMeasurer:
 
     def __call__(self, widths: Mapping[str, int]) -> float:
         pruned = self.export_fn(self.model, self.keep_for(widths))
-        return measure_latency(pruned, self.input_size, self.spec, self.device, clock=self.clock).median_ms
+        return measure_latency(
+            pruned, self.input_size, self.spec, self.device, clock=self.clock
+        ).median_ms
 
     def random_widths(self, rng: random.Random, low: float = 0.25) -> dict[str, int]:
         """Random exportable widths of the pruned groups (multiples of each group's step)."""
@@ -565,15 +708,26 @@ class WidthMeasurer:
         return random_widths(full, step, rng, low)
 
 
-def make_width_measurer(model: nn.Module, export_fn: Callable[[nn.Module, dict[str, Tensor]], nn.Module],
-                        groups: Sequence[Any], input_size: Sequence[int], spec: Any,
-                        device: str | torch.device | None) -> WidthMeasurer:
+def make_width_measurer(
+    model: nn.Module,
+    export_fn: Callable[[nn.Module, dict[str, Tensor]], nn.Module],
+    groups: Sequence[Any],
+    input_size: Sequence[int],
+    spec: Any,
+    device: str | torch.device | None,
+) -> WidthMeasurer:
     """The ``calibrate_with`` callable of ``get_or_build_lut`` for one model (see WidthMeasurer)."""
     return WidthMeasurer(model, export_fn, groups, input_size, spec, device)
 
 
-def calibrate(table: LatencyTable, layers: Sequence[Any], measure_widths: Callable[[Mapping[str, int]], float],
-              n_random: int = 4, seed: int = 0, passes: int = 2) -> tuple[float, float]:
+def calibrate(
+    table: LatencyTable,
+    layers: Sequence[Any],
+    measure_widths: Callable[[Mapping[str, int]], float],
+    n_random: int = 4,
+    seed: int = 0,
+    passes: int = 2,
+) -> tuple[float, float]:
     """Fit the table's scale/offset to the full model plus ``n_random`` random-width models.
 
     ``measure_widths(widths)`` exports the model at those channel counts and returns its
@@ -593,6 +747,7 @@ def calibrate(table: LatencyTable, layers: Sequence[Any], measure_widths: Callab
 
 
 # --------------------------------------------------------------------------- caching
+
 
 class LutCache(Protocol):
     """Where built tables are kept between jobs (a folder for ``hawada run``, the DB in the worker)."""
@@ -636,8 +791,14 @@ class FolderLutCache:
             raise
 
 
-def lut_key(layers: Sequence[Any], spec: Any, device: str | torch.device | None, round_to: int,
-            key_parts: Mapping[str, Any] | None = None, max_points_per_axis: int | None = None) -> str:
+def lut_key(
+    layers: Sequence[Any],
+    spec: Any,
+    device: str | torch.device | None,
+    round_to: int,
+    key_parts: Mapping[str, Any] | None = None,
+    max_points_per_axis: int | None = None,
+) -> str:
     """Cache key: hash of device name, caller's parts (arch, input size), latency settings, shapes."""
     dev = resolve_device(device)
     batch = int(spec_value(spec, "batch_size", 1))
@@ -655,11 +816,18 @@ def lut_key(layers: Sequence[Any], spec: Any, device: str | torch.device | None,
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:40]
 
 
-def get_or_build_lut(layers: Sequence[Any], spec: Any, device: str | torch.device | None, round_to: int,
-                     cache: LutCache | None, key_parts: Mapping[str, Any] | None = None, *,
-                     max_points_per_axis: int | None = None,
-                     calibrate_with: Callable[[Mapping[str, int]], float] | None = None,
-                     n_calibration: int = 4) -> LatencyTable:
+def get_or_build_lut(
+    layers: Sequence[Any],
+    spec: Any,
+    device: str | torch.device | None,
+    round_to: int,
+    cache: LutCache | None,
+    key_parts: Mapping[str, Any] | None = None,
+    *,
+    max_points_per_axis: int | None = None,
+    calibrate_with: Callable[[Mapping[str, int]], float] | None = None,
+    n_calibration: int = 4,
+) -> LatencyTable:
     """The cached table for these layers on this device, building (and storing) it on a miss.
 
     With ``calibrate_with`` (a ``widths -> measured ms`` callable, see ``make_width_measurer``)

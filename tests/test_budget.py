@@ -1,4 +1,5 @@
 """core/budget.py: fitting exported widths under a cost target, staircase rule, measured loop."""
+
 from __future__ import annotations
 
 import math
@@ -50,8 +51,9 @@ def test_flops_target_half_is_met_on_the_staircase(resnet18) -> None:
         assert width >= 16
         # one definition of kept: the gates now say exactly what the budget chose
         assert torch.equal(gates.kept_channels(name), result[name])
-    assert {k: v.tolist() for k, v in keep_from_gates(gates).items()} == \
-        {k: v.tolist() for k, v in result.items()}
+    assert {k: v.tolist() for k, v in keep_from_gates(gates).items()} == {
+        k: v.tolist() for k, v in result.items()
+    }
     pruned = adapter.export_pruned(model, dict(result))
     assert _flops(pruned) <= target
     # slack filling leaves little on the table: one more step anywhere would break the target
@@ -70,8 +72,10 @@ def test_lowest_logits_are_removed_first() -> None:
 
 
 def _two_groups(min_channels: int = 8) -> Gates:
-    groups = [GateGroup.from_channels(n, 64, modules=[], covers=[], round_to=8,
-                                      min_channels=min_channels) for n in ("a", "b")]
+    groups = [
+        GateGroup.from_channels(n, 64, modules=[], covers=[], round_to=8, min_channels=min_channels)
+        for n in ("a", "b")
+    ]
     return Gates(groups)
 
 
@@ -110,7 +114,7 @@ def test_staircase_grows_back_over_a_plateau() -> None:
 
 def test_target_below_the_floor_is_reported() -> None:
     gates = _two_groups(min_channels=16)
-    cost = lambda w: float(w.get("a", 64.0)) + float(w.get("b", 64.0))  # noqa: E731
+    cost = lambda w: float(w.get("a", 64.0)) + float(w.get("b", 64.0))
     assert cost_floor(list(gates.groups.values()), cost) == 32.0
     result = fit_to_budget(gates, cost, 10.0)
     assert not result.met and "minimum" in result.reason
@@ -119,7 +123,7 @@ def test_target_below_the_floor_is_reported() -> None:
 
 def test_measured_latency_drives_further_cuts() -> None:
     gates = _two_groups()
-    cost = lambda w: float(w.get("a", 64.0)) + float(w.get("b", 64.0))  # noqa: E731
+    cost = lambda w: float(w.get("a", 64.0)) + float(w.get("b", 64.0))
 
     def measure(keep: Mapping[str, torch.Tensor]) -> float:
         # the real model is 30% slower than predicted
@@ -133,7 +137,7 @@ def test_measured_latency_drives_further_cuts() -> None:
 
 def test_measured_loop_gives_up_with_a_reason() -> None:
     gates = _two_groups()
-    cost = lambda w: float(w.get("a", 64.0)) + float(w.get("b", 64.0))  # noqa: E731
+    cost = lambda w: float(w.get("a", 64.0)) + float(w.get("b", 64.0))
     result = fit_to_budget(gates, cost, 100.0, measure=lambda keep: 500.0, max_rounds=3)
     assert not result.met and result.measured == 500.0
     assert result.reason and "over the target" in result.reason
@@ -145,4 +149,4 @@ def test_ladder_matches_gate_snapping() -> None:
 
     g = GateGroup.from_channels("g", 72, modules=[], covers=[], round_to=16, min_channels=20)
     steps = ladder(g)
-    assert steps == sorted({snap_units(k, g) for k in range(0, g.units + 1)})
+    assert steps == sorted({snap_units(k, g) for k in range(g.units + 1)})

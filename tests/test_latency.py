@@ -1,4 +1,5 @@
 """core/latency.py: timing statistics on the running device, caller's model left untouched."""
+
 from __future__ import annotations
 
 import pytest
@@ -13,8 +14,14 @@ INPUT = (3, 16, 16)
 
 def _small_cnn() -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 4),
+    )
 
 
 def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -37,8 +44,16 @@ def test_stats_are_ordered_and_describe_the_run() -> None:
     assert stats.dtype == "float32" and stats.channels_last is False
     assert stats.device == device_name("cpu")
     d = stats.to_dict()
-    assert {"median_ms", "p10_ms", "p90_ms", "device", "batch_size", "dtype",
-            "channels_last", "repeats"} <= d.keys()
+    assert {
+        "median_ms",
+        "p10_ms",
+        "p90_ms",
+        "device",
+        "batch_size",
+        "dtype",
+        "channels_last",
+        "repeats",
+    } <= d.keys()
 
 
 def test_model_is_not_modified() -> None:

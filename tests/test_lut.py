@@ -1,6 +1,8 @@
 """core/lut.py: per-layer latency table, its cache, the differentiable latency cost, calibration."""
+
 from __future__ import annotations
 
+import itertools
 import random
 
 import pytest
@@ -43,21 +45,29 @@ def table(resnet18) -> LatencyTable:
 
 # ------------------------------------------------------------------ synthetic table (exact numbers)
 
+
 def _toy_layers() -> list[LayerSpec]:
     return [
         LayerSpec("a", "conv", None, "g1", 3, 32, 1, False, (3, 3), (8, 8), (8, 8), (1, 1), (1, 1)),
-        LayerSpec("b", "conv", "g1", "g2", 32, 64, 1, False, (3, 3), (8, 8), (8, 8), (1, 1), (1, 1)),
+        LayerSpec(
+            "b", "conv", "g1", "g2", 32, 64, 1, False, (3, 3), (8, 8), (8, 8), (1, 1), (1, 1)
+        ),
         LayerSpec("fc", "linear", "g2", None, 64, 10, 1, False, (1, 1), (1, 1)),
     ]
 
 
 def _toy_table() -> LatencyTable:
     sa, sb, sf = (layer_shape(la, 1).signature for la in _toy_layers())
-    return LatencyTable(key="toy", device="cpu:test", entries={
-        sa: LutEntry([3], [16, 32], [[1.0, 2.0]]),
-        sb: LutEntry([16, 32], [32, 64], [[1.0, 3.0], [2.0, 6.0]]),
-        sf: LutEntry([16, 64], [10], [[0.5], [1.0]]),
-    }, meta={"batch_size": 1, "round_to": 16})
+    return LatencyTable(
+        key="toy",
+        device="cpu:test",
+        entries={
+            sa: LutEntry([3], [16, 32], [[1.0, 2.0]]),
+            sb: LutEntry([16, 32], [32, 64], [[1.0, 3.0], [2.0, 6.0]]),
+            sf: LutEntry([16, 64], [10], [[0.5], [1.0]]),
+        },
+        meta={"batch_size": 1, "round_to": 16},
+    )
 
 
 def test_interpolation_is_exact_at_grid_points() -> None:
@@ -71,7 +81,7 @@ def test_interpolation_is_exact_at_grid_points() -> None:
 def test_interpolation_is_monotone_between_points() -> None:
     cost = LatencyCost(_toy_layers(), _toy_table())
     values = [float(cost.cost({"g1": 32.0, "g2": float(w)})) for w in range(32, 65, 4)]
-    assert all(b >= a for a, b in zip(values, values[1:]))
+    assert all(b >= a for a, b in itertools.pairwise(values))
     assert values[0] < values[-1]
 
 
@@ -117,6 +127,7 @@ def test_axis_values_keep_smallest_and_full() -> None:
 
 # ------------------------------------------------------------------ measured table on resnet18
 
+
 def test_build_dedupes_layers_and_samples_round_to(resnet18, table: LatencyTable) -> None:
     _, _, layers = resnet18
     assert len(table.entries) < len(layers)  # repeated blocks share entries
@@ -138,7 +149,9 @@ def test_table_roundtrips_through_bytes(resnet18, table: LatencyTable) -> None:
     data = table.to_bytes()
     again = LatencyTable.from_bytes(data)
     assert again.to_bytes() == data
-    assert LatencyCost(layers, again).baseline() == pytest.approx(LatencyCost(layers, table).baseline())
+    assert LatencyCost(layers, again).baseline() == pytest.approx(
+        LatencyCost(layers, table).baseline()
+    )
     with pytest.raises(ValueError):
         LatencyTable.from_bytes(b"\x80\x04not json")
 
@@ -188,13 +201,24 @@ def test_folder_cache_refuses_keys_that_are_not_hashes(tmp_path) -> None:
 
 def test_calibration_against_exported_models_is_cached(resnet18, tmp_path) -> None:
     model, adapter, layers = resnet18
-    groups = adapter.gate_groups(model, {"round_to": 16, "min_channels": 16, "prune_residual": True})
+    groups = adapter.gate_groups(
+        model, {"round_to": 16, "min_channels": 16, "prune_residual": True}
+    )
     measurer = make_width_measurer(model, adapter.export_pruned, groups, INPUT, SPEC, "cpu")
     widths = measurer.random_widths(random.Random(0))
     assert all(w % 16 == 0 or w == g.channels for g in groups for w in [widths[g.name]])
     cache = FolderLutCache(tmp_path)
-    table = get_or_build_lut(layers, SPEC, "cpu", 16, cache, {"arch": "resnet18"},
-                             calibrate_with=measurer, n_calibration=2, **FAST)
+    table = get_or_build_lut(
+        layers,
+        SPEC,
+        "cpu",
+        16,
+        cache,
+        {"arch": "resnet18"},
+        calibrate_with=measurer,
+        n_calibration=2,
+        **FAST,
+    )
     assert table.meta["calibration_samples"] == 3 and table.scale > 0
     assert table.summary()["calibrated"] is True
     again = LatencyTable.from_bytes(cache.get(table.key))
