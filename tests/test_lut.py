@@ -223,3 +223,18 @@ def test_calibration_against_exported_models_is_cached(resnet18, tmp_path) -> No
     assert table.summary()["calibrated"] is True
     again = LatencyTable.from_bytes(cache.get(table.key))
     assert (again.scale, again.offset) == (table.scale, table.offset)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_gpu_table_in_reduced_precision(dtype: str) -> None:
+    layers = _toy_layers()
+    spec = {**SPEC, "batch_size": 4, "dtype": dtype, "channels_last": True}
+    table = build_lut(layers, spec, "cuda", 16, 3)
+    assert table.device == torch.cuda.get_device_name(0)
+    assert table.meta["dtype"] == dtype and table.meta["channels_last"] is True
+    cost = LatencyCost(layers, table)
+    w = torch.tensor(24.0, device="cuda", requires_grad=True)
+    cost.cost({"g1": w}).backward()  # buffers follow the widths to the GPU
+    assert cost.baseline() > 0 and w.grad is not None
