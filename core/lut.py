@@ -549,19 +549,23 @@ class LatencyCost:
 
     def _width_vector(self, widths: Mapping[str, Tensor | float], device: torch.device) -> Tensor:
         """(groups + 1,) float64 widths in table order; absent groups at full width."""
-        full = self._buffers(device)["full"]
-        vals = [widths[g] if g in widths else full[i] for i, g in enumerate(self.groups)]
-        w = (
-            torch.stack(
-                [
-                    v.to(device, torch.float64).reshape(())
-                    if isinstance(v, Tensor)
-                    else torch.tensor(float(v), dtype=torch.float64, device=device)
-                    for v in vals
-                ]
-            )
-            if vals
-            else full
+        b = self._buffers(device)
+        if not any(isinstance(v, Tensor) for v in widths.values()):
+            # plain numbers (budget fitting): one tensor, no autograd graph to keep
+            vals = [float(widths.get(g, self.full_widths[g])) for g in self.groups] + [0.0]
+            return torch.tensor(vals, dtype=torch.float64, device=device)
+        full = b["full"]
+        w = torch.stack(
+            [
+                widths[g].to(device, torch.float64).reshape(())
+                if isinstance(widths.get(g), Tensor)
+                else (
+                    torch.tensor(float(widths[g]), dtype=torch.float64, device=device)
+                    if g in widths
+                    else full[i]
+                )
+                for i, g in enumerate(self.groups)
+            ]
         )
         return torch.cat([w, w.new_zeros(1)])
 
