@@ -150,3 +150,30 @@ def test_ladder_matches_gate_snapping() -> None:
     g = GateGroup.from_channels("g", 72, modules=[], covers=[], round_to=16, min_channels=20)
     steps = ladder(g)
     assert steps == sorted({snap_units(k, g) for k in range(g.units + 1)})
+
+
+@pytest.mark.slow
+def test_latency_budget_with_real_table_and_measurements(resnet18) -> None:
+    """LUT cost + measured loop on the real model: the result is consistent, whatever the timing."""
+    from core.latency import measure_latency
+    from core.lut import LatencyCost, build_lut
+
+    model, adapter, gates, layers = resnet18
+    spec = {"batch_size": 2, "repeats": 3, "warmup": 1}
+    cost = LatencyCost(layers, build_lut(layers, spec, "cpu", 16, 3, repeats=2, warmup=0))
+    measured_keeps: list[dict[str, int]] = []
+
+    def measure(keep: Mapping[str, torch.Tensor]) -> float:
+        measured_keeps.append({k: len(v) for k, v in keep.items()})
+        return measure_latency(adapter.export_pruned(model, keep), INPUT, spec, "cpu").median_ms
+
+    target = 0.6 * cost.baseline()
+    result = fit_to_budget(gates, cost, target, measure=measure, max_rounds=3)
+    assert result.predicted <= target
+    assert result.met == (result.measured <= target)
+    assert result.met or result.reason
+    # the reported measurement is of the widths that were returned
+    assert measured_keeps and result.widths in measured_keeps
+    for name, g in gates.groups.items():
+        assert torch.equal(gates.kept_channels(name), result[name])
+        assert len(result[name]) == g.channels or len(result[name]) % 16 == 0
