@@ -29,6 +29,9 @@ PHASES = ("loading", "baseline", "profiling", "training", "exporting", "finetuni
           "packaging")
 # A training progress event at most this often (seconds) besides every log_every steps.
 PROGRESS_EVERY_S = 2.0
+# Gate-training checkpoints: every this many seconds or steps, whichever comes first.
+CHECKPOINT_EVERY_S = 10.0
+CHECKPOINT_EVERY_STEPS = 50
 
 
 def _ignore(_event: dict[str, Any]) -> None:
@@ -70,8 +73,13 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 def _atomic(path: Path, write: Callable[[Path], None]) -> None:
     """Write through `write(tmp)` then rename over `path`: readers never see a partial file."""
     tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o644)  # some writers (safetensors) create 0600 files; artifacts are shared
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def write_json(path: Path, data: Any) -> None:
@@ -261,7 +269,9 @@ def run_job(ctx: JobContext) -> dict[str, Any]:
                 on_step=_progress_emitter(ctx, "training", recipe.train.log_every),
                 should_stop=ctx.should_cancel, start_step=start_step, state=state,
                 target_ratio=ratio,
-                on_checkpoint=on_checkpoint if ctx.checkpoint_dir is not None else None)
+                on_checkpoint=on_checkpoint if ctx.checkpoint_dir is not None else None,
+                checkpoint_every_s=CHECKPOINT_EVERY_S,
+                checkpoint_every_steps=CHECKPOINT_EVERY_STEPS)
         finally:
             handle.remove()
         gates.requires_grad_(False)

@@ -25,12 +25,11 @@ CheckpointCallback = Callable[[dict[str, Any]], None]
 
 # Augmented-Lagrangian defaults, tuned on ResNet-18 (digits, Fashion-MNIST) so that the expected
 # cost lands on the target within a few hundred Adam steps at lr 0.05:
-DUAL_STEP = 0.5          # eta: multiplier += eta * (ratio - target) each step
-PENALTY_RHO = 4.0        # rho: quadratic term, damps the oscillation of pure dual ascent
+DUAL_STEP = 0.2          # eta: multiplier += eta * (ratio - target) each step
+PENALTY_RHO = 20.0       # rho: quadratic term, damps the oscillation of pure dual ascent
 TARGET_WARMUP = 0.6      # the target walks linearly from 1 to target.ratio over this step share
-INIT_LOGIT = 1.0         # mean initial logit: gates start almost open so KD sees the base model
+INIT_LOGIT = 2.0         # mean initial logit: gates start almost open so KD sees the base model
 INIT_SPREAD = 0.5        # initial logits span INIT_LOGIT * (1 +- INIT_SPREAD), ordered by |BN gamma|
-LOGIT_BOUND = 1e9        # |logit| <= LOGIT_BOUND * T keeps every gate's gradient alive
 CHECKPOINT_EVERY_S = 10.0
 CHECKPOINT_EVERY_STEPS = 50
 RECALIBRATE_BATCHES = 50
@@ -217,11 +216,6 @@ def train_gates(model: nn.Module, gates: nn.Module, cost_model: Any, data: Any, 
         opt.step()
         with torch.no_grad():
             multiplier += DUAL_STEP * gap.detach()
-            # A logit far beyond the temperature has a vanishing gradient and could never come
-            # back if the multiplier later asks for more width; keep all within reach.
-            bound = LOGIT_BOUND * temperature
-            for p in gates.parameters():
-                p.clamp_(-bound, bound)
 
         last = step == steps - 1
         if on_step is not None or (step + 1) % log_every == 0 or last:

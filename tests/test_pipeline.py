@@ -1,0 +1,237 @@
+"""run_job end to end on synthetic data: ResNet-18 (cifar stem) at 16x16, a few gate steps."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from adapters.torchvision import build_model, get_adapter, load_pruned
+from core.data import load_data
+from core.errors import HawadaError, JobCancelled, WeightsError
+from core.evaluate import accuracy
+from core.gates import Gates, attach
+from core.pipeline import PHASES, JobContext, load_checkpoint, run_job, save_checkpoint
+from core.recipe import parse_recipe
+
+ARTIFACTS = ("pruned.safetensors", "pruned.json", "keepall.safetensors", "gates.safetensors",
+             "report.json", "report.html")
+
+
+def _recipe(finetune: float = 0.0, formats: tuple[str, ...] = ("safetensors",)):
+    return parse_recipe({
+        "model": {"arch": "resnet18", "num_classes": 4, "stem": "cifar", "input_size": [3, 16, 16]},
+        "data": {"source": "synthetic", "limit": 48, "batch_size": 8},
+        "target": {"metric": "flops", "ratio": 0.5},
+        "train": {"steps": 5, "log_every": 2},
+        "finetune": {"epochs": finetune},
+        "latency": {"batch_size": 2, "repeats": 3, "warmup": 1},
+        "export": {"formats": list(formats)},
+    })
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.manual_seed(0)
+    model = build_model("resnet18", num_classes=4, stem="cifar")
+    with torch.no_grad():  # distinct BN scales so the gates have an order to find
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.uniform_(0.2, 2.0)
+                m.running_var.uniform_(0.5, 2.0)
+    path = tmp_path_factory.mktemp("w") / "in.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return path
+
+
+def _run(weights: Path, out: Path, recipe, events: list[dict] | None = None, **kw) -> dict:
+    ctx = JobContext(recipe=recipe, weights=weights, out_dir=out, device="cpu",
+                     on_event=(events.append if events is not None else (lambda e: None)), **kw)
+    return run_job(ctx)
+
+
+@pytest.fixture(scope="module")
+def plain_job(weights: Path, tmp_path_factory: pytest.TempPathFactory):
+    """No fine-tune: the exported model must equal the hard-gated input model."""
+    out = tmp_path_factory.mktemp("job")
+    events: list[dict] = []
+    report = _run(weights, out, _recipe(), events, checkpoint_dir=out.parent / "ckpt")
+    return out, report, events
+
+
+@pytest.fixture(scope="module")
+def finetuned_job(weights: Path, tmp_path_factory: pytest.TempPathFactory):
+    out = tmp_path_factory.mktemp("job_ft")
+    events: list[dict] = []
+    report = _run(weights, out, _recipe(finetune=0.5, formats=("safetensors", "pt2")), events)
+    return out, report, events
+
+
+def test_every_artifact_written(plain_job) -> None:
+    out, _, _ = plain_job
+    for name in ARTIFACTS:
+        assert (out / name).stat().st_size > 0, name
+    assert not list(out.glob(".*.tmp")), "temporary files left behind"
+    on_disk = json.loads((out / "report.json").read_text())
+    assert on_disk["target"] == plain_job[1]["target"]
+    html = (out / "report.html").read_text()
+    assert "<svg" in html and "http://" not in html.replace("http://www.w3.org/2000/svg", "")
+
+
+def test_phases_announced_in_order(plain_job, finetuned_job) -> None:
+    for (_, report, events), expect in ((plain_job, [p for p in PHASES if p != "finetuning"]),
+                                        (finetuned_job, list(PHASES))):
+        phases = [e["phase"] for e in events if e["kind"] == "phase"]
+        assert phases == expect
+        assert list(report["phases"]) == expect
+        progress = [e for e in events if e["kind"] == "progress" and e["phase"] == "training"]
+        assert progress[-1]["progress"] == 1.0 and progress[-1]["step"] == 5
+        assert {"loss", "cost_ratio", "temperature", "multiplier"} <= progress[-1].keys()
+
+
+def test_report_fields_present_and_typed(plain_job) -> None:
+    _, report, _ = plain_job
+    for block in ("baseline", "pruned"):
+        b = report[block]
+        assert isinstance(b["params"], int) and isinstance(b["flops"], int)
+        assert isinstance(b["latency_ms"], float) and b["latency_ms"] > 0
+        assert b["latency"]["median_ms"] == b["latency_ms"]
+        assert {"p10_ms", "p90_ms", "device", "batch_size", "dtype", "channels_last",
+                "repeats"} <= b["latency"].keys()
+        assert 0.0 <= b["accuracy"] <= 1.0
+    t = report["target"]
+    assert t["metric"] == "flops" and t["ratio"] == 0.5
+    assert t["value"] == pytest.approx(0.5 * report["baseline"]["flops"])
+    assert isinstance(report["target_met"], bool)
+    assert report["history"][-1]["step"] == 5
+    for row in report["history"]:
+        assert {"step", "loss", "cost_ratio", "multiplier", "temperature"} <= row.keys()
+    assert report["speedup"]["flops_ideal"] == pytest.approx(
+        report["baseline"]["flops"] / report["pruned"]["flops"])
+    assert report["data"]["n_train"] + report["data"]["n_heldout"] == 48
+    assert set(report["versions"]) >= {"torch", "torchvision", "hawada"}
+    assert report["recipe"]["model"]["arch"] == "resnet18"
+    assert report["lut"] is None
+    assert report["weights_mapping"] is not None
+    for layer in report["layers"]:
+        assert layer["after"] == len(layer["kept"]) <= layer["before"]
+        assert layer["kept"] == sorted(layer["kept"]) and layer["modules"]
+
+
+def test_target_met_matches_numbers(plain_job) -> None:
+    _, report, _ = plain_job
+    met = report["pruned"]["flops"] <= report["target"]["value"]
+    assert report["target_met"] is met
+    assert (report["target_reason"] is None) is met
+    assert met  # the budget fit cuts below 50% FLOPs even after 5 steps
+
+
+def test_keepall_equals_input_weights(plain_job, weights: Path) -> None:
+    out, _, _ = plain_job
+    given, kept = load_file(str(weights)), load_file(str(out / "keepall.safetensors"))
+    assert given.keys() == kept.keys()
+    for k in given:
+        assert torch.equal(given[k], kept[k]), k
+
+
+def test_load_pruned_equals_hard_gated_model(plain_job) -> None:
+    """Exported artifacts reproduce keepall + gates in hard mode (one definition of kept)."""
+    out, report, _ = plain_job
+    pruned = load_pruned(out / "pruned.json", out / "pruned.safetensors")
+    assert type(pruned).__name__ == "ResNet"
+    model = build_model("resnet18", num_classes=4, stem="cifar")
+    model.load_state_dict(load_file(str(out / "keepall.safetensors")))
+    model.eval()
+    recipe = _recipe()
+    gates = Gates(get_adapter("resnet18").gate_groups(model, recipe.gates))
+    with safe_open(str(out / "gates.safetensors"), framework="pt") as f:
+        groups_meta = json.loads(f.metadata()["groups"])
+        gates.load_logits({k: f.get_tensor(k) for k in f.keys()})
+    assert {g["name"]: g["kept"] for g in groups_meta} == \
+        {r["name"]: r["kept"] for r in report["layers"]}
+    attach(model, gates)
+    x = torch.randn(4, 3, 16, 16)
+    with torch.no_grad(), gates.using("hard"):
+        ref = model(x)
+    with torch.no_grad():
+        got = pruned(x)
+    assert (ref - got).abs().max().item() <= 1e-4
+    assert report["export_max_abs_diff"] <= 1e-4
+    assert sum(p.numel() for p in pruned.parameters()) == report["pruned"]["params"]
+
+
+def test_finetuned_artifacts_reproduce_reported_accuracy(finetuned_job) -> None:
+    out, report, _ = finetuned_job
+    pruned = load_pruned(out / "pruned.json", out / "pruned.safetensors")
+    data = load_data(_recipe())
+    assert accuracy(pruned, data.heldout_batches(8), "cpu") == report["pruned"]["accuracy"]
+    assert report["finetune_history"][-1]["step"] == report["finetune_history"][-1]["steps"]
+    program = torch.export.load(str(out / "pruned.pt2"))
+    x = torch.randn(1, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(program.module()(x), pruned(x), rtol=1e-4, atol=1e-4)
+
+
+def test_cancel_raises(weights: Path, tmp_path: Path) -> None:
+    with pytest.raises(JobCancelled):
+        _run(weights, tmp_path, _recipe(), should_cancel=lambda: True)
+
+
+def test_bad_weights_fail_as_user_error(tmp_path: Path) -> None:
+    bad = tmp_path / "w.safetensors"
+    save_file({"conv1.weight": torch.zeros(3)}, str(bad))
+    with pytest.raises(WeightsError) as err:
+        _run(bad, tmp_path / "out", _recipe())
+    assert isinstance(err.value, HawadaError)
+
+
+def test_checkpoint_roundtrip(tmp_path: Path) -> None:
+    gates = {"logits.a": torch.randn(5)}
+    opt = {"state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.randn(5),
+                         "exp_avg_sq": torch.rand(5)}},
+           "param_groups": [{"lr": 0.05, "params": [0]}]}
+    snap = {"step": 3, "gates": gates, "optimizer": opt, "multiplier": 0.25, "start_ratio": 0.9,
+            "history": [{"step": 2, "loss": 1.0}]}
+    save_checkpoint(tmp_path, snap, "fp")
+    back = load_checkpoint(tmp_path, "fp")
+    assert back is not None and back["step"] == 3 and back["multiplier"] == 0.25
+    assert back["start_ratio"] == 0.9 and back["history"] == snap["history"]
+    assert torch.equal(back["gates"]["logits.a"], gates["logits.a"])
+    assert torch.equal(back["optimizer"]["state"][0]["exp_avg"], opt["state"][0]["exp_avg"])
+    assert back["optimizer"]["param_groups"] == opt["param_groups"]
+    assert load_checkpoint(tmp_path, "another job") is None
+    assert load_checkpoint(tmp_path / "missing", "fp") is None
+
+
+def test_interrupted_job_resumes_from_checkpoint(plain_job, weights: Path, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A job cancelled mid-training resumes from its checkpoint and ends as if never stopped."""
+    import core.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "CHECKPOINT_EVERY_STEPS", 2)
+    ckpt = tmp_path / "ckpt"
+    stop = {"now": False}
+
+    def on_event(event: dict) -> None:
+        if event["kind"] == "progress" and event["phase"] == "training" and event["step"] >= 4:
+            stop["now"] = True
+
+    with pytest.raises(JobCancelled):
+        run_job(JobContext(recipe=_recipe(), weights=weights, out_dir=tmp_path / "a", device="cpu",
+                           on_event=on_event, should_cancel=lambda: stop["now"],
+                           checkpoint_dir=ckpt))
+    assert json.loads((ckpt / "train_state.json").read_text())["step"] == 4
+    events: list[dict] = []
+    report = _run(weights, tmp_path / "b", _recipe(), events, checkpoint_dir=ckpt)
+    assert any("resuming gate training at step 4" in e.get("message", "") for e in events)
+    steps = [e["step"] for e in events if e["kind"] == "progress" and e["phase"] == "training"]
+    assert steps[0] == 5
+    expected = plain_job[1]["history"]
+    assert [r["step"] for r in report["history"]] == [r["step"] for r in expected]
+    for got, want in zip(report["history"], expected):
+        assert got["loss"] == pytest.approx(want["loss"], rel=1e-4, abs=1e-6)
+    assert [r["kept"] for r in report["layers"]] == [r["kept"] for r in plain_job[1]["layers"]]
+    assert not (ckpt / "train_state.json").exists()  # a finished job leaves no checkpoint
