@@ -65,6 +65,8 @@ def machine() -> str:
 def pct(values: list[float], q: float) -> float:
     """The q-quantile (0..1) of values, nearest rank."""
     ordered = sorted(values)
+    if not ordered:
+        return float("nan")
     return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
 
 
@@ -96,7 +98,8 @@ async def poll(url: str, job_id: str, clients: int, seconds: float, max_requests
         elapsed = time.perf_counter() - start
     return {"clients": clients, "requests": len(latencies), "errors": errors,
             "rps": len(latencies) / elapsed, "p50_ms": pct(latencies, 0.5),
-            "p99_ms": pct(latencies, 0.99), "mean_ms": statistics.fmean(latencies)}
+            "p99_ms": pct(latencies, 0.99),
+            "mean_ms": statistics.fmean(latencies) if latencies else float("nan")}
 
 
 async def burst(url: str, model_id: str, count: int, concurrency: int) -> dict[str, Any]:
