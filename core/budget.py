@@ -231,6 +231,7 @@ def fit_to_budget(
     max_rounds: int = 8,
     fill: bool = True,
     plateau_tol: float | None = None,
+    margin: float | None = None,
 ) -> BudgetResult:
     """Fit kept widths under ``target_value`` (in the cost's unit); returns the keep.
 
@@ -239,8 +240,10 @@ def fit_to_budget(
     ``cost_model.cost``. ``measure(keep) -> ms`` enables the measured loop of at most
     ``max_rounds`` re-measurements. ``fill`` spends slack under the target on the most important
     units. ``plateau_tol`` is the relative cost increase still counted as "equal" by the
-    staircase rule (default 0.5% for latency — timing noise — and 0 otherwise).
-    The gates' logits are updated so ``kept_units`` agrees with the result. The returned
+    staircase rule (default 0.5% for latency — timing noise — and 0 otherwise). ``margin``: the
+    fit aims this fraction under the target (default 2% for latency, so that the independent
+    final measurement of the job also lands under it; 0 otherwise); ``met`` is judged against
+    the target itself. The gates' logits are updated so ``kept_units`` agrees with the result. The returned
     BudgetResult is a Mapping group -> kept channel indices with ``met``/``reason``/costs.
     """
     groups = list(groups) if groups is not None else list(gates.groups.values())
@@ -250,12 +253,15 @@ def fit_to_budget(
     cost_fn = _as_cost_fn(cost_fn)
     if plateau_tol is None:
         plateau_tol = 0.005 if metric == "latency" else 0.0
+    if margin is None:
+        margin = 0.02 if metric == "latency" else 0.0
     target = float(target_value)
+    aim = target * (1.0 - margin)
     with torch.no_grad():
         st = _State(gates, groups, cost_fn)
         history: list[dict[str, Any]] = [{"stage": "gates", "predicted": st.cost}]
-        _cut_to(st, target)
-        _grow(st, target, plateau_tol, fill)
+        _cut_to(st, aim)
+        _grow(st, aim, plateau_tol, fill)
         history.append({"stage": "fitted", "predicted": st.cost})
 
         measured: float | None = None
@@ -271,10 +277,10 @@ def fit_to_budget(
             measured = float(measure(keep))
             history.append({"stage": "measured", "predicted": st.cost, "measured": measured})
             banned: set[str] = set()
-            while measured > target and rounds < max_rounds:
+            while measured > aim and rounds < max_rounds:
                 rounds += 1
                 # the prediction is off by measured/predicted here; aim the prediction lower by that
-                goal = st.cost * target / measured
+                goal = st.cost * aim / measured
                 undo = _cut_to(st, goal, banned, at_least_one=True)
                 if not undo:
                     if banned:  # every useful group was banned: give them another chance
