@@ -207,9 +207,9 @@ def train_gates(model: nn.Module, gates: nn.Module, cost_model: Any, data: Any, 
         tgt = target_at(step, steps, target, start_ratio)
         objective, kd, ce = _distill_objective(student, teacher, y, alpha, kd_t)
         gap = ratio - tgt
-        # multiplier is a constant here (detached by construction); rho adds curvature.
-        # Scaled by the number of gate units so one unit's share of the cost gradient is O(1)
-        # whatever the model size: the same eta and rho then work for ResNet-18 and -152.
+        # Augmented Lagrangian; the multiplier is a constant within the step. The sqrt(units)
+        # scale gives the penalty's gradient (over all logits) a norm of order one, like the
+        # KD gradient's, whatever the model size, so one eta/rho fits ResNet-18 and -152.
         loss = objective + penalty_scale * (multiplier * gap + 0.5 * PENALTY_RHO * gap * gap)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -237,9 +237,13 @@ def train_gates(model: nn.Module, gates: nn.Module, cost_model: Any, data: Any, 
     return history
 
 
-def _cosine_lr(opt: torch.optim.Optimizer, base_lr: float, step: int, steps: int) -> None:
-    """Set the cosine-annealed learning rate for `step` of `steps` (no scheduler object)."""
-    lr = 0.5 * base_lr * (1.0 + math.cos(math.pi * step / max(1, steps)))
+def _cosine_lr(opt: torch.optim.Optimizer, base_lr: float, step: int, steps: int,
+               warmup: int = 0) -> None:
+    """Set the learning rate for `step` of `steps`: linear warm-up, then cosine to zero."""
+    if step < warmup:
+        lr = base_lr * (step + 1) / warmup
+    else:
+        lr = 0.5 * base_lr * (1.0 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
     for group in opt.param_groups:
         group["lr"] = lr
 
@@ -354,7 +358,8 @@ def train_classifier(model: nn.Module, data: Any, *, steps: int, lr: float,
     batches: Iterator = data.train_batches(batch_size, seed, device=device)
     history: list[dict[str, float]] = []
     for step in range(steps):
-        _cosine_lr(opt, lr, step, steps)
+        # From scratch a full-size first step blows the loss up; warm up over 5% of the steps.
+        _cosine_lr(opt, lr, step, steps, warmup=steps // 20)
         x, y = next(batches)
         x = x.to(device, non_blocking=True)
         y = y.to(device, non_blocking=True)
