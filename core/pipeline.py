@@ -197,6 +197,7 @@ def run_job(ctx: JobContext) -> dict[str, Any]:
 
     # -- loading
     with phase("loading"):
+        check_export_formats(recipe)
         adapter = get_adapter(recipe.model.arch)
         model = build_model(recipe.model.arch, num_classes=recipe.model.num_classes,
                             stem=recipe.model.stem)
@@ -377,6 +378,18 @@ def _write_artifacts(out: Path, recipe: Recipe, adapter: Any, model: nn.Module, 
         _export_graphs(out, pruned, recipe, formats)
 
 
+def check_export_formats(recipe: Recipe) -> None:
+    """Fail before any training when the recipe asks for an export this worker cannot write."""
+    if "onnx" in recipe.export.formats:
+        try:
+            import onnx  # noqa: F401
+            import onnxscript  # noqa: F401
+        except ImportError:
+            raise JobError("ONNX export needs the onnx and onnxscript packages, which this worker "
+                           "does not have; drop 'onnx' from export.formats",
+                           code="export_unavailable") from None
+
+
 def _export_graphs(out: Path, pruned: nn.Module, recipe: Recipe, formats: set[str]) -> None:
     """pruned.onnx / pruned.pt2 on CPU at batch 1 (batch dimension dynamic)."""
     cpu_model = pruned.to("cpu").eval()
@@ -385,13 +398,6 @@ def _export_graphs(out: Path, pruned: nn.Module, recipe: Recipe, formats: set[st
         ep = torch.export.export(cpu_model, (x,))
         _atomic(out / "pruned.pt2", lambda p: torch.export.save(ep, str(p)))
     if "onnx" in formats:
-        try:
-            import onnx  # noqa: F401
-            import onnxscript  # noqa: F401
-        except ImportError:
-            raise JobError("ONNX export needs the onnx and onnxscript packages, which this worker "
-                           "does not have; drop 'onnx' from export.formats", code="export_unavailable") \
-                from None
         _atomic(out / "pruned.onnx", lambda p: torch.onnx.export(
             cpu_model, (x,), str(p), input_names=["input"], output_names=["logits"],
             dynamo=True, external_data=False))

@@ -235,3 +235,17 @@ def test_interrupted_job_resumes_from_checkpoint(plain_job, weights: Path, tmp_p
         assert got["loss"] == pytest.approx(want["loss"], rel=1e-4, abs=1e-6)
     assert [r["kept"] for r in report["layers"]] == [r["kept"] for r in plain_job[1]["layers"]]
     assert not (ckpt / "train_state.json").exists()  # a finished job leaves no checkpoint
+
+
+def test_onnx_without_packages_fails_before_training(weights: Path, tmp_path: Path) -> None:
+    try:
+        import onnx  # noqa: F401
+        import onnxscript  # noqa: F401
+        pytest.skip("onnx is installed here")
+    except ImportError:
+        pass
+    events: list[dict] = []
+    with pytest.raises(HawadaError) as err:
+        _run(weights, tmp_path, _recipe(formats=("safetensors", "onnx")), events)
+    assert err.value.code == "export_unavailable"
+    assert [e["phase"] for e in events if e["kind"] == "phase"] == ["loading"]
