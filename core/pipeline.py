@@ -154,6 +154,55 @@ def _layers_rows(gates: Any, keep: Mapping[str, torch.Tensor]) -> list[dict[str,
     return rows
 
 
+def _train(ctx: JobContext, model: nn.Module, gates: Any, cost_model: Any, data: Any,
+           target_ratio: float, device: torch.device, phase: _Phases) -> list[dict[str, Any]]:
+    """Gate training with checkpoints in `ctx.checkpoint_dir`, resuming from one if present."""
+    from core.gates import attach
+
+    recipe = ctx.recipe
+    start_step, state = 0, None
+    fingerprint = _fingerprint(recipe, Path(ctx.weights))
+    on_checkpoint = None
+    if ctx.checkpoint_dir is not None:
+        ckpt_dir = Path(ctx.checkpoint_dir)
+        resumed = load_checkpoint(ckpt_dir, fingerprint)
+        if resumed is not None:
+            start_step, state = resumed["step"], resumed
+            phase.log(f"resuming gate training at step {start_step}")
+
+        def on_checkpoint(snapshot: dict[str, Any]) -> None:
+            save_checkpoint(ckpt_dir, snapshot, fingerprint)
+
+    handle = attach(model, gates)
+    try:
+        return train_gates(
+            model, gates, cost_model, data, recipe, device=device,
+            on_step=_progress_emitter(ctx, "training", recipe.train.log_every),
+            should_stop=ctx.should_cancel, start_step=start_step, state=state,
+            target_ratio=target_ratio, on_checkpoint=on_checkpoint,
+            checkpoint_every_s=CHECKPOINT_EVERY_S, checkpoint_every_steps=CHECKPOINT_EVERY_STEPS)
+    finally:
+        handle.remove()  # export and fine-tune see the plain model
+
+
+def _latency_table(ctx: JobContext, adapter: Any, model: nn.Module, layers: Any, groups: Any,
+                   device: torch.device) -> Any:
+    """The per-layer latency table for this model on `device` (cached, calibrated)."""
+    from core.lut import get_or_build_lut, make_width_measurer
+
+    recipe = ctx.recipe
+    input_size = tuple(recipe.model.input_size)
+    # Calibrating against whole-model timings makes the table's sum match measurement.
+    measurer = make_width_measurer(model, adapter.export_pruned, groups, input_size,
+                                   recipe.latency, device)
+    return get_or_build_lut(layers, recipe.latency, device, round_to=recipe.gates.round_to,
+                            cache=ctx.lut_cache,
+                            key_parts={"arch": recipe.model.arch, "input_size": list(input_size),
+                                       "num_classes": recipe.model.num_classes,
+                                       "stem": recipe.model.stem},
+                            calibrate_with=measurer)
+
+
 def _data_block(recipe: Recipe, data: Any) -> dict[str, Any]:
     block = dict(data.describe()) if hasattr(data, "describe") else {}
     block.update({"source": recipe.data.source, "n_train": int(data.n_train),
@@ -179,7 +228,7 @@ def run_job(ctx: JobContext) -> dict[str, Any]:
     from core.budget import fit_to_budget
     from core.cost import make_cost_model
     from core.data import load_data
-    from core.gates import Gates, attach
+    from core.gates import Gates
     from core.latency import device_name, measure_latency
     from core.weights import load_weights
 
@@ -227,17 +276,7 @@ def run_job(ctx: JobContext) -> dict[str, Any]:
         groups = adapter.gate_groups(model, recipe.gates)
         lut = None
         if recipe.target.metric == "latency":
-            from core.lut import get_or_build_lut, make_width_measurer
-            # Calibrating against whole-model timings makes the table's sum match measurement.
-            measurer = make_width_measurer(model, adapter.export_pruned, groups, input_size,
-                                           recipe.latency, lat_device)
-            lut = get_or_build_lut(layers, recipe.latency, lat_device,
-                                   round_to=recipe.gates.round_to, cache=ctx.lut_cache,
-                                   key_parts={"arch": recipe.model.arch,
-                                              "input_size": list(input_size),
-                                              "num_classes": recipe.model.num_classes,
-                                              "stem": recipe.model.stem},
-                                   calibrate_with=measurer)
+            lut = _latency_table(ctx, adapter, model, layers, groups, lat_device)
             lut_summary = lut.summary()
         cost_model = make_cost_model(recipe.target.metric, layers, lut=lut)
     check_cancel()
@@ -252,29 +291,7 @@ def run_job(ctx: JobContext) -> dict[str, Any]:
     # -- training
     with phase("training"):
         gates = Gates(groups, init_logit=INIT_LOGIT).to(device)
-        handle = attach(model, gates)
-        start_step, state = 0, None
-        fingerprint = _fingerprint(recipe, Path(ctx.weights))
-        if ctx.checkpoint_dir is not None:
-            resumed = load_checkpoint(Path(ctx.checkpoint_dir), fingerprint)
-            if resumed is not None:
-                start_step, state = resumed["step"], resumed
-                phase.log(f"resuming gate training at step {start_step}")
-
-        def on_checkpoint(snapshot: dict[str, Any]) -> None:
-            save_checkpoint(Path(ctx.checkpoint_dir), snapshot, fingerprint)
-
-        try:
-            history = train_gates(
-                model, gates, cost_model, data, recipe, device=device,
-                on_step=_progress_emitter(ctx, "training", recipe.train.log_every),
-                should_stop=ctx.should_cancel, start_step=start_step, state=state,
-                target_ratio=ratio,
-                on_checkpoint=on_checkpoint if ctx.checkpoint_dir is not None else None,
-                checkpoint_every_s=CHECKPOINT_EVERY_S,
-                checkpoint_every_steps=CHECKPOINT_EVERY_STEPS)
-        finally:
-            handle.remove()
+        history = _train(ctx, model, gates, cost_model, data, ratio, device, phase)
         gates.requires_grad_(False)
 
     # -- exporting
@@ -285,9 +302,8 @@ def run_job(ctx: JobContext) -> dict[str, Any]:
                 return measure_latency(adapter.export_pruned(model, keep), input_size,
                                        recipe.latency, lat_device).median_ms
         budget = fit_to_budget(gates, cost_model, target_cost, measure=measure)
-        keep = dict(budget)
-        keep = {k: v.to("cpu") for k, v in keep.items()}
-        keepall = {k: v for k, v in model.state_dict().items()}
+        keep = {k: v.to("cpu") for k, v in budget.items()}
+        keepall = model.state_dict()  # the frozen input weights, bit for bit
         pruned = adapter.export_pruned(model, keep).to(device).eval()
         export_diff = _export_check(model, gates, pruned, data, recipe, device)
         phase.log(f"hard-gated vs exported max abs diff {export_diff:.3g}")
@@ -325,7 +341,6 @@ def run_job(ctx: JobContext) -> dict[str, Any]:
             extra={"export_max_abs_diff": export_diff, "latency_device": device_name(lat_device),
                    "budget": budget.to_dict() if hasattr(budget, "to_dict") else None})
         _write_artifacts(out, recipe, adapter, model, pruned, keep, keepall, gates, report)
-        report["phases"]["packaging"] = round(phase.seconds.get("packaging", 0.0), 4)
     # Packaging time is known only now; rewrite report.json with it (small file).
     report["phases"] = {k: round(v, 4) for k, v in phase.seconds.items()}
     write_json(out / "report.json", report)
