@@ -249,3 +249,17 @@ def test_onnx_without_packages_fails_before_training(weights: Path, tmp_path: Pa
         _run(weights, tmp_path, _recipe(formats=("safetensors", "onnx")), events)
     assert err.value.code == "export_unavailable"
     assert [e["phase"] for e in events if e["kind"] == "phase"] == ["loading"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_job_on_gpu_matches_contract(weights: Path, tmp_path: Path) -> None:
+    report = run_job(JobContext(recipe=_recipe(finetune=0.25), weights=weights, out_dir=tmp_path,
+                                device="cuda"))
+    assert report["export_max_abs_diff"] <= 1e-4
+    assert report["pruned"]["latency"]["device"] == torch.cuda.get_device_name()
+    assert report["target_met"] is (report["pruned"]["flops"] <= report["target"]["value"])
+    pruned = load_pruned(tmp_path / "pruned.json", tmp_path / "pruned.safetensors")
+    data = load_data(_recipe())
+    assert accuracy(pruned, data.heldout_batches(8), "cpu") == pytest.approx(
+        report["pruned"]["accuracy"], abs=1 / report["data"]["n_heldout"] + 1e-9)
