@@ -361,13 +361,18 @@ def _export_check(model: nn.Module, gates: Any, pruned: nn.Module, data: Any, re
     x, _ = next(iter(data.heldout_batches(min(16, recipe.data.batch_size))))
     x = x.to(device)
     handle = attach(model, gates)
+    # True float32 on GPU: TF32 convolutions alone differ by ~1e-3 between two conv shapes.
+    matmul_tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
     try:
-        with torch.inference_mode(), gates.using("hard"):
-            ref = model(x)
+        with torch.backends.cudnn.flags(enabled=True, allow_tf32=False), torch.inference_mode():
+            with gates.using("hard"):
+                ref = model(x)
+            handle.remove()
+            got = pruned.eval()(x)
     finally:
         handle.remove()
-    with torch.inference_mode():
-        got = pruned.eval()(x)
+        torch.backends.cuda.matmul.allow_tf32 = matmul_tf32
     return float((ref - got).abs().max().item())
 
 
