@@ -263,3 +263,44 @@ def test_job_on_gpu_matches_contract(weights: Path, tmp_path: Path) -> None:
     data = load_data(_recipe())
     assert accuracy(pruned, data.heldout_batches(8), "cpu") == pytest.approx(
         report["pruned"]["accuracy"], abs=1 / report["data"]["n_heldout"] + 1e-9)
+
+
+def test_run_local_reads_recipe_file(weights: Path, tmp_path: Path) -> None:
+    from core.pipeline import run_local
+    from core.recipe import recipe_to_dict
+
+    recipe_path = tmp_path / "r.json"
+    recipe_path.write_text(json.dumps(recipe_to_dict(_recipe())))
+    events: list[dict] = []
+    report = run_local(recipe_path, weights, tmp_path / "out", device="cpu", on_event=events.append)
+    assert json.loads((tmp_path / "out" / "report.json").read_text())["pruned"] == report["pruned"]
+    assert not (tmp_path / "out" / ".checkpoint" / "train_state.json").exists()
+    assert events[0] == {"kind": "phase", "phase": "loading"}
+
+
+def test_report_judges_target_from_measured_numbers() -> None:
+    from core.report import build_report, model_block, target_block
+
+    lat = {"median_ms": 10.0, "p10_ms": 9.0, "p90_ms": 11.0, "device": "cpu", "batch_size": 1,
+           "dtype": "float32", "channels_last": False, "repeats": 5}
+    base = model_block(params=100, flops=1000, accuracy=0.9, latency=lat)
+
+    def report(metric: str, flops: int, ms: float, **target) -> dict:
+        pruned = model_block(params=60, flops=flops, accuracy=0.88,
+                             latency={**lat, "median_ms": ms})
+        value = {"flops": 1000, "params": 100, "latency": 10.0}[metric]
+        return build_report(recipe={}, baseline=base, pruned=pruned,
+                            target=target_block(metric, baseline_value=value, **target),
+                            history=[], layers=[], weights_mapping=None, data={}, phases={},
+                            device="cpu", target_hint="every group at its floor")
+
+    missed = report("flops", 600, 6.0, ratio=0.5)
+    assert missed["target_met"] is False
+    assert "600" in missed["target_reason"] and "every group at its floor" in missed["target_reason"]
+    assert report("flops", 500, 6.0, ratio=0.5)["target_met"] is True
+    # Latency is measured, so a 5% slack absorbs timing noise, and no more.
+    assert report("latency", 500, 5.2, latency_ms=5.0)["target_met"] is True
+    late = report("latency", 500, 5.3, latency_ms=5.0)
+    assert late["target_met"] is False and late["target"]["ratio"] == 0.5
+    assert late["speedup"]["measured"] == pytest.approx(10.0 / 5.3)
+    assert late["speedup"]["flops_ideal"] == 2.0
