@@ -57,6 +57,7 @@ def save_weights(model: nn.Module, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp))
+    os.chmod(tmp, 0o644)  # safetensors creates 0600; the weights are meant to be shared/uploaded
     os.replace(tmp, path)
 
 

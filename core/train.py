@@ -360,8 +360,9 @@ def train_classifier(model: nn.Module, data: Any, *, steps: int, lr: float,
     batches: Iterator = data.train_batches(batch_size, seed, device=device)
     history: list[dict[str, float]] = []
     for step in range(steps):
-        # From scratch a full-size first step blows the loss up; warm up over 5% of the steps.
-        _cosine_lr(opt, lr, step, steps, warmup=steps // 20)
+        # From scratch full-size first steps blow the loss up: warm up over ~20 steps (5% of
+        # long runs, at most a quarter of short ones).
+        _cosine_lr(opt, lr, step, steps, warmup=min(steps // 4, max(steps // 20, 20)))
         x, y = next(batches)
         x = x.to(device, non_blocking=True)
         y = y.to(device, non_blocking=True)
