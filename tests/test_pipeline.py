@@ -304,3 +304,25 @@ def test_report_judges_target_from_measured_numbers() -> None:
     assert late["target_met"] is False and late["target"]["ratio"] == 0.5
     assert late["speedup"]["measured"] == pytest.approx(10.0 / 5.3)
     assert late["speedup"]["flops_ideal"] == 2.0
+
+
+@pytest.mark.slow
+def test_latency_target_job_uses_measured_table(weights: Path, tmp_path: Path) -> None:
+    from core.lut import FolderLutCache
+
+    recipe = parse_recipe({
+        "model": {"arch": "resnet18", "num_classes": 4, "stem": "cifar", "input_size": [3, 16, 16]},
+        "data": {"source": "synthetic", "limit": 48, "batch_size": 8},
+        "target": {"metric": "latency", "ratio": 0.6},
+        "train": {"steps": 5}, "finetune": {"epochs": 0},
+        "latency": {"batch_size": 1, "repeats": 5, "warmup": 1},
+    })
+    cache = FolderLutCache(tmp_path / "lut")
+    report = run_job(JobContext(recipe=recipe, weights=weights, out_dir=tmp_path / "job",
+                                device="cpu", lut_cache=cache))
+    t = report["target"]
+    assert t["unit"] == "ms" and t["value"] == pytest.approx(0.6 * report["baseline"]["latency_ms"])
+    assert report["lut"]["key"] and cache.get(report["lut"]["key"]) is not None
+    assert report["budget"]["measured"] is not None  # the exported model was timed, not predicted
+    met = report["pruned"]["latency_ms"] <= t["value"] * (1 + t["tolerance"])
+    assert report["target_met"] is met
