@@ -89,8 +89,8 @@ def write_json(path: Path, data: Any) -> None:
 
 def write_safetensors(path: Path, tensors: Mapping[str, torch.Tensor],
                       metadata: Mapping[str, str] | None = None) -> None:
-    """safetensors file (CPU, contiguous copies of shared storage) written atomically."""
-    flat = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    """safetensors file (CPU, contiguous) written atomically; CPU tensors are not copied."""
+    flat = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     _atomic(path, lambda p: save_file(flat, str(p), metadata=dict(metadata or {})))
 
 
