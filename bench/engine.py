@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import os
 import platform
 import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,15 +31,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from adapters.torchvision import get_adapter  # noqa: E402
-from core.baseline import save_weights, train_baseline  # noqa: E402
-from core.cost import make_cost_model  # noqa: E402
-from core.data import load_data  # noqa: E402
-from core.gates import Gates, attach  # noqa: E402
-from core.latency import device_name  # noqa: E402
-from core.pipeline import JobContext, run_job  # noqa: E402
-from core.recipe import parse_recipe  # noqa: E402
-from core.train import train_classifier, train_gates  # noqa: E402
+from adapters.torchvision import get_adapter
+from core.baseline import save_weights, train_baseline
+from core.cost import make_cost_model
+from core.data import load_data
+from core.gates import Gates, attach
+from core.latency import device_name
+from core.pipeline import JobContext, run_job
+from core.recipe import parse_recipe
+from core.train import train_classifier, train_gates
 
 # Sized for a 2-core host shared with other work (about 4 s per ResNet-18 step at 32x32, batch
 # 32): the full run takes roughly 40 minutes there; --limit scales the data.
@@ -63,13 +65,31 @@ def make_recipe(cfg: dict[str, Any]) -> Any:
     })
 
 
-def _step_times(run: Any, steps: int) -> list[float]:
+def _step_times(run: Callable[[Callable[[dict], None], int], Any], steps: int) -> list[float]:
     """Seconds per step of `run(on_step, steps)`, from consecutive on_step timestamps."""
-    stamps: list[float] = []
-    t0 = time.perf_counter()
+    stamps = [time.perf_counter()]
     run(lambda _row: stamps.append(time.perf_counter()), steps)
-    edges = [t0, *stamps]
-    return [b - a for a, b in zip(edges, edges[1:])][WARMUP_STEPS:]
+    return [b - a for a, b in itertools.pairwise(stamps)][WARMUP_STEPS:]
+
+
+def _plain_steps(model: torch.nn.Module, data: Any, batch: int, steps: int) -> list[float]:
+    """Step times of ordinary supervised training of a copy of `model`."""
+    student = copy.deepcopy(model)
+    return _step_times(lambda cb, n: train_classifier(student, data, steps=n, lr=0.01,
+                                                      device="cpu", batch_size=batch,
+                                                      on_step=cb), steps)
+
+
+def _gate_steps(model: torch.nn.Module, data: Any, recipe: Any, cost: Any, steps: int) -> list[float]:
+    """Step times of gate training on `model` (fresh gates, attached for the run only)."""
+    adapter = get_adapter(recipe.model.arch)
+    gates = Gates(adapter.gate_groups(model, recipe.gates))
+    handle = attach(model, gates)
+    try:
+        return _step_times(lambda cb, n: train_gates(model, gates, cost, data, recipe,
+                                                     device="cpu", on_step=cb), steps)
+    finally:
+        handle.remove()
 
 
 def step_time_ratio(model: torch.nn.Module, data: Any, recipe: Any, timed: int,
@@ -83,18 +103,8 @@ def step_time_ratio(model: torch.nn.Module, data: Any, recipe: Any, timed: int,
     plain: list[float] = []
     gated: list[float] = []
     for _ in range(rounds):  # interleaved: a neighbour's burst hits both kinds, not one
-        student = copy.deepcopy(model)
-        plain += _step_times(lambda cb, n: train_classifier(
-            student, data, steps=n, lr=0.01, device="cpu", batch_size=recipe.data.batch_size,
-            on_step=cb), steps)
-        del student
-        gates = Gates(adapter.gate_groups(model, recipe.gates))
-        handle = attach(model, gates)
-        try:
-            gated += _step_times(lambda cb, n: train_gates(
-                model, gates, cost, data, timing_recipe, device="cpu", on_step=cb), steps)
-        finally:
-            handle.remove()
+        plain += _plain_steps(model, data, recipe.data.batch_size, steps)
+        gated += _gate_steps(model, data, timing_recipe, cost, steps)
     p, g = statistics.median(plain), statistics.median(gated)
     return {"plain_s": p, "gate_s": g, "ratio": g / p, "timed_steps": len(plain)}
 
@@ -186,24 +196,25 @@ def print_tables(report: dict[str, Any], ratio: dict[str, float], cfg: dict[str,
     console.print(f"target met: {report['target_met']}  total {total_s:.0f} s")
 
     load = os.getloadavg()
-    md = [f"`python bench/engine.py{' --quick' if args.quick else ''}` "
-          f"({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}); machine: {device_name('cpu')}"
-          f" (torch threads {torch.get_num_threads()}), {platform.system()} {platform.release()}, "
-          f"torch {torch.__version__}; load average at the end {load[0]:.1f} on a host shared "
-          f"with other work.",
-          f"Data: {report['data']['n_train']} train / {report['data']['n_heldout']} held-out "
-          f"images; baseline {cfg['base_steps']} SGD steps, gate training {cfg['gate_steps']} "
-          f"steps, fine-tune {cfg['finetune']} epoch, batch {cfg['batch']}.", "",
-          "| | baseline | pruned | pruned / baseline |", "|---|---:|---:|---:|"]
+    machine = (f"`python bench/engine.py{' --quick' if args.quick else ''}` "
+               f"({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}); machine: "
+               f"{device_name('cpu')} (torch threads {torch.get_num_threads()}), "
+               f"{platform.system()} {platform.release()}, torch {torch.__version__}; load average "
+               f"at the end {load[0]:.1f} on a host shared with other work.")
+    setup = (f"Data: {report['data']['n_train']} train / {report['data']['n_heldout']} held-out "
+             f"images; baseline {cfg['base_steps']} SGD steps, gate training {cfg['gate_steps']} "
+             f"steps, fine-tune {cfg['finetune']} epoch, batch {cfg['batch']}.")
+    verdict = (f"Gate-training step / plain forward+backward+SGD step: **{ratio['ratio']:.3f}** "
+               f"({ratio['gate_s'] * 1e3:.0f} ms vs {ratio['plain_s'] * 1e3:.0f} ms, median of "
+               f"{ratio['timed_steps']} timed steps each after {WARMUP_STEPS} warm-up steps, "
+               f"interleaved rounds; goal <= 1.15). Inside the job gate training took "
+               f"{in_job:.2f} s/step. Target met: {report['target_met']}; total {total_s:.0f} s.")
+    md = [machine, setup, "", "| | baseline | pruned | pruned / baseline |", "|---|---:|---:|---:|"]
     md += [f"| {' | '.join(r)} |" for r in rows]
     md += ["", "| phase | seconds |", "|---|---:|",
            f"| baseline training (outside the job) | {base_train_s:.1f} |"]
     md += [f"| {n} | {s:.1f} |" for n, s in report["phases"].items()]
-    md += ["", f"Gate-training step / plain forward+backward+SGD step: **{ratio['ratio']:.3f}** "
-               f"({ratio['gate_s'] * 1e3:.0f} ms vs {ratio['plain_s'] * 1e3:.0f} ms, median of "
-               f"{ratio['timed_steps']} timed steps each after {WARMUP_STEPS} warm-up steps, "
-               f"interleaved rounds; goal <= 1.15). Inside the job gate training took "
-               f"{in_job:.2f} s/step. Target met: {report['target_met']}; total {total_s:.0f} s."]
+    md += ["", verdict]
     print("\n--- Markdown for bench/RESULTS.md ---")
     print("\n".join(md))
 

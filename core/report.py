@@ -152,6 +152,11 @@ def _fmt(v: Any) -> str:
     return html.escape(str(v))
 
 
+def _svg_text(x: float, y: float, text: str, anchor: str = "start", size: int = 10) -> str:
+    return (f'<text x="{x}" y="{y}" text-anchor="{anchor}" font-size="{size}">'
+            f"{html.escape(text)}</text>")
+
+
 def _line_plot(title: str, xs: Sequence[float], series: Mapping[str, Sequence[float]]) -> str:
     """One SVG chart with a polyline per series; axes labelled with min/max."""
     pts = [v for ys in series.values() for v in ys if v is not None]
@@ -170,15 +175,17 @@ def _line_plot(title: str, xs: Sequence[float], series: Mapping[str, Sequence[fl
     def sy(y: float) -> float:
         return _H - _PAD + (y0 - y) / (y1 - y0) * (_H - 1.5 * _PAD)
 
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{_W}" height="{_H}" '
-             f'role="img" aria-label="{html.escape(title)}">',
-             f'<rect x="{_PAD}" y="{_PAD / 2}" width="{_W - 1.5 * _PAD}" height="{_H - 1.5 * _PAD}" '
-             'fill="none" stroke="#ccc"/>',
-             f'<text x="{_PAD - 4}" y="{_PAD / 2 + 10}" text-anchor="end" font-size="10">{y1:.3g}</text>',
-             f'<text x="{_PAD - 4}" y="{_H - _PAD}" text-anchor="end" font-size="10">{y0:.3g}</text>',
-             f'<text x="{_PAD}" y="{_H - _PAD + 14}" font-size="10">{x0:g}</text>',
-             f'<text x="{_W - _PAD / 2}" y="{_H - _PAD + 14}" text-anchor="end" font-size="10">'
-             f'{x1:g}</text>']
+    inner_w, inner_h = _W - 1.5 * _PAD, _H - 1.5 * _PAD
+    parts = [
+        (f'<svg xmlns="http://www.w3.org/2000/svg" width="{_W}" height="{_H}" role="img" '
+         f'aria-label="{html.escape(title)}">'),
+        (f'<rect x="{_PAD}" y="{_PAD / 2}" width="{inner_w}" height="{inner_h}" fill="none" '
+         'stroke="#ccc"/>'),
+        _svg_text(_PAD - 4, _PAD / 2 + 10, f"{y1:.3g}", anchor="end"),
+        _svg_text(_PAD - 4, _H - _PAD, f"{y0:.3g}", anchor="end"),
+        _svg_text(_PAD, _H - _PAD + 14, f"{x0:g}"),
+        _svg_text(_W - _PAD / 2, _H - _PAD + 14, f"{x1:g}", anchor="end"),
+    ]
     for i, (name, ys) in enumerate(series.items()):
         colour = _COLOURS[i % len(_COLOURS)]
         coords = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in zip(xs, ys) if y is not None)
@@ -196,8 +203,8 @@ def _width_bars(layers: Sequence[Mapping[str, Any]]) -> str:
     widest = max(int(r["before"]) for r in layers) or 1
     row_h, label_w, bar_w = 16, 180, 320
     height = row_h * len(layers) + 10
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{label_w + bar_w + 80}" '
-             f'height="{height}" role="img" aria-label="channels per group">']
+    parts = [(f'<svg xmlns="http://www.w3.org/2000/svg" width="{label_w + bar_w + 80}" '
+              f'height="{height}" role="img" aria-label="channels per group">')]
     for i, r in enumerate(layers):
         y = 5 + i * row_h
         before, after = int(r["before"]), int(r["after"])
@@ -230,7 +237,10 @@ def render_report_html(report: Mapping[str, Any]) -> str:
     """The report as one HTML page with no external assets."""
     hist = report.get("history") or []
     xs = [float(r["step"]) for r in hist]
-    col = lambda k: [r.get(k) for r in hist]  # noqa: E731 - tiny local accessor
+
+    def col(key: str) -> list[Any]:
+        return [r.get(key) for r in hist]
+
     t = report["target"]
     met = report.get("target_met")
     verdict = ("target met" if met else f"target missed: {report.get('target_reason') or ''}")

@@ -51,7 +51,7 @@ def target_at(step: int, steps: int, target: float, start: float = 1.0,
     Asking for the whole cut at step 0 makes the multiplier wind up while the gates are still
     soft; a gliding target lets distillation keep up and the multiplier stay small.
     """
-    span = max(1, int(round(steps * warmup)))
+    span = max(1, round(steps * warmup))
     if step >= span or start <= target:
         return target
     return start + (target - start) * step / span

@@ -149,7 +149,8 @@ def test_load_pruned_equals_hard_gated_model(plain_job) -> None:
     gates = Gates(get_adapter("resnet18").gate_groups(model, recipe.gates))
     with safe_open(str(out / "gates.safetensors"), framework="pt") as f:
         groups_meta = json.loads(f.metadata()["groups"])
-        gates.load_logits({k: f.get_tensor(k) for k in f.keys()})
+        names = list(f.keys())  # safe_open is not iterable
+        gates.load_logits({k: f.get_tensor(k) for k in names})
     assert {g["name"]: g["kept"] for g in groups_meta} == \
         {r["name"]: r["kept"] for r in report["layers"]}
     attach(model, gates)
@@ -209,7 +210,7 @@ def test_checkpoint_roundtrip(tmp_path: Path) -> None:
 def test_interrupted_job_resumes_from_checkpoint(plain_job, weights: Path, tmp_path: Path,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """A job cancelled mid-training resumes from its checkpoint and ends as if never stopped."""
-    import core.pipeline as pipeline
+    from core import pipeline
 
     monkeypatch.setattr(pipeline, "CHECKPOINT_EVERY_STEPS", 2)
     ckpt = tmp_path / "ckpt"

@@ -11,7 +11,13 @@ from core.data import load_data
 from core.errors import JobCancelled
 from core.gates import GateGroup, Gates, attach, keep_from_gates
 from core.recipe import parse_recipe
-from core.train import finetune, recalibrate_bn, temperature_at, train_classifier, train_gates
+from core.train import (
+    finetune,
+    recalibrate_bn,
+    temperature_at,
+    train_classifier,
+    train_gates,
+)
 
 
 def _recipe(**over):
