@@ -137,6 +137,14 @@ def _progress_emitter(ctx: JobContext, phase: str, log_every: int) -> Callable[[
     return emit
 
 
+def _heldout_accuracy(model: nn.Module, data: Any, recipe: Recipe,
+                      device: torch.device) -> float | None:
+    """Top-1 on the held-out split; None when the labels are noise (synthetic data)."""
+    if not getattr(data, "labelled", True):
+        return None
+    return accuracy(model, data.heldout_batches(recipe.data.batch_size), device)
+
+
 def _target(recipe: Recipe, baseline: Mapping[str, Any]) -> dict[str, Any]:
     metric = recipe.target.metric
     base_value = {"flops": baseline["flops"], "params": baseline["params"],
@@ -260,7 +268,7 @@ def run_job(ctx: JobContext) -> dict[str, Any]:
 
     # -- baseline
     with phase("baseline"):
-        base_acc = accuracy(model, data.heldout_batches(recipe.data.batch_size), device)
+        base_acc = _heldout_accuracy(model, data, recipe, device)
         base_params = count_params(model)
         base_flops = count_flops(model, input_size)
     check_cancel()
@@ -324,7 +332,7 @@ def run_job(ctx: JobContext) -> dict[str, Any]:
     with phase("evaluating"):
         pruned_block = model_block(
             params=count_params(pruned), flops=count_flops(pruned, input_size),
-            accuracy=accuracy(pruned, data.heldout_batches(recipe.data.batch_size), device),
+            accuracy=_heldout_accuracy(pruned, data, recipe, device),
             latency=measure_latency(pruned, input_size, recipe.latency, lat_device).to_dict())
     check_cancel()
 
@@ -411,16 +419,21 @@ def check_export_formats(recipe: Recipe) -> None:
 
 
 def _export_graphs(out: Path, pruned: nn.Module, recipe: Recipe, formats: set[str]) -> None:
-    """pruned.onnx / pruned.pt2 on CPU at batch 1 (batch dimension dynamic)."""
+    """pruned.pt2 / pruned.onnx traced on CPU with a dynamic batch dimension.
+
+    Runs last in the job, so moving the pruned model to the CPU in place costs nothing later.
+    """
     cpu_model = pruned.to("cpu").eval()
-    x = torch.zeros(1, *recipe.model.input_size)
+    # Batch 2, not 1: torch.export specialises size-1 dimensions, which would pin the batch.
+    x = torch.zeros(2, *recipe.model.input_size)
+    dynamic = ({0: torch.export.Dim("batch", min=1, max=65536)},)
     if "pt2" in formats:
-        ep = torch.export.export(cpu_model, (x,))
-        _atomic(out / "pruned.pt2", lambda p: torch.export.save(ep, str(p)))
+        program = torch.export.export(cpu_model, (x,), dynamic_shapes=dynamic)
+        _atomic(out / "pruned.pt2", lambda p: torch.export.save(program, str(p)))
     if "onnx" in formats:
         _atomic(out / "pruned.onnx", lambda p: torch.onnx.export(
             cpu_model, (x,), str(p), input_names=["input"], output_names=["logits"],
-            dynamo=True, external_data=False))
+            dynamo=True, external_data=False, dynamic_shapes=dynamic))
 
 
 # ------------------------------------------------------------------------------- checkpoint

@@ -11,8 +11,10 @@ from pathlib import Path
 
 import torch
 
+from adapters.torchvision import load_pruned
 from core.baseline import save_weights, train_baseline
 from core.data import load_data
+from core.evaluate import accuracy
 from core.pipeline import JobContext, run_job
 from core.recipe import parse_recipe
 
@@ -46,3 +48,7 @@ def test_digits_resnet18_half_flops_keeps_accuracy(tmp_path: Path) -> None:
     assert pruned["flops"] <= 0.55 * baseline["flops"], numbers
     assert pruned["accuracy"] >= baseline["accuracy"] - 0.05, numbers
     assert report["target_met"] is True, report["target_reason"]
+    # The downloaded artifacts give exactly the reported held-out accuracy.
+    pruned_model = load_pruned(tmp_path / "job" / "pruned.json",
+                               tmp_path / "job" / "pruned.safetensors")
+    assert accuracy(pruned_model, data.heldout_batches(64), "cpu") == pruned["accuracy"]

@@ -10,9 +10,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from adapters.torchvision import build_model, get_adapter, load_pruned
-from core.data import load_data
 from core.errors import HawadaError, JobCancelled, WeightsError
-from core.evaluate import accuracy
 from core.gates import Gates, attach
 from core.pipeline import PHASES, JobContext, load_checkpoint, run_job, save_checkpoint
 from core.recipe import parse_recipe
@@ -101,7 +99,7 @@ def test_report_fields_present_and_typed(plain_job) -> None:
         assert b["latency"]["median_ms"] == b["latency_ms"]
         assert {"p10_ms", "p90_ms", "device", "batch_size", "dtype", "channels_last",
                 "repeats"} <= b["latency"].keys()
-        assert 0.0 <= b["accuracy"] <= 1.0
+        assert b["accuracy"] is None  # synthetic labels are noise: no accuracy is claimed
     t = report["target"]
     assert t["metric"] == "flops" and t["ratio"] == 0.5
     assert t["value"] == pytest.approx(0.5 * report["baseline"]["flops"])
@@ -164,14 +162,13 @@ def test_load_pruned_equals_hard_gated_model(plain_job) -> None:
     assert sum(p.numel() for p in pruned.parameters()) == report["pruned"]["params"]
 
 
-def test_finetuned_artifacts_reproduce_reported_accuracy(finetuned_job) -> None:
+def test_finetuned_artifacts_load_and_match_pt2(finetuned_job) -> None:
     out, report, _ = finetuned_job
     pruned = load_pruned(out / "pruned.json", out / "pruned.safetensors")
-    data = load_data(_recipe())
-    assert accuracy(pruned, data.heldout_batches(8), "cpu") == report["pruned"]["accuracy"]
+    assert sum(p.numel() for p in pruned.parameters()) == report["pruned"]["params"]
     assert report["finetune_history"][-1]["step"] == report["finetune_history"][-1]["steps"]
     program = torch.export.load(str(out / "pruned.pt2"))
-    x = torch.randn(1, 3, 16, 16)
+    x = torch.randn(3, 3, 16, 16)  # any batch: the exported batch dimension is dynamic
     with torch.no_grad():
         torch.testing.assert_close(program.module()(x), pruned(x), rtol=1e-4, atol=1e-4)
 
@@ -261,9 +258,7 @@ def test_job_on_gpu_matches_contract(weights: Path, tmp_path: Path) -> None:
     assert report["pruned"]["latency"]["device"] == torch.cuda.get_device_name()
     assert report["target_met"] is (report["pruned"]["flops"] <= report["target"]["value"])
     pruned = load_pruned(tmp_path / "pruned.json", tmp_path / "pruned.safetensors")
-    data = load_data(_recipe())
-    assert accuracy(pruned, data.heldout_batches(8), "cpu") == pytest.approx(
-        report["pruned"]["accuracy"], abs=1 / report["data"]["n_heldout"] + 1e-9)
+    assert sum(p.numel() for p in pruned.parameters()) == report["pruned"]["params"]
 
 
 def test_run_local_reads_recipe_file(weights: Path, tmp_path: Path) -> None:
@@ -327,3 +322,20 @@ def test_latency_target_job_uses_measured_table(weights: Path, tmp_path: Path) -
     assert report["budget"]["measured"] is not None  # the exported model was timed, not predicted
     met = report["pruned"]["latency_ms"] <= t["value"] * (1 + t["tolerance"])
     assert report["target_met"] is met
+
+
+@pytest.mark.slow
+def test_onnx_export_matches_pruned_model(weights: Path, tmp_path: Path) -> None:
+    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnxscript")
+    from onnx.reference import ReferenceEvaluator
+
+    run_job(JobContext(recipe=_recipe(formats=("safetensors", "onnx")), weights=weights,
+                       out_dir=tmp_path, device="cpu"))
+    graph = onnx.load(str(tmp_path / "pruned.onnx"))
+    onnx.checker.check_model(graph)
+    x = torch.randn(3, 3, 16, 16)
+    (got,) = ReferenceEvaluator(graph).run(None, {"input": x.numpy()})
+    pruned = load_pruned(tmp_path / "pruned.json", tmp_path / "pruned.safetensors")
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(got), pruned(x), rtol=1e-3, atol=1e-4)
