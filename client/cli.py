@@ -7,9 +7,8 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any, NoReturn, Optional
 
 import typer
 from rich.console import Console
@@ -34,7 +33,7 @@ def _client(url: str, api_key: str | None) -> HawadaClient:
     return HawadaClient(url, api_key)
 
 
-def _fail(exc: Exception) -> None:
+def _fail(exc: Exception) -> NoReturn:
     """Print an API error the way a user wants to read it and exit non-zero."""
     if isinstance(exc, HawadaAPIError):
         console.print(f"[red]error[/red] {exc.code} ({exc.status}): {exc.message}")

@@ -241,3 +241,16 @@ def test_job_progress_is_overall_and_monotone(settings: Settings,
     assert runner.execute(body.job_id, settings) == "succeeded"  # type: ignore[attr-defined]
     assert seen == sorted(seen) and seen[0] == 0.0 and 0.9 < seen[-1] < 1.0
     assert _job(settings, body.job_id).progress == 1.0  # type: ignore[attr-defined]
+
+
+def test_soft_time_limit_fails_with_time_limit(settings: Settings,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    from celery.exceptions import SoftTimeLimitExceeded
+
+    def body(work: Path, sink: Any, cancel: threading.Event) -> dict[str, Any]:
+        raise SoftTimeLimitExceeded()
+
+    _fake_pipeline(monkeypatch, body)
+    job_id = _new_job(settings)
+    assert runner.execute(job_id, settings) == "failed"
+    assert _job(settings, job_id).error_code == "time_limit"

@@ -18,6 +18,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from celery.exceptions import SoftTimeLimitExceeded
+
 from core.config import Settings, get_settings
 from core.errors import HawadaError, JobCancelled
 from store import jobs, uploaded_models
@@ -212,6 +214,9 @@ def execute(job_id: str, settings: Settings | None = None) -> str | None:
         return None
     except HawadaError as exc:
         status, code, message = "failed", exc.code, exc.message
+    except SoftTimeLimitExceeded:
+        status, code = "failed", "time_limit"
+        message = f"job exceeded the time limit of {settings.job_time_limit_s:.0f} s"
     except BaseException as exc:  # noqa: BLE001 - record it, then let Celery see fatal ones
         status, code, message = "failed", "internal", f"{type(exc).__name__}: {exc}"
         _safe(lambda: sink({"kind": "log", "level": "error",
