@@ -31,12 +31,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from adapters.torchvision import get_adapter
+from adapters.torchvision import get_adapter, load_pruned
 from core.baseline import save_weights, train_baseline
 from core.cost import make_cost_model
 from core.data import load_data
 from core.gates import Gates, attach
-from core.latency import device_name
+from core.latency import device_name, measure_latency
 from core.pipeline import JobContext, run_job
 from core.recipe import parse_recipe
 from core.train import train_classifier, train_gates
@@ -48,6 +48,7 @@ FULL = {"limit": 4000, "base_steps": 200, "gate_steps": 150, "batch": 32, "finet
 QUICK = {"limit": 2000, "base_steps": 60, "gate_steps": 60, "batch": 32, "finetune": 1.0,
          "timed_steps": 8, "rounds": 2}
 WARMUP_STEPS = 3
+LATENCY_PASSES = 5
 
 
 def make_recipe(cfg: dict[str, Any]) -> Any:
@@ -109,6 +110,23 @@ def step_time_ratio(model: torch.nn.Module, data: Any, recipe: Any, timed: int,
     return {"plain_s": p, "gate_s": g, "ratio": g / p, "timed_steps": len(plain)}
 
 
+def interleaved_latency(baseline: torch.nn.Module, pruned: torch.nn.Module, recipe: Any,
+                        passes: int = LATENCY_PASSES) -> dict[str, float]:
+    """Batch-1 CPU latency of both models, alternating passes, lowest median of each.
+
+    The job measures baseline and pruned minutes apart; on a shared host a neighbour's burst
+    can land on either. Alternating passes and keeping each model's best median compares them
+    under the same conditions.
+    """
+    size = recipe.model.input_size
+    best = {"baseline_ms": float("inf"), "pruned_ms": float("inf")}
+    for _ in range(passes):
+        for key, m in (("baseline_ms", baseline), ("pruned_ms", pruned)):
+            best[key] = min(best[key], measure_latency(m, size, recipe.latency, "cpu").median_ms)
+    best["ratio"] = best["pruned_ms"] / best["baseline_ms"]
+    return best
+
+
 def _fmt_int(v: int) -> str:
     return f"{v / 1e6:.2f} M"
 
@@ -152,12 +170,15 @@ def main(argv: list[str] | None = None) -> int:
 
         report = run_job(JobContext(recipe=recipe, weights=weights, out_dir=out, device="cpu",
                                     on_event=on_event))
+        pruned = load_pruned(out / "pruned.json", out / "pruned.safetensors")
+        latency = interleaved_latency(model, pruned, recipe)
     total = time.perf_counter() - started
-    print_tables(report, ratio, cfg, base_t["train_s"], total, args)
+    print_tables(report, ratio, latency, cfg, base_t["train_s"], total, args)
     return 0
 
 
-def print_tables(report: dict[str, Any], ratio: dict[str, float], cfg: dict[str, Any],
+def print_tables(report: dict[str, Any], ratio: dict[str, float], latency: dict[str, float],
+                 cfg: dict[str, Any],
                  base_train_s: float, total_s: float, args: argparse.Namespace) -> None:
     """Rich table on the terminal and the same numbers as Markdown for RESULTS.md."""
     from rich.console import Console
@@ -170,8 +191,10 @@ def print_tables(report: dict[str, Any], ratio: dict[str, float], cfg: dict[str,
         ("params", _fmt_int(b["params"]), _fmt_int(p["params"]), f"{p['params'] / b['params']:.3f}"),
         ("FLOPs (batch 1)", _fmt_int(b["flops"]), _fmt_int(p["flops"]),
          f"{p['flops'] / b['flops']:.3f}"),
-        ("CPU latency ms (batch 1, median)", f"{b['latency_ms']:.2f}", f"{p['latency_ms']:.2f}",
-         f"{p['latency_ms'] / b['latency_ms']:.3f}"),
+        ("CPU latency ms (batch 1, median, in the job)", f"{b['latency_ms']:.2f}",
+         f"{p['latency_ms']:.2f}", f"{p['latency_ms'] / b['latency_ms']:.3f}"),
+        (f"CPU latency ms (batch 1, best of {LATENCY_PASSES} interleaved medians)",
+         f"{latency['baseline_ms']:.2f}", f"{latency['pruned_ms']:.2f}", f"{latency['ratio']:.3f}"),
     ]
     table = Table(title="HawAda engine: ResNet-18 (cifar stem), Fashion-MNIST 32x32, target 50% FLOPs")
     for col in ("", "baseline", "pruned", "pruned / baseline"):
