@@ -20,13 +20,17 @@ def _filesystem_options(var_dir: Path) -> dict[str, Any]:
     """Transport options for the embedded ``filesystem://`` broker, folders created."""
     queue = var_dir / "broker" / "queue"
     processed = var_dir / "broker" / "processed"
-    queue.mkdir(parents=True, exist_ok=True)
-    processed.mkdir(parents=True, exist_ok=True)
+    # kombu keeps its exchange table in `control_folder`; left unset it writes ./control in
+    # whatever folder the process happens to run from.
+    control = var_dir / "broker" / "control"
+    for folder in (queue, processed, control):
+        folder.mkdir(parents=True, exist_ok=True)
     # Producer and consumer share one folder: the API writes messages the worker reads.
     return {
         "data_folder_in": str(queue),
         "data_folder_out": str(queue),
         "processed_folder": str(processed),
+        "control_folder": str(control),
         "store_processed": False,
     }
 
