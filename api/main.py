@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from fastapi import FastAPI
 
+from api.admission import DbAdmissionMiddleware
 from api.errors import install_error_handlers
 from api.metrics import HttpMetricsMiddleware, make_registry
 from api.queue import CeleryEnqueuer, Enqueuer
 from api.routes import artifacts, catalog, events, health, jobs, models
 from core.config import Settings, get_settings
 from store.artifacts import ArtifactStore
-from store.db import init_db
+from store.db import POOL_CAPACITY, init_db
 
 DESCRIPTION = (
     "HawAda compresses trained torchvision CNNs for a FLOPs, parameter or latency budget. "
@@ -31,6 +32,7 @@ def create_app(settings: Settings | None = None, enqueue: Enqueuer | None = None
     app.state.enqueue = enqueue if enqueue is not None else CeleryEnqueuer(settings)
     registry, http_histogram = make_registry(settings.database_url)
     app.state.registry = registry
+    app.add_middleware(DbAdmissionMiddleware, limit=POOL_CAPACITY // 2)
     app.add_middleware(HttpMetricsMiddleware, histogram=http_histogram)
     install_error_handlers(app)
     for module in (jobs, events, artifacts, models, catalog, health):

@@ -41,6 +41,12 @@ def get_engine(url: str) -> Engine:
         return engine
 
 
+# One pool shape for every backend; the API sizes its admission limit from it (api/admission.py).
+POOL_SIZE = 10
+MAX_OVERFLOW = 20
+POOL_CAPACITY = POOL_SIZE + MAX_OVERFLOW
+
+
 def _create_engine(url: str) -> Engine:
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
@@ -49,10 +55,12 @@ def _create_engine(url: str) -> Engine:
         engine = create_engine(
             url,
             connect_args={"check_same_thread": False, "timeout": SQLITE_BUSY_TIMEOUT_MS / 1000},
+            pool_size=POOL_SIZE,
+            max_overflow=MAX_OVERFLOW,
         )
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+    return create_engine(url, pool_pre_ping=True, pool_size=POOL_SIZE, max_overflow=MAX_OVERFLOW)
 
 
 def get_sessionmaker(url: str) -> sessionmaker[Session]:
