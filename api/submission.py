@@ -59,6 +59,24 @@ def store_file(
     return path, sha
 
 
+def check_data_path(recipe: Recipe, settings: Settings) -> None:
+    """Refuse a `data.path` outside HAWADA_DATA_ROOTS before anything is stored or queued.
+
+    The worker enforces the same roots when it loads the data; refusing here gives the user a
+    422 naming the field instead of a failed job.
+    """
+    path = recipe.data.path
+    if path is None:
+        return
+    resolved = Path(path).expanduser().resolve()
+    if not any(resolved.is_relative_to(Path(r).resolve()) for r in settings.data_roots):
+        allowed = ", ".join(str(r) for r in settings.data_roots) or "none configured"
+        message = f"{path!r} is outside the data folders this service may read ({allowed})"
+        raise ApiError(
+            422, "invalid_recipe", f"data.path: {message}", [{"path": "data.path", "message": message}]
+        )
+
+
 def from_multipart(form: Any, store: ArtifactStore, settings: Settings) -> Submission:
     """Parse the recipe field, then store and check the weights (and dataset) files."""
     recipe_field = form.get("recipe")
@@ -67,6 +85,7 @@ def from_multipart(form: Any, store: ArtifactStore, settings: Settings) -> Submi
     if isinstance(recipe_field, UploadFile):
         recipe_field = recipe_field.file.read(MAX_RECIPE_BYTES + 1)  # parse_recipe refuses more
     recipe = parse_recipe(recipe_field)
+    check_data_path(recipe, settings)
     weights = form.get("weights")
     if not isinstance(weights, UploadFile):
         raise invalid_field("weights", "file required")
@@ -100,6 +119,7 @@ def from_json(body: Any, owner: str, settings: Settings) -> Submission:
             details,
         ) from None
     recipe = parse_recipe(req.recipe)
+    check_data_path(recipe, settings)
     with session_scope(settings.database_url) as session:
         model = get_model(session, owner, req.model_id) if OBJECT_ID.match(req.model_id) else None
     if model is None:

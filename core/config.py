@@ -39,6 +39,9 @@ class Settings(BaseSettings):
     max_attempts: int = 3
     device: Literal["auto", "cpu", "cuda"] = "auto"
     lut_dir: Path = Path("./var/lut")
+    # Folders a service job's `data.path` may name (JSON list in HAWADA_DATA_ROOTS). Empty: the
+    # service refuses `data.path`, so a remote user cannot make a worker read arbitrary files.
+    data_roots: list[Path] = []
 
     @model_validator(mode="before")
     @classmethod

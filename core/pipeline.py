@@ -55,6 +55,9 @@ class JobContext:
     should_cancel: Callable[[], bool] = field(default=_never)
     checkpoint_dir: Path | None = None
     lut_cache: Any | None = None
+    # None: `data.path` may name any folder (`hawada run`, a local user); the worker passes the
+    # service's HAWADA_DATA_ROOTS so remote recipes cannot read arbitrary worker files.
+    data_roots: list[Path] | None = None
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -259,7 +262,7 @@ def run_job(ctx: JobContext) -> dict[str, Any]:
         model = build_model(recipe.model.arch, num_classes=recipe.model.num_classes,
                             stem=recipe.model.stem)
         mapping = load_weights(model, Path(ctx.weights))
-        data = load_data(recipe, upload=ctx.dataset)
+        data = load_data(recipe, upload=ctx.dataset, allowed_roots=ctx.data_roots)
         if data.num_classes > recipe.model.num_classes:
             raise JobError(f"the dataset has {data.num_classes} classes but model.num_classes is "
                            f"{recipe.model.num_classes}", code="bad_dataset")

@@ -523,3 +523,19 @@ def test_sse_follows_a_live_job_to_its_end(client: TestClient, settings: Any) ->
     ids = [line for line in text.splitlines() if line.startswith("id: ")]
     assert ids == [f"id: {n}" for n in range(1, 6)] and text.rstrip().endswith("data: {}")
     assert '"phase": "packaging"' in text and time.monotonic() - start < 10
+
+
+def test_data_path_outside_data_roots_is_422(
+    client: TestClient, enqueued: Any, settings: Any, tmp_path: Path
+) -> None:
+    recipe = json.loads(json.dumps(RECIPE))
+    recipe["data"] = {"source": "npz", "path": "/etc/passwd.npz"}
+    body = assert_error(submit(client, recipe), 422, "invalid_recipe")
+    assert body["details"][0]["path"] == "data.path" and "none configured" in body["message"]
+    assert enqueued.job_ids == [] and uploads(settings) == []
+    # inside a configured root the same recipe is accepted (the worker checks again on load)
+    settings.data_roots = [tmp_path / "data"]
+    recipe["data"]["path"] = str(tmp_path / "data" / "train.npz")
+    assert submit(client, recipe).status_code == 202
+    recipe["data"]["path"] = str(tmp_path / "data" / ".." / "elsewhere.npz")
+    assert_error(submit(client, recipe), 422, "invalid_recipe")

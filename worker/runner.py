@@ -285,6 +285,7 @@ def _run_pipeline(settings: Settings, spec: dict[str, Any], work: Path, checkpoi
         should_cancel=cancel.is_set,
         checkpoint_dir=checkpoint_dir,
         lut_cache=StoreLutCache(settings.database_url),
+        data_roots=list(settings.data_roots),
     )
     return run_job(ctx)
 
