@@ -7,6 +7,7 @@ documented in docs/recipes.md; DESIGN.md fixes the public names.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 from collections.abc import Mapping
 from functools import lru_cache
@@ -58,7 +59,15 @@ ARCHITECTURES: dict[str, str] = {
 #: Recipes are small; anything bigger is a mistake or an attack on the parser.
 MAX_RECIPE_BYTES = 256 * 1024
 
-RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
+# `recipes` is a package (YAML as package data) so a non-editable install (the API image) finds
+# them too; a path relative to this file would point into site-packages and find nothing.
+# A source checkout whose editable install predates the package falls back to the repo folder.
+_RECIPES_SPEC = importlib.util.find_spec("recipes")
+RECIPES_DIR = (
+    Path(_RECIPES_SPEC.origin).parent
+    if _RECIPES_SPEC is not None and _RECIPES_SPEC.origin
+    else Path(__file__).resolve().parents[1] / "recipes"
+)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
