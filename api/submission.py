@@ -19,7 +19,14 @@ from api.errors import ApiError, invalid_field
 from api.schemas import JobCreateJson, JobPublic
 from api.uploads import check_dataset, check_weights, save_capped, weights_format
 from core.config import Settings
-from core.recipe import MAX_RECIPE_BYTES, Recipe, parse_recipe, recipe_hash, recipe_to_dict
+from core.paths import resolve_within
+from core.recipe import (
+    MAX_RECIPE_BYTES,
+    Recipe,
+    parse_recipe,
+    recipe_hash,
+    recipe_to_dict,
+)
 from store import jobs as repo
 from store.artifacts import ArtifactStore
 from store.db import session_scope
@@ -68,8 +75,7 @@ def check_data_path(recipe: Recipe, settings: Settings) -> None:
     path = recipe.data.path
     if path is None:
         return
-    resolved = Path(path).expanduser().resolve()
-    if not any(resolved.is_relative_to(Path(r).resolve()) for r in settings.data_roots):
+    if resolve_within(path, settings.data_roots) is None:
         allowed = ", ".join(str(r) for r in settings.data_roots) or "none configured"
         message = f"{path!r} is outside the data folders this service may read ({allowed})"
         raise ApiError(

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from core.errors import DataError
+from core.paths import resolve_within
 from core.recipe import Recipe
 
 __all__ = ["DEFAULT_FASHION_MNIST_DIR", "DataBundle", "load_data"]
@@ -194,8 +195,8 @@ def _take(x: np.ndarray, y: np.ndarray, pick: Tensor | None) -> tuple[np.ndarray
 
 
 def _resolve(path_text: str, allowed_roots: Sequence[Path] | None) -> Path:
-    path = Path(path_text).expanduser().resolve()
-    if allowed_roots is not None and not any(path.is_relative_to(Path(r).resolve()) for r in allowed_roots):
+    path = resolve_within(path_text, allowed_roots)
+    if path is None:
         raise DataError(f"data.path {path_text!r} is outside the allowed data folders")
     return path
 
