@@ -22,7 +22,7 @@ install: $(STAMP)
 
 ## demo: set up, start the embedded service, compress a small model over HTTP, print results
 demo: install
-	$(PY) -m client.demo
+	$(PY) -m hawada.client.demo
 
 ## test: the whole suite (unit, integration against real Celery/Redis/PostgreSQL when up)
 test: install

@@ -9,14 +9,14 @@ from typing import Annotated
 from fastapi import Depends, Request
 from sqlalchemy.orm import Session
 
-from api.errors import ApiError
-from api.schemas import JobPublic
-from core.config import Settings
-from store import jobs as repo
-from store.artifacts import ArtifactStore
-from store.db import session_scope
-from store.keys import resolve_key
-from store.models import Job
+from hawada.api.errors import ApiError
+from hawada.api.schemas import JobPublic
+from hawada.core.config import Settings
+from hawada.store import jobs as repo
+from hawada.store.artifacts import ArtifactStore
+from hawada.store.db import session_scope
+from hawada.store.keys import resolve_key
+from hawada.store.models import Job
 
 LOCAL_OWNER = "local"
 # Ids of jobs and models: anything else cannot exist, so it is a 404 without a query.

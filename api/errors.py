@@ -10,7 +10,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from core.errors import HawadaError
+from hawada.core.errors import HawadaError
 
 log = logging.getLogger("hawada.api")
 

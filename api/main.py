@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from fastapi import FastAPI
 
-from api.admission import DbAdmissionMiddleware
-from api.errors import install_error_handlers
-from api.metrics import HttpMetricsMiddleware, make_registry
-from api.queue import CeleryEnqueuer, Enqueuer
-from api.routes import artifacts, catalog, events, health, jobs, models
-from core.config import Settings, get_settings
-from store.artifacts import ArtifactStore
-from store.db import POOL_CAPACITY, init_db
+from hawada.api.admission import DbAdmissionMiddleware
+from hawada.api.errors import install_error_handlers
+from hawada.api.metrics import HttpMetricsMiddleware, make_registry
+from hawada.api.queue import CeleryEnqueuer, Enqueuer
+from hawada.api.routes import artifacts, catalog, events, health, jobs, models
+from hawada.core.config import Settings, get_settings
+from hawada.store.artifacts import ArtifactStore
+from hawada.store.db import POOL_CAPACITY, init_db
 
 DESCRIPTION = (
     "HawAda compresses trained torchvision CNNs for a FLOPs, parameter or latency budget. "

@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 from typing import Any, Protocol
 
-from core.config import Settings
+from hawada.core.config import Settings
 
 TASK_NAME = "hawada.run_job"
 
@@ -30,7 +30,7 @@ class CeleryEnqueuer:
     def _celery(self) -> Any:
         with self._lock:
             if self._app is None:
-                from worker.app import make_celery  # celery only; worker.app imports no torch
+                from hawada.worker.app import make_celery  # celery only; worker.app imports no torch
 
                 self._app = make_celery(self._settings)
             return self._app

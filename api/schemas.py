@@ -7,7 +7,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from store.models import Artifact, Job, JobEvent, Model
+from hawada.store.models import Artifact, Job, JobEvent, Model
 
 
 class ErrorDetail(BaseModel):

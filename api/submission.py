@@ -14,23 +14,23 @@ from pydantic import ValidationError
 from sqlalchemy.exc import IntegrityError
 from starlette.datastructures import UploadFile
 
-from api.deps import OBJECT_ID, public_job
-from api.errors import ApiError, invalid_field
-from api.schemas import JobCreateJson, JobPublic
-from api.uploads import check_dataset, check_weights, save_capped, weights_format
-from core.config import Settings
-from core.paths import resolve_within
-from core.recipe import (
+from hawada.api.deps import OBJECT_ID, public_job
+from hawada.api.errors import ApiError, invalid_field
+from hawada.api.schemas import JobCreateJson, JobPublic
+from hawada.api.uploads import check_dataset, check_weights, save_capped, weights_format
+from hawada.core.config import Settings
+from hawada.core.paths import resolve_within
+from hawada.core.recipe import (
     MAX_RECIPE_BYTES,
     Recipe,
     parse_recipe,
     recipe_hash,
     recipe_to_dict,
 )
-from store import jobs as repo
-from store.artifacts import ArtifactStore
-from store.db import session_scope
-from store.uploaded_models import get_model
+from hawada.store import jobs as repo
+from hawada.store.artifacts import ArtifactStore
+from hawada.store.db import session_scope
+from hawada.store.uploaded_models import get_model
 
 
 @dataclass

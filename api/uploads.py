@@ -13,8 +13,8 @@ import zipfile
 from pathlib import Path, PurePath
 from typing import BinaryIO
 
-from api.errors import ApiError
-from store.artifacts import ArtifactStore, UploadTooLarge
+from hawada.api.errors import ApiError
+from hawada.store.artifacts import ArtifactStore, UploadTooLarge
 
 WEIGHT_SUFFIXES = {".safetensors": "safetensors", ".pt": "pt", ".pth": "pt"}
 DATASET_SUFFIXES = (".npz",)

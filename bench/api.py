@@ -127,8 +127,8 @@ def count_rows(database_url: str) -> int:
     """Job rows in the database."""
     from sqlalchemy import func, select
 
-    from store.db import session_scope
-    from store.models import Job
+    from hawada.store.db import session_scope
+    from hawada.store.models import Job
 
     with session_scope(database_url) as session:
         return int(session.scalar(select(func.count()).select_from(Job)))
@@ -139,7 +139,7 @@ def start_api(var_dir: Path, port: int) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if not k.startswith("HAWADA_")}
     env["HAWADA_VAR_DIR"] = str(var_dir)
     return subprocess.Popen(
-        [sys.executable, "-m", "client.cli", "api", "--host", "127.0.0.1", "--port", str(port)],
+        [sys.executable, "-m", "hawada.client.cli", "api", "--host", "127.0.0.1", "--port", str(port)],
         cwd=ROOT, env=env, stdout=open(var_dir / "api.log", "ab"), stderr=subprocess.STDOUT,
         start_new_session=True)
 

@@ -31,15 +31,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from adapters.torchvision import get_adapter, load_pruned
-from core.baseline import save_weights, train_baseline
-from core.cost import make_cost_model
-from core.data import load_data
-from core.gates import Gates, attach
-from core.latency import device_name, measure_latency
-from core.pipeline import JobContext, run_job
-from core.recipe import parse_recipe
-from core.train import train_classifier, train_gates
+from hawada.adapters.torchvision import get_adapter, load_pruned
+from hawada.core.baseline import save_weights, train_baseline
+from hawada.core.cost import make_cost_model
+from hawada.core.data import load_data
+from hawada.core.gates import Gates, attach
+from hawada.core.latency import device_name, measure_latency
+from hawada.core.pipeline import JobContext, run_job
+from hawada.core.recipe import parse_recipe
+from hawada.core.train import train_classifier, train_gates
 
 # Sized for a 2-core host shared with other work (about 4 s per ResNet-18 step at 32x32, batch
 # 32): the full run takes roughly 40 minutes there; --limit scales the data.

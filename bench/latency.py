@@ -34,12 +34,12 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from adapters.torchvision import build_model, get_adapter
-from core.budget import fit_to_budget
-from core.cost import FlopsCost
-from core.gates import Gates
-from core.latency import device_name, measure_latency, resolve_device
-from core.lut import LatencyCost, WidthMeasurer, build_lut, calibrate
+from hawada.adapters.torchvision import build_model, get_adapter
+from hawada.core.budget import fit_to_budget
+from hawada.core.cost import FlopsCost
+from hawada.core.gates import Gates
+from hawada.core.latency import device_name, measure_latency, resolve_device
+from hawada.core.lut import LatencyCost, WidthMeasurer, build_lut, calibrate
 
 ARCH, STEM, INPUT = "resnet18", "cifar", (3, 32, 32)
 

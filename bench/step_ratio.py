@@ -17,9 +17,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from engine import step_time_ratio  # noqa: E402
 
-from adapters.torchvision import build_model  # noqa: E402
-from core.data import load_data  # noqa: E402
-from core.recipe import parse_recipe  # noqa: E402
+from hawada.adapters.torchvision import build_model  # noqa: E402
+from hawada.core.data import load_data  # noqa: E402
+from hawada.core.recipe import parse_recipe  # noqa: E402
 
 
 def main() -> None:

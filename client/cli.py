@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from client.client import TERMINAL, HawadaAPIError, HawadaClient
+from hawada.client.client import TERMINAL, HawadaAPIError, HawadaClient
 
 app = typer.Typer(no_args_is_help=True, add_completion=False,
                   help="HawAda: compress torchvision CNNs for a latency budget.")
@@ -50,7 +50,7 @@ def worker_command(loglevel: str = "INFO") -> list[str]:
     the broker connection and the lease reaper) never imports torch nor initialises CUDA; a
     job that crashes the interpreter or leaks GPU memory takes down only the child.
     """
-    return [sys.executable, "-m", "celery", "-A", "worker.app", "worker", "--pool", "prefork",
+    return [sys.executable, "-m", "celery", "-A", "hawada.worker.app", "worker", "--pool", "prefork",
             "--concurrency", "1", "--loglevel", loglevel, "--without-gossip", "--without-mingle",
             "--without-heartbeat", "-n", f"hawada-{os.getpid()}@%h"]
 
@@ -89,8 +89,8 @@ def stop_worker(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
 
 
 def _init_db() -> None:
-    from core.config import get_settings
-    from store.db import init_db
+    from hawada.core.config import get_settings
+    from hawada.store.db import init_db
 
     settings = get_settings()
     Path(settings.var_dir).mkdir(parents=True, exist_ok=True)
@@ -100,8 +100,8 @@ def _init_db() -> None:
 def _uvicorn(host: str, port: int) -> None:
     import uvicorn
 
-    from api.main import create_app
-    from core.config import get_settings
+    from hawada.api.main import create_app
+    from hawada.core.config import get_settings
 
     # The default enqueuer of the app sends `hawada.run_job` through worker.app's Celery app.
     uvicorn.run(create_app(get_settings()), host=host, port=port, log_level="info")
@@ -144,9 +144,9 @@ def run(recipe: Annotated[Path, typer.Option(help="Recipe YAML/JSON file.")],
         dataset: Annotated[Optional[Path], typer.Option(help="Dataset file (npz).")] = None,
         device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto") -> None:
     """Run one compression job in this process and write the same artifacts as the service."""
-    from core.pipeline import run_local
-    from core.recipe import RecipeError, parse_recipe
-    from core.errors import HawadaError
+    from hawada.core.pipeline import run_local
+    from hawada.core.recipe import RecipeError, parse_recipe
+    from hawada.core.errors import HawadaError
 
     try:
         parsed = parse_recipe(recipe.read_text())
@@ -398,7 +398,7 @@ def keys_create(owner: Annotated[str, typer.Option(help="Owner the key acts as."
                 name: Annotated[str, typer.Option(help="A label for the key.")] = "default"
                 ) -> None:
     """Create an API key; the secret is printed once and stored only hashed."""
-    from store import keys
+    from hawada.store import keys
 
     _init_db()
     with _session() as session:
@@ -410,7 +410,7 @@ def keys_create(owner: Annotated[str, typer.Option(help="Owner the key acts as."
 @keys_app.command("list")
 def keys_list(owner: Annotated[Optional[str], typer.Option()] = None) -> None:
     """List API keys (never their secrets)."""
-    from store import keys
+    from hawada.store import keys
 
     _init_db()
     table = Table(box=None)
@@ -430,7 +430,7 @@ def keys_list(owner: Annotated[Optional[str], typer.Option()] = None) -> None:
 @keys_app.command("revoke")
 def keys_revoke(key_id: str) -> None:
     """Revoke an API key (by id or displayed prefix)."""
-    from store import keys
+    from hawada.store import keys
 
     _init_db()
     with _session() as session:
@@ -440,8 +440,8 @@ def keys_revoke(key_id: str) -> None:
 
 
 def _session() -> Any:
-    from core.config import get_settings
-    from store.db import session_scope
+    from hawada.core.config import get_settings
+    from hawada.store.db import session_scope
 
     return session_scope(get_settings().database_url)
 

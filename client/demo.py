@@ -19,8 +19,8 @@ from pathlib import Path
 
 from rich.console import Console
 
-from client.cli import before_after_table, watch_job
-from client.client import HawadaClient
+from hawada.client.cli import before_after_table, watch_job
+from hawada.client.client import HawadaClient
 
 ROOT = Path(__file__).resolve().parents[1]
 console = Console()
@@ -42,7 +42,7 @@ def start_service(var_dir: Path, port: int) -> subprocess.Popen:
         env.pop(name, None)  # the demo is the embedded mode, whatever the shell has set
     log = open(var_dir / "serve.log", "ab")  # noqa: SIM115 - owned by the child
     return subprocess.Popen(
-        [sys.executable, "-m", "client.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
+        [sys.executable, "-m", "hawada.client.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
         cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 
@@ -75,7 +75,7 @@ BASELINE_STEPS = int(os.environ.get("HAWADA_DEMO_BASELINE_STEPS", "150"))
 
 def train_baseline(recipe: Path, out: Path, steps: int = BASELINE_STEPS) -> None:
     """Train the model to compress (python -m core.baseline), in its own process."""
-    cmd = [sys.executable, "-m", "core.baseline", "--recipe", str(recipe), "--out", str(out),
+    cmd = [sys.executable, "-m", "hawada.core.baseline", "--recipe", str(recipe), "--out", str(out),
            "--steps", str(steps)]
     subprocess.run(cmd, cwd=ROOT, check=True)
 
@@ -84,7 +84,7 @@ def check_pruned(folder: Path, report: dict) -> str:
     """Load the downloaded pruned model the way a user would; return a one-line summary."""
     import torch
 
-    from adapters.torchvision import load_pruned
+    from hawada.adapters.torchvision import load_pruned
 
     model = load_pruned(folder / "pruned.json", folder / "pruned.safetensors").eval()
     size = json.loads((folder / "pruned.json").read_text())["input_size"]

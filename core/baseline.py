@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from core.recipe import Recipe, parse_recipe
+from hawada.core.recipe import Recipe, parse_recipe
 
 
 def train_baseline(recipe: Recipe, *, steps: int, lr: float = 0.05, device: str = "auto",
@@ -26,11 +26,11 @@ def train_baseline(recipe: Recipe, *, steps: int, lr: float = 0.05, device: str 
                    log: Any = None) -> tuple[nn.Module, float, dict[str, float]]:
     """Train `recipe.model` on `recipe.data`; returns (model in eval mode, held-out accuracy,
     timings {"train_s", "eval_s"}). `data` may pass an already loaded DataBundle."""
-    from adapters.torchvision import build_model
-    from core.data import load_data
-    from core.evaluate import accuracy
-    from core.pipeline import resolve_device
-    from core.train import train_classifier
+    from hawada.adapters.torchvision import build_model
+    from hawada.core.data import load_data
+    from hawada.core.evaluate import accuracy
+    from hawada.core.pipeline import resolve_device
+    from hawada.core.train import train_classifier
 
     dev = resolve_device(device)
     torch.manual_seed(seed)

@@ -207,7 +207,7 @@ def make_cost_model(metric: str, layers: Sequence[LayerSpec], lut: object | None
     if metric == "latency":
         if lut is None:
             raise ValueError("metric latency needs a latency lookup table (lut)")
-        from core.lut import LatencyCost  # lazy: only latency jobs need the LUT module
+        from hawada.core.lut import LatencyCost  # lazy: only latency jobs need the LUT module
 
         return LatencyCost(layers, lut)
     raise ValueError(f"unknown cost metric {metric!r}; expected flops, params or latency")

@@ -19,9 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from core.errors import DataError
-from core.paths import resolve_within
-from core.recipe import Recipe
+from hawada.core.errors import DataError
+from hawada.core.paths import resolve_within
+from hawada.core.recipe import Recipe
 
 __all__ = ["DEFAULT_FASHION_MNIST_DIR", "DataBundle", "load_data"]
 

@@ -31,8 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from core.cost import group_widths
-from core.latency import (
+from hawada.core.cost import group_widths
+from hawada.core.latency import (
     DTYPES,
     device_name,
     effective_dtype,

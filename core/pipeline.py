@@ -19,11 +19,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from core.errors import JobCancelled, JobError
-from core.evaluate import accuracy, count_flops, count_params
-from core.recipe import Recipe, parse_recipe, recipe_hash, recipe_to_dict
-from core.report import build_report, model_block, target_block, write_report_html
-from core.train import INIT_LOGIT, finetune, train_gates
+from hawada.core.errors import JobCancelled, JobError
+from hawada.core.evaluate import accuracy, count_flops, count_params
+from hawada.core.recipe import Recipe, parse_recipe, recipe_hash, recipe_to_dict
+from hawada.core.report import build_report, model_block, target_block, write_report_html
+from hawada.core.train import INIT_LOGIT, finetune, train_gates
 
 PHASES = ("loading", "baseline", "profiling", "training", "exporting", "finetuning", "evaluating",
           "packaging")
@@ -168,7 +168,7 @@ def _layers_rows(gates: Any, keep: Mapping[str, torch.Tensor]) -> list[dict[str,
 def _train(ctx: JobContext, model: nn.Module, gates: Any, cost_model: Any, data: Any,
            target_ratio: float, device: torch.device, phase: _Phases) -> list[dict[str, Any]]:
     """Gate training with checkpoints in `ctx.checkpoint_dir`, resuming from one if present."""
-    from core.gates import attach
+    from hawada.core.gates import attach
 
     recipe = ctx.recipe
     start_step, state = 0, None
@@ -199,7 +199,7 @@ def _train(ctx: JobContext, model: nn.Module, gates: Any, cost_model: Any, data:
 def _latency_table(ctx: JobContext, adapter: Any, model: nn.Module, layers: Any, groups: Any,
                    device: torch.device) -> Any:
     """The per-layer latency table for this model on `device` (cached, calibrated)."""
-    from core.lut import get_or_build_lut, make_width_measurer
+    from hawada.core.lut import get_or_build_lut, make_width_measurer
 
     recipe = ctx.recipe
     input_size = tuple(recipe.model.input_size)
@@ -235,13 +235,13 @@ def run_job(ctx: JobContext) -> dict[str, Any]:
     Raises `HawadaError` subclasses (weights, data, arch, export problems) for user-caused
     failures and `JobCancelled` when `ctx.should_cancel()` turns true.
     """
-    from adapters.torchvision import build_model, get_adapter
-    from core.budget import fit_to_budget
-    from core.cost import make_cost_model
-    from core.data import load_data
-    from core.gates import Gates
-    from core.latency import device_name, measure_latency
-    from core.weights import load_weights
+    from hawada.adapters.torchvision import build_model, get_adapter
+    from hawada.core.budget import fit_to_budget
+    from hawada.core.cost import make_cost_model
+    from hawada.core.data import load_data
+    from hawada.core.gates import Gates
+    from hawada.core.latency import device_name, measure_latency
+    from hawada.core.weights import load_weights
 
     recipe = ctx.recipe
     out = Path(ctx.out_dir)
@@ -367,7 +367,7 @@ def _export_check(model: nn.Module, gates: Any, pruned: nn.Module, data: Any, re
     Both derive from the same `kept` definition, so this is ~1e-6; a large value is an engine bug
     worth seeing in the report.
     """
-    from core.gates import attach
+    from hawada.core.gates import attach
 
     x, _ = next(iter(data.heldout_batches(min(16, recipe.data.batch_size))))
     x = x.to(device)
@@ -524,8 +524,8 @@ def run_local(recipe: Recipe | str | Path, weights: Path | str, out_dir: Path | 
     out = Path(out_dir)
     lut_cache = None
     try:
-        from core.config import get_settings
-        from core.lut import FolderLutCache
+        from hawada.core.config import get_settings
+        from hawada.core.lut import FolderLutCache
         lut_cache = FolderLutCache(Path(get_settings().lut_dir))
     except ImportError:  # pragma: no cover - only while core.lut is absent
         lut_cache = None

@@ -25,7 +25,7 @@ from pydantic import (
     model_validator,
 )
 
-from core.errors import HawadaError
+from hawada.core.errors import HawadaError
 
 __all__ = [
     "ARCHITECTURES",
@@ -62,7 +62,7 @@ MAX_RECIPE_BYTES = 256 * 1024
 # `recipes` is a package (YAML as package data) so a non-editable install (the API image) finds
 # them too; a path relative to this file would point into site-packages and find nothing.
 # A source checkout whose editable install predates the package falls back to the repo folder.
-_RECIPES_SPEC = importlib.util.find_spec("recipes")
+_RECIPES_SPEC = importlib.util.find_spec("hawada.recipes")
 RECIPES_DIR = (
     Path(_RECIPES_SPEC.origin).parent
     if _RECIPES_SPEC is not None and _RECIPES_SPEC.origin

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from core.errors import JobCancelled
+from hawada.core.errors import JobCancelled
 
 StepCallback = Callable[[dict[str, float]], None]
 StopCheck = Callable[[], bool]

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from core.errors import WeightsError
+from hawada.core.errors import WeightsError
 
 __all__ = ["MappingSummary", "load_weights", "map_state_dict", "read_state_dict"]
 

@@ -18,7 +18,7 @@ from typing import Any
 from sqlalchemy import and_, delete, func, or_, select, update
 from sqlalchemy.orm import Session
 
-from store.models import TERMINAL_STATES, Artifact, Job, JobEvent, utcnow
+from hawada.store.models import TERMINAL_STATES, Artifact, Job, JobEvent, utcnow
 
 # A running job found with a lapsed lease is failed with this code once attempts run out.
 LEASE_LOST = "lease_lost"

@@ -8,7 +8,7 @@ import secrets
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from store.models import ApiKey, utcnow
+from hawada.store.models import ApiKey, utcnow
 
 KEY_PREFIX = "hwd_"
 

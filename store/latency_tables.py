@@ -9,7 +9,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from store.models import LatencyTableRow, utcnow
+from hawada.store.models import LatencyTableRow, utcnow
 
 
 def get_latency_table(session: Session, key: str) -> bytes | None:

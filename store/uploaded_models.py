@@ -5,7 +5,7 @@ from __future__ import annotations
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from store.models import Model, utcnow
+from hawada.store.models import Model, utcnow
 
 
 def create_model(

@@ -34,13 +34,13 @@ def pg_schema_url() -> Iterator[str]:
         pytest.skip(f"PostgreSQL not reachable at {PG_URL}: {exc.orig}")
     sep = "&" if "?" in PG_URL else "?"
     url = f"{PG_URL}{sep}options=-csearch_path%3D{schema}"
-    from store.db import init_db
+    from hawada.store.db import init_db
 
     init_db(url)
     try:
         yield url
     finally:
-        from store.db import dispose_engines
+        from hawada.store.db import dispose_engines
 
         dispose_engines()
         with admin.begin() as conn:
@@ -51,20 +51,20 @@ def pg_schema_url() -> Iterator[str]:
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     """A migrated, empty database: a SQLite file, or the session's PostgreSQL schema (truncated)."""
-    from store.db import init_db
+    from hawada.store.db import init_db
 
     if request.param == "sqlite":
         url = f"sqlite:///{tmp_path / 'hawada.db'}"
         init_db(url)
         yield url
-        from store.db import get_engine
+        from hawada.store.db import get_engine
 
         get_engine(url).dispose()  # release the file handles of this test's database
         return
     url = request.getfixturevalue("pg_schema_url")
     from sqlalchemy import text
 
-    from store.db import get_engine
+    from hawada.store.db import get_engine
 
     with get_engine(url).begin() as conn:
         conn.execute(text(f"TRUNCATE {', '.join(_TABLES)} CASCADE"))
@@ -74,7 +74,7 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
 @pytest.fixture
 def settings(tmp_path: Path, db_url: str) -> Any:
     """Settings for an isolated embedded instance under tmp_path on `db_url`."""
-    from core.config import Settings
+    from hawada.core.config import Settings
 
     return Settings(
         var_dir=tmp_path / "var",
@@ -107,7 +107,7 @@ def client(settings: Any, enqueued: RecordingEnqueuer) -> Iterator[Any]:
     """A TestClient on an app built from `settings` (no auth) that enqueues into `enqueued`."""
     from fastapi.testclient import TestClient
 
-    from api.main import create_app
+    from hawada.api.main import create_app
 
     with TestClient(create_app(settings, enqueue=enqueued)) as test_client:
         yield test_client

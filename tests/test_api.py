@@ -16,11 +16,11 @@ import pytest
 import yaml
 from fastapi.testclient import TestClient
 
-from api.main import create_app
-from store import jobs as repo
-from store import keys
-from store.artifacts import ArtifactStore
-from store.db import session_scope
+from hawada.api.main import create_app
+from hawada.store import jobs as repo
+from hawada.store import keys
+from hawada.store.artifacts import ArtifactStore
+from hawada.store.db import session_scope
 
 RECIPE: dict[str, Any] = {
     "model": {"arch": "resnet18", "num_classes": 10, "stem": "cifar", "input_size": [3, 16, 16]},
@@ -469,7 +469,7 @@ def test_settings_defaults_and_production_guard(
 ) -> None:
     from pydantic import ValidationError
 
-    from core.config import Settings, get_settings, reset_settings
+    from hawada.core.config import Settings, get_settings, reset_settings
 
     for name in (
         "HAWADA_DATABASE_URL",

@@ -15,9 +15,9 @@ SCRIPT = textwrap.dedent(
     """
     import json, struct, sys
     from fastapi.testclient import TestClient
-    from api.main import create_app
-    from api.queue import CeleryEnqueuer
-    from core.config import get_settings
+    from hawada.api.main import create_app
+    from hawada.api.queue import CeleryEnqueuer
+    from hawada.core.config import get_settings
 
     settings = get_settings()
     app = create_app(settings)  # the real Celery enqueuer over the filesystem broker

@@ -9,10 +9,10 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from adapters.torchvision import build_model, get_adapter
-from core.budget import BudgetResult, cost_floor, fit_to_budget, ladder
-from core.cost import FlopsCost
-from core.gates import GateGroup, Gates, keep_from_gates
+from hawada.adapters.torchvision import build_model, get_adapter
+from hawada.core.budget import BudgetResult, cost_floor, fit_to_budget, ladder
+from hawada.core.cost import FlopsCost
+from hawada.core.gates import GateGroup, Gates, keep_from_gates
 
 INPUT = (3, 16, 16)
 GATES_SPEC = {"round_to": 16, "min_channels": 16, "prune_residual": True}
@@ -145,7 +145,7 @@ def test_measured_loop_gives_up_with_a_reason() -> None:
 
 
 def test_ladder_matches_gate_snapping() -> None:
-    from core.gates import snap_units
+    from hawada.core.gates import snap_units
 
     g = GateGroup.from_channels("g", 72, modules=[], covers=[], round_to=16, min_channels=20)
     steps = ladder(g)
@@ -155,8 +155,8 @@ def test_ladder_matches_gate_snapping() -> None:
 @pytest.mark.slow
 def test_latency_budget_with_real_table_and_measurements(resnet18) -> None:
     """LUT cost + measured loop on the real model: the result is consistent, whatever the timing."""
-    from core.latency import measure_latency
-    from core.lut import LatencyCost, build_lut
+    from hawada.core.latency import measure_latency
+    from hawada.core.lut import LatencyCost, build_lut
 
     model, adapter, gates, layers = resnet18
     spec = {"batch_size": 2, "repeats": 3, "warmup": 1}

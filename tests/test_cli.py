@@ -16,9 +16,9 @@ import httpx
 import pytest
 from typer.testing import CliRunner
 
-from client.cli import app
-from client.client import ChecksumError, HawadaAPIError, HawadaClient
-from core.config import Settings, reset_settings
+from hawada.client.cli import app
+from hawada.client.client import ChecksumError, HawadaAPIError, HawadaClient
+from hawada.core.config import Settings, reset_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 runner = CliRunner()
@@ -36,7 +36,7 @@ class _Server:
     def __init__(self, settings: Settings) -> None:
         import uvicorn
 
-        from api.main import create_app
+        from hawada.api.main import create_app
 
         self.enqueued: list[str] = []
         with socket.socket() as sock:
@@ -91,9 +91,9 @@ def _invoke(*args: str) -> Any:
 def _finished_job_with_artifact(cfg: Settings, server: _Server, recipe_file: Path,
                                 tmp_path: Path, payload: bytes) -> str:
     """Submit over HTTP, then play the worker's part: store an artifact and finish the job."""
-    from store import jobs
-    from store.artifacts import ArtifactStore
-    from store.db import session_scope
+    from hawada.store import jobs
+    from hawada.store.artifacts import ArtifactStore
+    from hawada.store.db import session_scope
 
     with HawadaClient(server.url) as hc:
         job_id = hc.submit(recipe_file, _tiny_safetensors(tmp_path / "w.safetensors"))["id"]
@@ -145,7 +145,7 @@ def test_download_verifies_sha256(cfg: Settings, server: _Server, recipe_file: P
     assert (out / "pruned.json").read_bytes() == payload
 
     # Corrupt the stored file behind the API's back: the client must refuse it.
-    from store.artifacts import ArtifactStore
+    from hawada.store.artifacts import ArtifactStore
 
     ArtifactStore(cfg.artifacts_dir).path(job_id, "pruned.json").write_bytes(b"tampered")
     with HawadaClient(server.url) as hc, pytest.raises(ChecksumError):
@@ -173,8 +173,8 @@ def test_keys_create_list_revoke(cfg: Settings) -> None:
     assert res.exit_code == 0, res.output
     key = res.output.strip().splitlines()[-1]
     assert key.startswith("hwd_")
-    from store.db import session_scope
-    from store.keys import list_keys, resolve_key
+    from hawada.store.db import session_scope
+    from hawada.store.keys import list_keys, resolve_key
 
     with session_scope(cfg.database_url) as session:
         assert resolve_key(session, key) == "alice"
@@ -188,7 +188,7 @@ def test_keys_create_list_revoke(cfg: Settings) -> None:
 
 
 def test_client_modules_never_import_torch() -> None:
-    code = "import sys, client.cli, client.client; sys.exit('torch' in sys.modules)"
+    code = "import sys, hawada.client.cli, hawada.client.client; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0
 
 
@@ -196,7 +196,7 @@ def test_client_modules_never_import_torch() -> None:
 def test_run_writes_artifacts_in_process(cfg: Settings, tmp_path: Path) -> None:
     from safetensors.torch import save_file
 
-    from adapters.torchvision import build_model
+    from hawada.adapters.torchvision import build_model
 
     weights = tmp_path / "w.safetensors"
     save_file(build_model("resnet18", num_classes=10, stem="cifar").state_dict(), str(weights))

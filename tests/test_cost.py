@@ -6,9 +6,9 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from adapters.torchvision import build_model, get_adapter
-from core.cost import FlopsCost, LayerSpec, ParamsCost, make_cost_model
-from core.gates import Gates, keep_from_gates
+from hawada.adapters.torchvision import build_model, get_adapter
+from hawada.core.cost import FlopsCost, LayerSpec, ParamsCost, make_cost_model
+from hawada.core.gates import Gates, keep_from_gates
 
 SPEC = {"round_to": 8, "min_channels": 8, "prune_residual": True}
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
-from core.data import DataBundle, load_data
-from core.errors import DataError
-from core.recipe import Recipe, parse_recipe
+from hawada.core.data import DataBundle, load_data
+from hawada.core.errors import DataError
+from hawada.core.recipe import Recipe, parse_recipe
 
 MEAN = (0.5, 0.4, 0.3)
 STD = (0.2, 0.25, 0.5)

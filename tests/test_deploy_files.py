@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from core.config import Settings
+from hawada.core.config import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -69,7 +69,7 @@ def test_dockerfile_targets_and_torch_free_api() -> None:
 
 
 def test_api_and_worker_commands_exist(compose: dict) -> None:
-    from client.cli import app  # the images run `hawada api` and `hawada worker`
+    from hawada.client.cli import app  # the images run `hawada api` and `hawada worker`
 
     names = {c.name or c.callback.__name__ for c in app.registered_commands}
     assert {"api", "worker", "serve"} <= names
@@ -88,6 +88,6 @@ def test_wheel_ships_recipes_and_migrations(tmp_path: Path) -> None:
     )
     (wheel,) = tmp_path.glob("hawada-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    assert {f"recipes/{p.name}" for p in (ROOT / "recipes").glob("*.yaml")} <= names
-    assert "store/alembic.ini" in names
-    assert any(n.startswith("store/migrations/versions/") for n in names)
+    assert {f"hawada/recipes/{p.name}" for p in (ROOT / "recipes").glob("*.yaml")} <= names
+    assert "hawada/store/alembic.ini" in names
+    assert any(n.startswith("hawada/store/migrations/versions/") for n in names)

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import torch
 
-from adapters.torchvision import load_pruned
-from core.baseline import save_weights, train_baseline
-from core.data import load_data
-from core.evaluate import accuracy
-from core.pipeline import JobContext, run_job
-from core.recipe import parse_recipe
+from hawada.adapters.torchvision import load_pruned
+from hawada.core.baseline import save_weights, train_baseline
+from hawada.core.data import load_data
+from hawada.core.evaluate import accuracy
+from hawada.core.pipeline import JobContext, run_job
+from hawada.core.recipe import parse_recipe
 
 RECIPE = {
     "model": {"arch": "resnet18", "num_classes": 10, "stem": "cifar", "input_size": [3, 16, 16],

@@ -16,14 +16,14 @@ from safetensors.torch import save_file
 from torch import nn
 from torchvision.models import ResNet
 
-from adapters.torchvision import (
+from hawada.adapters.torchvision import (
     build_model,
     get_adapter,
     list_architectures,
     load_pruned,
 )
-from core.errors import UnsupportedArch
-from core.gates import Gates, attach, keep_from_gates
+from hawada.core.errors import UnsupportedArch
+from hawada.core.gates import Gates, attach, keep_from_gates
 
 ALL_ARCHS = [
     "resnet18", "resnet34", "resnet50", "resnet101", "resnet152",

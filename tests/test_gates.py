@@ -8,8 +8,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from adapters.torchvision import build_model, get_adapter
-from core.gates import GateGroup, Gates, attach, keep_from_gates, snap_units
+from hawada.adapters.torchvision import build_model, get_adapter
+from hawada.core.gates import GateGroup, Gates, attach, keep_from_gates, snap_units
 
 SPEC = {"round_to": 8, "min_channels": 8, "prune_residual": True}
 

@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 
-from client.client import HawadaClient
+from hawada.client.client import HawadaClient
 
 pytestmark = pytest.mark.slow
 
@@ -68,7 +68,7 @@ class Service:
         self.url = f"http://127.0.0.1:{self.port}"
         self.procs: list[subprocess.Popen] = []
         self.logs: list[Path] = []
-        cli = [sys.executable, "-m", "client.cli"]
+        cli = [sys.executable, "-m", "hawada.client.cli"]
         addr = ["--host", "127.0.0.1", "--port", str(self.port)]
         commands = ([cli + ["serve", *addr]] if embedded
                     else [cli + ["api", *addr], cli + ["worker", "--loglevel", "INFO"]])
@@ -159,7 +159,7 @@ def weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Randomly initialised ResNet-18 (CIFAR stem, 10 classes) weights as safetensors."""
     from safetensors.torch import save_file
 
-    from adapters.torchvision import build_model
+    from hawada.adapters.torchvision import build_model
 
     path = tmp_path_factory.mktemp("weights") / "resnet18.safetensors"
     save_file(build_model("resnet18", num_classes=10, stem="cifar").state_dict(), str(path))
@@ -177,7 +177,7 @@ def test_job_runs_to_success_and_artifacts_load(service: Service, weights: Path,
                                                 tmp_path: Path) -> None:
     import torch
 
-    from adapters.torchvision import load_pruned
+    from hawada.adapters.torchvision import load_pruned
 
     job = service.client.submit(_recipe(), weights, idempotency_key=uuid.uuid4().hex)
     assert job["status"] == "queued"

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from core.latency import LatencyStats, device_name, measure_latency, summarize
+from hawada.core.latency import LatencyStats, device_name, measure_latency, summarize
 
 SPEC = {"batch_size": 2, "dtype": "float32", "repeats": 5, "warmup": 1, "channels_last": False}
 INPUT = (3, 16, 16)
@@ -77,7 +77,7 @@ def test_reduced_precision_and_channels_last_run_on_a_copy(dtype: str) -> None:
 
 
 def test_recipe_latency_block_is_accepted() -> None:
-    from core.recipe import LatencySpec
+    from hawada.core.recipe import LatencySpec
 
     spec = LatencySpec(batch_size=1, repeats=3, warmup=0)
     stats = measure_latency(_small_cnn(), INPUT, spec, "cpu")

@@ -8,10 +8,10 @@ import random
 import pytest
 import torch
 
-import core.lut as lut_mod
-from adapters.torchvision import build_model, get_adapter
-from core.cost import LayerSpec, make_cost_model
-from core.lut import (
+import hawada.core.lut as lut_mod
+from hawada.adapters.torchvision import build_model, get_adapter
+from hawada.core.cost import LayerSpec, make_cost_model
+from hawada.core.lut import (
     FolderLutCache,
     LatencyCost,
     LatencyTable,

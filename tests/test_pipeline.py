@@ -9,11 +9,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from adapters.torchvision import build_model, get_adapter, load_pruned
-from core.errors import HawadaError, JobCancelled, WeightsError
-from core.gates import Gates, attach
-from core.pipeline import PHASES, JobContext, load_checkpoint, run_job, save_checkpoint
-from core.recipe import parse_recipe
+from hawada.adapters.torchvision import build_model, get_adapter, load_pruned
+from hawada.core.errors import HawadaError, JobCancelled, WeightsError
+from hawada.core.gates import Gates, attach
+from hawada.core.pipeline import PHASES, JobContext, load_checkpoint, run_job, save_checkpoint
+from hawada.core.recipe import parse_recipe
 
 ARTIFACTS = ("pruned.safetensors", "pruned.json", "keepall.safetensors", "gates.safetensors",
              "report.json", "report.html")
@@ -207,7 +207,7 @@ def test_checkpoint_roundtrip(tmp_path: Path) -> None:
 def test_interrupted_job_resumes_from_checkpoint(plain_job, weights: Path, tmp_path: Path,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """A job cancelled mid-training resumes from its checkpoint and ends as if never stopped."""
-    from core import pipeline
+    from hawada.core import pipeline
 
     monkeypatch.setattr(pipeline, "CHECKPOINT_EVERY_STEPS", 2)
     ckpt = tmp_path / "ckpt"
@@ -262,8 +262,8 @@ def test_job_on_gpu_matches_contract(weights: Path, tmp_path: Path) -> None:
 
 
 def test_run_local_reads_recipe_file(weights: Path, tmp_path: Path) -> None:
-    from core.pipeline import run_local
-    from core.recipe import recipe_to_dict
+    from hawada.core.pipeline import run_local
+    from hawada.core.recipe import recipe_to_dict
 
     recipe_path = tmp_path / "r.json"
     recipe_path.write_text(json.dumps(recipe_to_dict(_recipe())))
@@ -275,7 +275,7 @@ def test_run_local_reads_recipe_file(weights: Path, tmp_path: Path) -> None:
 
 
 def test_report_judges_target_from_measured_numbers() -> None:
-    from core.report import build_report, model_block, target_block
+    from hawada.core.report import build_report, model_block, target_block
 
     lat = {"median_ms": 10.0, "p10_ms": 9.0, "p90_ms": 11.0, "device": "cpu", "batch_size": 1,
            "dtype": "float32", "channels_last": False, "repeats": 5}
@@ -304,7 +304,7 @@ def test_report_judges_target_from_measured_numbers() -> None:
 
 @pytest.mark.slow
 def test_latency_target_job_uses_measured_table(weights: Path, tmp_path: Path) -> None:
-    from core.lut import FolderLutCache
+    from hawada.core.lut import FolderLutCache
 
     recipe = parse_recipe({
         "model": {"arch": "resnet18", "num_classes": 4, "stem": "cifar", "input_size": [3, 16, 16]},

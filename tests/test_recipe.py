@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-from core.errors import HawadaError
-from core.recipe import (
+from hawada.core.errors import HawadaError
+from hawada.core.recipe import (
     ARCHITECTURES,
     MAX_RECIPE_BYTES,
     Recipe,
@@ -220,7 +220,7 @@ def test_parse_accepts_a_recipe_instance() -> None:
 
 
 def test_recipe_module_does_not_import_torch() -> None:
-    code = "import sys, core.recipe; core.recipe.builtin_recipes(); print('torch' in sys.modules)"
+    code = "import sys, hawada.core.recipe; hawada.core.recipe.builtin_recipes(); print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 

@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 from sqlalchemy.exc import IntegrityError
 
-from store import jobs, keys
-from store.artifacts import ArtifactStore, UploadTooLarge, file_sha256
-from store.db import get_engine, init_db, session_scope
-from store.latency_tables import get_latency_table, put_latency_table
-from store.models import Base, utcnow
-from store.uploaded_models import create_model, get_model
+from hawada.store import jobs, keys
+from hawada.store.artifacts import ArtifactStore, UploadTooLarge, file_sha256
+from hawada.store.db import get_engine, init_db, session_scope
+from hawada.store.latency_tables import get_latency_table, put_latency_table
+from hawada.store.models import Base, utcnow
+from hawada.store.uploaded_models import create_model, get_model
 
 RECIPE = {"model": {"arch": "resnet18"}}
 
@@ -298,7 +298,7 @@ def test_concurrent_first_upgrades_of_one_sqlite_file(tmp_path: Path) -> None:
     import sys
 
     url = f"sqlite:///{tmp_path / 'fresh.db'}"
-    code = f"from store.db import init_db; init_db({url!r})"
+    code = f"from hawada.store.db import init_db; init_db({url!r})"
     root = Path(__file__).resolve().parents[1]
     procs = [
         subprocess.Popen([sys.executable, "-c", code], cwd=root, stderr=subprocess.PIPE)

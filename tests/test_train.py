@@ -5,13 +5,13 @@ import pytest
 import torch
 from torch import nn
 
-from adapters.torchvision import build_model, get_adapter
-from core.cost import FlopsCost, LayerSpec, make_cost_model
-from core.data import load_data
-from core.errors import JobCancelled
-from core.gates import GateGroup, Gates, attach, keep_from_gates
-from core.recipe import parse_recipe
-from core.train import (
+from hawada.adapters.torchvision import build_model, get_adapter
+from hawada.core.cost import FlopsCost, LayerSpec, make_cost_model
+from hawada.core.data import load_data
+from hawada.core.errors import JobCancelled
+from hawada.core.gates import GateGroup, Gates, attach, keep_from_gates
+from hawada.core.recipe import parse_recipe
+from hawada.core.train import (
     finetune,
     recalibrate_bn,
     temperature_at,
@@ -191,5 +191,5 @@ def test_train_classifier_learns_separable_data() -> None:
     model = Tiny(classes=10)
     history = train_classifier(model, data, steps=60, lr=0.1, device="cpu", batch_size=32)
     assert history[-1]["loss"] < history[0]["loss"]
-    from core.evaluate import accuracy
+    from hawada.core.evaluate import accuracy
     assert accuracy(model, data.heldout_batches(64), "cpu") > 0.5

@@ -10,8 +10,8 @@ import torch
 from safetensors.torch import save_file
 from torchvision.models import resnet18, resnet34
 
-from core.errors import WeightsError
-from core.weights import load_weights, map_state_dict, read_state_dict
+from hawada.core.errors import WeightsError
+from hawada.core.weights import load_weights, map_state_dict, read_state_dict
 
 
 def _source(seed: int = 0) -> torch.nn.Module:

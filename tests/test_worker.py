@@ -16,12 +16,12 @@ from typing import Any
 import pytest
 from sqlalchemy import update
 
-from core.config import Settings
-from core.errors import JobCancelled, WeightsError
-from store import jobs
-from store.db import init_db, session_scope
-from store.models import Job, utcnow
-from worker import runner
+from hawada.core.config import Settings
+from hawada.core.errors import JobCancelled, WeightsError
+from hawada.store import jobs
+from hawada.store.db import init_db, session_scope
+from hawada.store.models import Job, utcnow
+from hawada.worker import runner
 
 
 @pytest.fixture()
@@ -57,7 +57,7 @@ def _fake_pipeline(monkeypatch: pytest.MonkeyPatch, body: Any) -> None:
 
 
 def test_importing_the_worker_does_not_import_torch() -> None:
-    code = ("import sys, worker.app, worker.tasks, worker.runner, worker.lut_cache;"
+    code = ("import sys, hawada.worker.app, hawada.worker.tasks, hawada.worker.runner, hawada.worker.lut_cache;"
             "sys.exit('torch' in sys.modules)")
     import subprocess
 
@@ -211,7 +211,7 @@ def test_reaper_requeues_lapsed_and_fails_out_of_attempts(settings: Settings) ->
 
 
 def test_lut_cache_round_trip(settings: Settings) -> None:
-    from worker.lut_cache import StoreLutCache
+    from hawada.worker.lut_cache import StoreLutCache
 
     cache = StoreLutCache(settings.database_url)
     assert cache.get("cpu|resnet18|16") is None

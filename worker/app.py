@@ -11,7 +11,7 @@ from typing import Any
 
 from celery import Celery
 
-from core.config import Settings, get_settings
+from hawada.core.config import Settings, get_settings
 
 TASK_NAME = "hawada.run_job"
 
@@ -37,7 +37,7 @@ def _filesystem_options(var_dir: Path) -> dict[str, Any]:
 
 def make_celery(settings: Settings) -> Celery:
     """Build the Celery app for ``settings`` (broker, reliability and limits)."""
-    app = Celery("hawada", broker=settings.broker_url, include=["worker.tasks"])
+    app = Celery("hawada", broker=settings.broker_url, include=["hawada.worker.tasks"])
     transport_options: dict[str, Any] = {
         # A redelivery must not race a live job: keep it above the job's hard limit.
         "visibility_timeout": int(settings.job_time_limit_s) + 3600,

@@ -2,8 +2,8 @@
 reuses one measured latency table instead of profiling again."""
 from __future__ import annotations
 
-from store.db import session_scope
-from store.latency_tables import get_latency_table, put_latency_table
+from hawada.store.db import session_scope
+from hawada.store.latency_tables import get_latency_table, put_latency_table
 
 
 class StoreLutCache:

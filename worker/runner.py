@@ -20,11 +20,11 @@ from typing import Any
 
 from celery.exceptions import SoftTimeLimitExceeded
 
-from core.config import Settings, get_settings
-from core.errors import HawadaError, JobCancelled
-from store import jobs, uploaded_models
-from store.artifacts import ARTIFACT_NAMES, ArtifactStore
-from store.db import session_scope
+from hawada.core.config import Settings, get_settings
+from hawada.core.errors import HawadaError, JobCancelled
+from hawada.store import jobs, uploaded_models
+from hawada.store.artifacts import ARTIFACT_NAMES, ArtifactStore
+from hawada.store.db import session_scope
 
 log = logging.getLogger("hawada.worker")
 
@@ -268,9 +268,9 @@ def _resolve_weights(settings: Settings, spec: dict[str, Any]) -> Path:
 def _run_pipeline(settings: Settings, spec: dict[str, Any], work: Path, checkpoint_dir: Path,
                   sink: EventSink, cancel: threading.Event) -> dict[str, Any]:
     """Build the engine's JobContext and run it (the only place torch gets imported)."""
-    from core.pipeline import JobContext, run_job
-    from core.recipe import parse_recipe
-    from worker.lut_cache import StoreLutCache
+    from hawada.core.pipeline import JobContext, run_job
+    from hawada.core.recipe import parse_recipe
+    from hawada.worker.lut_cache import StoreLutCache
 
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     if spec["attempt"] and spec["attempt"] > 1:
@@ -299,7 +299,7 @@ def reap_once(settings: Settings | None = None,
         requeued = jobs.requeue_expired(session)
     if requeued:
         if send is None:
-            from worker.app import TASK_NAME, celery_app
+            from hawada.worker.app import TASK_NAME, celery_app
 
             def send(job_id: str) -> Any:
                 return celery_app.send_task(TASK_NAME, args=[job_id])

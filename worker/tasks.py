@@ -10,7 +10,7 @@ from typing import Any
 
 from celery.signals import worker_process_init, worker_ready, worker_shutdown
 
-from worker.app import TASK_NAME, celery_app
+from hawada.worker.app import TASK_NAME, celery_app
 
 _reaper: Any = None
 
@@ -18,7 +18,7 @@ _reaper: Any = None
 @celery_app.task(name=TASK_NAME)
 def run_job(job_id: str) -> None:
     """Run one compression job end to end; the database records the outcome."""
-    from worker.runner import execute
+    from hawada.worker.runner import execute
 
     execute(job_id)
 
@@ -26,7 +26,7 @@ def run_job(job_id: str) -> None:
 @worker_process_init.connect
 def _fresh_connections(**_: Any) -> None:
     # A forked child must not share the parent's pooled DB sockets.
-    from store.db import dispose_engines
+    from hawada.store.db import dispose_engines
 
     dispose_engines()
 
@@ -35,8 +35,8 @@ def _fresh_connections(**_: Any) -> None:
 def _start_reaper(**_: Any) -> None:
     # Runs in the parent: re-queue jobs whose worker died, now and periodically.
     global _reaper
-    from core.config import get_settings
-    from worker.runner import Reaper
+    from hawada.core.config import get_settings
+    from hawada.worker.runner import Reaper
 
     _reaper = Reaper(get_settings())
     _reaper.start()

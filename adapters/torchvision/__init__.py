@@ -7,7 +7,7 @@ from pathlib import Path
 from safetensors.torch import load_file
 from torch import nn
 
-from adapters.torchvision._registry import (
+from hawada.adapters.torchvision._registry import (
     STEMS,
     FamilyAdapter,
     build_model,
@@ -15,8 +15,8 @@ from adapters.torchvision._registry import (
     family_of,
     list_architectures,
 )
-from adapters.torchvision.resnet import ResNetAdapter
-from core.errors import UnsupportedArch
+from hawada.adapters.torchvision.resnet import ResNetAdapter
+from hawada.core.errors import UnsupportedArch
 
 _ADAPTERS: dict[str, FamilyAdapter] = {"resnet": ResNetAdapter()}
 _REQUIRED = ("arch", "num_classes", "stem", "channels")

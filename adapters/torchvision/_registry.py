@@ -11,9 +11,9 @@ import torch
 from torch import Tensor, nn
 from torchvision import models as tvm
 
-from core.cost import LayerSpec
-from core.errors import UnsupportedArch
-from core.gates import GateGroup
+from hawada.core.cost import LayerSpec
+from hawada.core.errors import UnsupportedArch
+from hawada.core.gates import GateGroup
 
 STEMS: tuple[str, ...] = ("imagenet", "cifar")
 

@@ -18,10 +18,10 @@ import torch
 from torch import Tensor, nn
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
-from adapters.torchvision._registry import build_skeleton
-from core.cost import LayerSpec
-from core.export import slice_bn, slice_conv, slice_linear
-from core.gates import GateGroup
+from hawada.adapters.torchvision._registry import build_skeleton
+from hawada.core.cost import LayerSpec
+from hawada.core.export import slice_bn, slice_conv, slice_linear
+from hawada.core.gates import GateGroup
 
 FC = "fc"
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 from fastapi import APIRouter
 from fastapi.responses import FileResponse
 
-from api.deps import CurrentOwner, SessionDep, StoreDep, job_or_404
-from api.errors import ApiError
-from api.routes.jobs import ERRORS
-from store import jobs as repo
-from store.artifacts import ARTIFACT_NAMES
+from hawada.api.deps import CurrentOwner, SessionDep, StoreDep, job_or_404
+from hawada.api.errors import ApiError
+from hawada.api.routes.jobs import ERRORS
+from hawada.store import jobs as repo
+from hawada.store.artifacts import ARTIFACT_NAMES
 
 router = APIRouter(prefix="/v1/jobs", tags=["artifacts"])
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from api.schemas import ArchitectureList, ArchitecturePublic, RecipeList, RecipePublic
-from core.recipe import ARCHITECTURES, builtin_recipes, recipe_to_dict
+from hawada.api.schemas import ArchitectureList, ArchitecturePublic, RecipeList, RecipePublic
+from hawada.core.recipe import ARCHITECTURES, builtin_recipes, recipe_to_dict
 
 router = APIRouter(prefix="/v1", tags=["catalog"])
 

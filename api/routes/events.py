@@ -11,12 +11,12 @@ from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from api.deps import CurrentOwner, SettingsDep, job_or_404
-from api.errors import ApiError
-from api.routes.jobs import ERRORS
-from api.schemas import EventList, EventPublic
-from store import jobs as repo
-from store.db import session_scope
+from hawada.api.deps import CurrentOwner, SettingsDep, job_or_404
+from hawada.api.errors import ApiError
+from hawada.api.routes.jobs import ERRORS
+from hawada.api.schemas import EventList, EventPublic
+from hawada.store import jobs as repo
+from hawada.store.db import session_scope
 
 router = APIRouter(prefix="/v1/jobs", tags=["events"])
 

@@ -10,9 +10,9 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 
-from api.deps import SettingsDep
-from core.config import Settings
-from store.db import get_engine
+from hawada.api.deps import SettingsDep
+from hawada.core.config import Settings
+from hawada.store.db import get_engine
 
 router = APIRouter(tags=["health"])
 

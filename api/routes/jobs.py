@@ -8,7 +8,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Header, Query, Request, Response
 from starlette.concurrency import run_in_threadpool
 
-from api.deps import (
+from hawada.api.deps import (
     CurrentOwner,
     SessionDep,
     SettingsDep,
@@ -16,12 +16,12 @@ from api.deps import (
     job_or_404,
     public_job,
 )
-from api.errors import ApiError
-from api.schemas import ErrorBody, JobCreateJson, JobList, JobPublic
-from api.submission import create_or_replay, from_json, from_multipart
-from store import jobs as repo
-from store.db import session_scope
-from store.models import JOB_STATES
+from hawada.api.errors import ApiError
+from hawada.api.schemas import ErrorBody, JobCreateJson, JobList, JobPublic
+from hawada.api.submission import create_or_replay, from_json, from_multipart
+from hawada.store import jobs as repo
+from hawada.store.db import session_scope
+from hawada.store.models import JOB_STATES
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 

@@ -9,17 +9,17 @@ from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
-from api.deps import OBJECT_ID, CurrentOwner, SessionDep, SettingsDep, StoreDep
-from api.errors import ApiError, invalid_field
-from api.routes.jobs import ERRORS
-from api.schemas import ModelPublic
-from api.uploads import check_weights, save_capped, weights_format
-from core.config import Settings
-from core.recipe import ARCHITECTURES
-from store.artifacts import ArtifactStore
-from store.db import session_scope
-from store.jobs import new_id
-from store.uploaded_models import create_model, get_model
+from hawada.api.deps import OBJECT_ID, CurrentOwner, SessionDep, SettingsDep, StoreDep
+from hawada.api.errors import ApiError, invalid_field
+from hawada.api.routes.jobs import ERRORS
+from hawada.api.schemas import ModelPublic
+from hawada.api.uploads import check_weights, save_capped, weights_format
+from hawada.core.config import Settings
+from hawada.core.recipe import ARCHITECTURES
+from hawada.store.artifacts import ArtifactStore
+from hawada.store.db import session_scope
+from hawada.store.jobs import new_id
+from hawada.store.uploaded_models import create_model, get_model
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 

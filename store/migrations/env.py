@@ -5,7 +5,7 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy import Connection, text
 
-from store.models import Base
+from hawada.store.models import Base
 
 # An arbitrary constant: PostgreSQL advisory lock id serialising concurrent upgrades
 # (API and worker may start together and both call init_db).
@@ -19,7 +19,7 @@ def _database_url() -> str:
     url = context.config.get_main_option("sqlalchemy.url")
     if url:
         return url
-    from core.config import get_settings
+    from hawada.core.config import get_settings
 
     return get_settings().database_url
 
@@ -43,7 +43,7 @@ def run_migrations_online() -> None:
     if connection is not None:
         _migrate(connection)
         return
-    from store.db import get_engine
+    from hawada.store.db import get_engine
 
     with get_engine(_database_url()).begin() as conn:
         _migrate(conn)
