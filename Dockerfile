@@ -1,7 +1,7 @@
 # syntax=docker/dockerfile:1
 # Two images from one file:
-#   api    - FastAPI + store + client; no torch (small, CPU-only, scales horizontally)
-#   worker - the same plus torch/torchvision; runs Celery jobs on a GPU
+#   api    - hawada[service]: FastAPI + store + client; no torch (small, CPU-only, scales out)
+#   worker - hawada[service,engine]: the same plus torch/torchvision; runs Celery jobs on a GPU
 # The pip torch wheels bundle the CUDA runtime, so a slim base only needs the host's
 # NVIDIA driver (nvidia-container-toolkit) at run time.
 FROM python:3.11-slim AS base
@@ -11,6 +11,7 @@ WORKDIR /app
 RUN useradd --create-home --uid 1000 hawada && mkdir -p /var/lib/hawada \
     && chown hawada /var/lib/hawada
 COPY pyproject.toml README.md ./
+COPY hawada ./hawada
 COPY core ./core
 COPY adapters ./adapters
 COPY worker ./worker
@@ -20,7 +21,7 @@ COPY client ./client
 COPY recipes ./recipes
 
 FROM base AS api
-RUN pip install .
+RUN pip install '.[service]'
 USER hawada
 EXPOSE 8000
 HEALTHCHECK --interval=10s --timeout=3s --retries=5 \
@@ -28,6 +29,6 @@ HEALTHCHECK --interval=10s --timeout=3s --retries=5 \
 CMD ["hawada", "api", "--host", "0.0.0.0", "--port", "8000"]
 
 FROM base AS worker
-RUN pip install torch==2.14.1 torchvision==0.29.1 && pip install '.[engine]'
+RUN pip install torch==2.14.1 torchvision==0.29.1 && pip install '.[service,engine]'
 USER hawada
 CMD ["hawada", "worker"]

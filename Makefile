@@ -15,14 +15,14 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 
 $(STAMP): pyproject.toml | $(PY)
-	$(PIP) install -q -e '.[engine,dev]' $(TORCH_PINS)
+	$(PIP) install -q -e '.[engine,service,dev]' $(TORCH_PINS)
 	touch $(STAMP)
 
 install: $(STAMP)
 
 ## demo: set up, start the embedded service, compress a small model over HTTP, print results
 demo: install
-	$(PY) -m hawada.client.demo
+	$(PY) -m hawada.demo
 
 ## test: the whole suite (unit, integration against real Celery/Redis/PostgreSQL when up)
 test: install

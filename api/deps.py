@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session
 
 from hawada.api.errors import ApiError
 from hawada.api.schemas import JobPublic
-from hawada.core.config import Settings
+from hawada.settings import Settings
 from hawada.store import jobs as repo
 from hawada.store.artifacts import ArtifactStore
 from hawada.store.db import session_scope

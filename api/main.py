@@ -1,4 +1,4 @@
-"""FastAPI application factory. Run with `uvicorn --factory api.main:create_app`."""
+"""FastAPI application factory. Run with `uvicorn --factory hawada.api.main:create_app`."""
 
 from __future__ import annotations
 
@@ -9,9 +9,10 @@ from hawada.api.errors import install_error_handlers
 from hawada.api.metrics import HttpMetricsMiddleware, make_registry
 from hawada.api.queue import CeleryEnqueuer, Enqueuer
 from hawada.api.routes import artifacts, catalog, events, health, jobs, models
-from hawada.core.config import Settings, get_settings
+from hawada.settings import Settings, get_settings
 from hawada.store.artifacts import ArtifactStore
 from hawada.store.db import POOL_CAPACITY, init_db
+from hawada.version import __version__
 
 DESCRIPTION = (
     "HawAda compresses trained torchvision CNNs for a FLOPs, parameter or latency budget. "
@@ -26,7 +27,7 @@ def create_app(settings: Settings | None = None, enqueue: Enqueuer | None = None
     """
     settings = settings or get_settings()
     init_db(settings.database_url)
-    app = FastAPI(title="HawAda", version="0.1.0", description=DESCRIPTION)
+    app = FastAPI(title="HawAda", version=__version__, description=DESCRIPTION)
     app.state.settings = settings
     app.state.store = ArtifactStore(settings.artifacts_dir)
     app.state.enqueue = enqueue if enqueue is not None else CeleryEnqueuer(settings)

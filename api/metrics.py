@@ -21,7 +21,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from hawada.store.db import session_scope
 from hawada.store.jobs import count_by_status
-from hawada.store.models import JOB_STATES, TERMINAL_STATES, Job, JobEvent
+from hawada.lifecycle import JOB_STATES, TERMINAL_STATES
+from hawada.store.models import Job, JobEvent
 
 PHASE_BUCKETS = (0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 7200, 21600)
 HTTP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)

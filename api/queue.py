@@ -1,13 +1,18 @@
-"""Handing job ids to the worker. The API never imports the task module (or torch)."""
+"""Handing job ids to the worker: a bare Celery producer that sends the task by name.
+
+The API never imports the worker (nor torch): it needs only the task name and the broker
+configuration, both from `hawada.store.broker`, which the worker uses as well.
+"""
 
 from __future__ import annotations
 
 import threading
-from typing import Any, Protocol
+from typing import Protocol
 
-from hawada.core.config import Settings
+from celery import Celery
 
-TASK_NAME = "hawada.run_job"
+from hawada.settings import Settings
+from hawada.store.broker import TASK_NAME, celery_config, ensure_broker_folders
 
 
 class Enqueuer(Protocol):
@@ -19,21 +24,23 @@ class Enqueuer(Protocol):
 class CeleryEnqueuer:
     """Sends `hawada.run_job(job_id)` through the Celery broker of `settings`.
 
-    The Celery app is built on first use, so creating the API (tests, /healthz) needs no broker.
+    The producer is built on first use, so creating the API (tests, /healthz) needs no broker
+    and touches no folder.
     """
 
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
-        self._app: Any = None
+        self._app: Celery | None = None
         self._lock = threading.Lock()
 
-    def _celery(self) -> Any:
+    def _producer(self) -> Celery:
         with self._lock:
             if self._app is None:
-                from hawada.worker.app import make_celery  # celery only; worker.app imports no torch
-
-                self._app = make_celery(self._settings)
+                ensure_broker_folders(self._settings)
+                app = Celery("hawada-api", set_as_current=False)
+                app.conf.update(celery_config(self._settings))
+                self._app = app
             return self._app
 
     def __call__(self, job_id: str) -> None:
-        self._celery().send_task(TASK_NAME, args=[job_id])
+        self._producer().send_task(TASK_NAME, args=[job_id])

@@ -18,7 +18,7 @@ from hawada.api.deps import OBJECT_ID, public_job
 from hawada.api.errors import ApiError, invalid_field
 from hawada.api.schemas import JobCreateJson, JobPublic
 from hawada.api.uploads import check_dataset, check_weights, save_capped, weights_format
-from hawada.core.config import Settings
+from hawada.settings import Settings
 from hawada.core.paths import resolve_within
 from hawada.core.recipe import (
     MAX_RECIPE_BYTES,

@@ -139,7 +139,7 @@ def start_api(var_dir: Path, port: int) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if not k.startswith("HAWADA_")}
     env["HAWADA_VAR_DIR"] = str(var_dir)
     return subprocess.Popen(
-        [sys.executable, "-m", "hawada.client.cli", "api", "--host", "127.0.0.1", "--port", str(port)],
+        [sys.executable, "-m", "hawada.cli", "api", "--host", "127.0.0.1", "--port", str(port)],
         cwd=ROOT, env=env, stdout=open(var_dir / "api.log", "ab"), stderr=subprocess.STDOUT,
         start_new_session=True)
 

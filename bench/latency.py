@@ -38,8 +38,10 @@ from hawada.adapters.torchvision import build_model, get_adapter
 from hawada.core.budget import fit_to_budget
 from hawada.core.cost import FlopsCost
 from hawada.core.gates import Gates
-from hawada.core.latency import device_name, measure_latency, resolve_device
+from hawada.core.device import device_name, resolve_device
+from hawada.core.latency import measure_latency
 from hawada.core.lut import LatencyCost, WidthMeasurer, build_lut, calibrate
+from hawada.core.recipe import GatesSpec, LatencySpec
 
 ARCH, STEM, INPUT = "resnet18", "cifar", (3, 32, 32)
 
@@ -82,20 +84,21 @@ def main() -> None:
     batch = args.batch or (64 if gpu else 8)
     repeats = args.repeats or (50 if gpu else (5 if args.quick else 10))
     n_configs = 5 if args.quick else args.configs
-    spec = {
-        "batch_size": batch,
-        "dtype": "float32",
-        "repeats": repeats,
-        "warmup": 10 if gpu else 2,
-        "channels_last": False,
-    }
+    spec = LatencySpec(
+        batch_size=batch,
+        dtype="float32",
+        repeats=repeats,
+        warmup=10 if gpu else 2,
+        channels_last=False,
+    )
 
     torch.manual_seed(0)
     model = build_model(ARCH, num_classes=10, stem=STEM).to(dev).eval()
     adapter = get_adapter(ARCH)
     layers = adapter.layers(model, INPUT)
     groups = adapter.gate_groups(
-        model, {"round_to": args.round_to, "min_channels": args.round_to, "prune_residual": True}
+        model,
+        GatesSpec(round_to=args.round_to, min_channels=args.round_to, prune_residual=True),
     )
     measurer = WidthMeasurer(model, adapter.export_pruned, groups, INPUT, spec, dev, clock=clock)
 
@@ -136,7 +139,7 @@ def main() -> None:
         gates = _random_gates(groups, dev)
         lat = fit_to_budget(
             gates,
-            cost.cost,
+            cost,
             ratio * base_ms,
             measure=lambda keep: robust(adapter.export_pruned(model, keep)),
         )

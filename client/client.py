@@ -10,7 +10,7 @@ from typing import Any, BinaryIO
 
 import httpx
 
-TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
+from hawada.lifecycle import TERMINAL_STATES
 
 
 class HawadaAPIError(Exception):
@@ -197,7 +197,7 @@ class HawadaClient:
             if new:
                 after = max(int(e.get("seq", e.get("id", after))) for e in new)
             job = self.get(job_id)
-            if job["status"] in TERMINAL:
+            if job["status"] in TERMINAL_STATES:
                 # Events written between the two reads above are still owed to the caller.
                 tail = self.events(job_id, after=after)
                 yield job, new + tail

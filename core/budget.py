@@ -29,6 +29,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from hawada.core.gates import GateGroup, Gates
+from hawada.core.layers import CostModel
+
+#: A plain `widths -> cost` function (group -> kept channels; absent groups are full width).
+CostFn = Callable[[Mapping[str, float]], Tensor | float]
+#: Measures the exported model for a `keep` (group -> kept channel indices); returns ms.
+Measure = Callable[[Mapping[str, Tensor]], float]
+
 _LOOKAHEAD = 6  # steps down one group to search for a width where the cost actually drops
 _MARGIN = 0.01  # |logit| written back for units whose side of 0 had to change
 
@@ -74,7 +82,7 @@ class BudgetResult(Mapping[str, Tensor]):
         }
 
 
-def ladder(group: Any) -> list[int]:
+def ladder(group: GateGroup) -> list[int]:
     """Allowed kept-unit counts of a group, ascending: the staircase ``snap_units`` can emit."""
     r = max(1, int(group.round_units))
     floor = -(-int(group.min_units) // r) * r
@@ -85,9 +93,7 @@ def ladder(group: Any) -> list[int]:
 class _State:
     """Current unit counts per group, their removal order, and the predicted cost."""
 
-    def __init__(
-        self, gates: Any, groups: Sequence[Any], cost_fn: Callable[[Mapping[str, float]], Any]
-    ) -> None:
+    def __init__(self, gates: Gates, groups: Sequence[GateGroup], cost_fn: CostFn) -> None:
         self.groups = {g.name: g for g in groups}
         self.cost_fn = cost_fn
         self.ladders = {n: ladder(g) for n, g in self.groups.items()}
@@ -191,7 +197,7 @@ def _grow(st: _State, target: float, plateau_tol: float, fill: bool) -> None:
         st.units[n], st.cost = k_new, c
 
 
-def _write_back(gates: Any, st: _State) -> dict[str, Tensor]:
+def _write_back(gates: Gates, st: _State) -> dict[str, Tensor]:
     """Make the gates' logits say exactly the fitted widths; return keep from the gates."""
     with torch.no_grad():
         for n in st.groups:
@@ -213,21 +219,19 @@ def _write_back(gates: Any, st: _State) -> dict[str, Tensor]:
     return keep
 
 
-def _as_cost_fn(cost_model: Any) -> Callable[[Mapping[str, float]], Any]:
-    if hasattr(cost_model, "cost"):
+def _as_cost_fn(cost_model: CostModel | CostFn) -> CostFn:
+    if isinstance(cost_model, CostModel):
         return cost_model.cost
-    if callable(cost_model):
-        return cost_model
-    raise TypeError("cost_model must be a CostModel or a callable widths -> cost")
+    return cost_model
 
 
 def fit_to_budget(
-    gates: Any,
-    cost_fn: Any,
+    gates: Gates,
+    cost_fn: CostModel | CostFn,
     target_value: float,
-    measure: Callable[[Mapping[str, Tensor]], float] | None = None,
+    measure: Measure | None = None,
     *,
-    groups: Sequence[Any] | None = None,
+    groups: Sequence[GateGroup] | None = None,
     max_rounds: int = 8,
     fill: bool = True,
     plateau_tol: float | None = None,
@@ -236,8 +240,8 @@ def fit_to_budget(
     """Fit kept widths under ``target_value`` (in the cost's unit); returns the keep.
 
     ``gates``: ``core.gates.Gates`` (its logits decide the removal order; ``groups`` defaults
-    to ``gates.groups``). ``cost_fn``: a CostModel or a ``widths -> cost`` callable such as
-    ``cost_model.cost``. ``measure(keep) -> ms`` enables the measured loop of at most
+    to ``gates.groups``). ``cost_fn``: a CostModel (its ``metric`` picks the defaults below) or
+    a plain ``widths -> cost`` function (treated as an analytic cost). ``measure(keep) -> ms`` enables the measured loop of at most
     ``max_rounds`` re-measurements. ``fill`` spends slack under the target on the most important
     units. ``plateau_tol`` is the relative cost increase still counted as "equal" by the
     staircase rule (default 0.5% for latency — timing noise — and 0 otherwise). ``margin``: the
@@ -247,10 +251,8 @@ def fit_to_budget(
     BudgetResult is a Mapping group -> kept channel indices with ``met``/``reason``/costs.
     """
     groups = list(groups) if groups is not None else list(gates.groups.values())
-    metric = getattr(cost_fn, "metric", None) or getattr(
-        getattr(cost_fn, "__self__", None), "metric", ""
-    )
-    cost_fn = _as_cost_fn(cost_fn)
+    # The metric sets the defaults below; a bare function counts as an analytic cost.
+    metric = cost_fn.metric if isinstance(cost_fn, CostModel) else ""
     if plateau_tol is None:
         plateau_tol = 0.005 if metric == "latency" else 0.0
     if margin is None:
@@ -258,7 +260,7 @@ def fit_to_budget(
     target = float(target_value)
     aim = target * (1.0 - margin)
     with torch.no_grad():
-        st = _State(gates, groups, cost_fn)
+        st = _State(gates, groups, _as_cost_fn(cost_fn))
         history: list[dict[str, Any]] = [{"stage": "gates", "predicted": st.cost}]
         _cut_to(st, aim)
         _grow(st, aim, plateau_tol, fill)
@@ -329,7 +331,7 @@ def fit_to_budget(
     )
 
 
-def cost_floor(groups: Sequence[Any], cost_model: Any) -> float:
+def cost_floor(groups: Sequence[GateGroup], cost_model: CostModel | CostFn) -> float:
     """Predicted cost with every group at its minimum width (the lowest reachable target)."""
     fn = _as_cost_fn(cost_model)
     with torch.no_grad():

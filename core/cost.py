@@ -1,4 +1,5 @@
-"""Analytic cost models (FLOPs, parameters) as functions of per-group kept widths.
+"""Analytic cost models (FLOPs, parameters) as functions of per-group kept widths, and the
+choice of cost model for a recipe's metric (`make_cost_model`; latency: `core.lut`).
 
 Every conv/linear contributes `coef * in_factor * out_factor`, where each factor is either a
 gate group's (expected) width or a constant. The cost is therefore one vectorised gather and
@@ -7,71 +8,13 @@ dot product per call, differentiable in the widths, with no per-layer Python wor
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import Literal, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
 
-Width = Tensor | float | int
-
-
-@dataclass(frozen=True)
-class LayerSpec:
-    """One conv or linear layer as the cost models and the latency LUT see it.
-
-    `in_group`/`out_group` name the gate groups that decide its input/output channels (None:
-    fixed). `tied_groups`: grouped conv whose group count shrinks with its gate, so the input
-    channels per group stay constant. `norm` names the norm layer after it (its affine
-    parameters count with the layer). Spatial sizes are from one forward at the job's input size.
-    """
-
-    name: str
-    kind: Literal["conv", "linear"]
-    in_group: str | None
-    out_group: str | None
-    in_channels: int
-    out_channels: int
-    groups: int
-    tied_groups: bool
-    kernel: tuple[int, int]
-    out_hw: tuple[int, int]
-    in_hw: tuple[int, int] = (1, 1)
-    stride: tuple[int, int] = (1, 1)
-    padding: tuple[int, int] = (0, 0)
-    dilation: tuple[int, int] = (1, 1)
-    bias: bool = False
-    norm: str | None = None
-
-
-@runtime_checkable
-class CostModel(Protocol):
-    """Cost of a network as a function of kept channels per gate group."""
-
-    metric: str
-
-    def cost(self, widths: Mapping[str, Width]) -> Tensor:
-        """Cost at `widths` (group -> kept channels; absent groups are full width)."""
-        ...
-
-    def baseline(self) -> float:
-        """Cost at full width."""
-        ...
-
-
-def group_widths(layers: Sequence[LayerSpec]) -> dict[str, int]:
-    """Full channel count of every group the layers mention (checked for consistency)."""
-    full: dict[str, int] = {}
-    for spec in layers:
-        for group, channels in ((spec.in_group, spec.in_channels),
-                                (spec.out_group, spec.out_channels)):
-            if group is None:
-                continue
-            if full.setdefault(group, channels) != channels:
-                raise ValueError(f"group {group}: {channels} channels at {spec.name}, "
-                                 f"{full[group]} elsewhere")
-    return full
-
+from hawada.core.layers import CostModel, LayerSpec, Width, group_widths
+from hawada.core.lut.cost import LatencyCost
+from hawada.core.lut.table import LatencyTable
 
 class _BilinearCost:
     """cost = sum_t coef_t * v[in_t] * v[out_t], v = [group widths..., 1]."""
@@ -197,8 +140,9 @@ class ParamsCost(_BilinearCost):
         return terms
 
 
-def make_cost_model(metric: str, layers: Sequence[LayerSpec], lut: object | None = None
-                    ) -> CostModel:
+def make_cost_model(
+    metric: str, layers: Sequence[LayerSpec], lut: LatencyTable | None = None
+) -> CostModel:
     """Cost model for a recipe's `target.metric`: "flops", "params" or "latency" (needs `lut`)."""
     if metric == "flops":
         return FlopsCost(layers)
@@ -207,7 +151,5 @@ def make_cost_model(metric: str, layers: Sequence[LayerSpec], lut: object | None
     if metric == "latency":
         if lut is None:
             raise ValueError("metric latency needs a latency lookup table (lut)")
-        from hawada.core.lut import LatencyCost  # lazy: only latency jobs need the LUT module
-
         return LatencyCost(layers, lut)
     raise ValueError(f"unknown cost metric {metric!r}; expected flops, params or latency")

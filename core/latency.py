@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import platform
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from time import perf_counter_ns, process_time_ns
@@ -18,6 +17,9 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from hawada.core.device import device_name, resolve_device
+from hawada.core.recipe import LatencySpec
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -43,50 +45,6 @@ class LatencyStats:
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready dict (report.json's ``latency`` block)."""
         return asdict(self)
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """Turn ``auto``/``cpu``/``cuda``/a torch.device into a concrete torch.device."""
-    if device is None or str(device) == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
-    if dev.type == "cuda" and dev.index is None:
-        # an explicit index, so "is the model already there" compares equal to cuda:N tensors
-        dev = torch.device("cuda", torch.cuda.current_device())
-    return dev
-
-
-@functools.cache
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown"
-
-
-def device_name(device: str | torch.device | None) -> str:
-    """Human-readable name of the device latency is measured on.
-
-    CUDA: the board name (``NVIDIA H100 80GB HBM3``). CPU: ``cpu:<model> x<threads>`` — the
-    thread count is part of the name because it changes every timing.
-    """
-    dev = resolve_device(device)
-    if dev.type == "cuda":
-        return torch.cuda.get_device_name(dev)
-    return f"cpu:{_cpu_model()} x{torch.get_num_threads()}"
-
-
-def spec_value(spec: Any, name: str, default: Any) -> Any:
-    """Read a field of the recipe's latency block (pydantic model, dict or None)."""
-    if spec is None:
-        return default
-    if isinstance(spec, dict):
-        return spec.get(name, default)
-    return getattr(spec, name, default)
 
 
 def _percentile(sorted_ms: Sequence[float], q: float) -> float:
@@ -197,7 +155,7 @@ def effective_dtype(requested: str, device: torch.device) -> tuple[str, str | No
 def measure_latency(
     model: nn.Module,
     input_size: Sequence[int],
-    spec: Any,
+    spec: LatencySpec,
     device: str | torch.device | None,
     *,
     clock: str = "wall",
@@ -205,16 +163,14 @@ def measure_latency(
     """Median/p10/p90 forward latency of ``model`` at the recipe's latency settings.
 
     ``input_size`` is (C, H, W); ``spec`` is the recipe's ``latency`` block (batch_size, dtype,
-    repeats, warmup, channels_last). The model is timed in eval mode under inference_mode; its
+    repeats, warmup, channels_last; its defaults are the recipe schema's). The model is timed in eval mode under inference_mode; its
     parameters, dtype, device and train/eval flag are unchanged afterwards. ``clock="cpu"``
     (CPU only, benchmarks on shared hosts) times process CPU time instead of wall time.
     """
     dev = resolve_device(device)
-    batch = int(spec_value(spec, "batch_size", 1))
-    repeats = int(spec_value(spec, "repeats", 20))
-    warmup = int(spec_value(spec, "warmup", 10))
-    channels_last = bool(spec_value(spec, "channels_last", False))
-    dtype_name, note = effective_dtype(str(spec_value(spec, "dtype", "float32")), dev)
+    batch, repeats, warmup = spec.batch_size, spec.repeats, spec.warmup
+    channels_last = spec.channels_last
+    dtype_name, note = effective_dtype(spec.dtype, dev)
     dtype = DTYPES[dtype_name]
 
     prev_benchmark = torch.backends.cudnn.benchmark

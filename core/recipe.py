@@ -2,16 +2,15 @@
 
 Every block is a pydantic model with `extra="forbid"`, so a typo such as `gates.round_tp` is
 rejected with its path instead of being silently ignored. Field meanings, defaults and bounds are
-documented in docs/recipes.md; DESIGN.md fixes the public names.
+documented in docs/recipes.md; docs/contract.md lists the public names.
 """
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 from collections.abc import Mapping
 from functools import lru_cache
-from pathlib import Path
+from importlib import resources
 from typing import Any, Literal
 
 import yaml
@@ -25,10 +24,10 @@ from pydantic import (
     model_validator,
 )
 
+from hawada.core.architectures import arch_problem, catalogue
 from hawada.core.errors import HawadaError
 
 __all__ = [
-    "ARCHITECTURES",
     "MAX_RECIPE_BYTES",
     "Recipe",
     "RecipeError",
@@ -38,36 +37,12 @@ __all__ = [
     "recipe_to_dict",
 ]
 
-#: Supported architectures (torchvision constructor name -> adapter family). An allowlist:
-#: nothing outside it is ever looked up by name.
-ARCHITECTURES: dict[str, str] = {
-    name: "resnet"
-    for name in (
-        "resnet18",
-        "resnet34",
-        "resnet50",
-        "resnet101",
-        "resnet152",
-        "wide_resnet50_2",
-        "wide_resnet101_2",
-        "resnext50_32x4d",
-        "resnext101_32x8d",
-        "resnext101_64x4d",
-    )
-}
-
 #: Recipes are small; anything bigger is a mistake or an attack on the parser.
 MAX_RECIPE_BYTES = 256 * 1024
 
-# `recipes` is a package (YAML as package data) so a non-editable install (the API image) finds
-# them too; a path relative to this file would point into site-packages and find nothing.
-# A source checkout whose editable install predates the package falls back to the repo folder.
-_RECIPES_SPEC = importlib.util.find_spec("hawada.recipes")
-RECIPES_DIR = (
-    Path(_RECIPES_SPEC.origin).parent
-    if _RECIPES_SPEC is not None and _RECIPES_SPEC.origin
-    else Path(__file__).resolve().parents[1] / "recipes"
-)
+# `hawada.recipes` is a package holding the YAML files as package data, so editable and
+# non-editable installs (the API image) find them alike.
+RECIPES_PACKAGE = "hawada.recipes"
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -128,8 +103,9 @@ class ModelSpec(_Block):
     @field_validator("arch")
     @classmethod
     def _known_arch(cls, v: str) -> str:
-        if v not in ARCHITECTURES:
-            raise ValueError(f"unknown architecture {v!r}; supported: {', '.join(ARCHITECTURES)}")
+        problem = arch_problem(v)
+        if problem is not None:
+            raise ValueError(problem)
         return v
 
     @field_validator("input_size")
@@ -282,7 +258,7 @@ class ExportSpec(_Block):
 
 
 class Recipe(_Block):
-    """A whole compression job description (DESIGN.md "Recipe")."""
+    """A whole compression job description (docs/contract.md, "Recipe")."""
 
     model: ModelSpec
     data: DataSpec = Field(default_factory=DataSpec)
@@ -296,7 +272,7 @@ class Recipe(_Block):
     @property
     def family(self) -> str:
         """The adapter family of `model.arch` (e.g. "resnet")."""
-        return ARCHITECTURES[self.model.arch]
+        return catalogue()[self.model.arch].family
 
 
 # --- parsing ---------------------------------------------------------------------------------
@@ -407,18 +383,24 @@ def recipe_hash(recipe: Recipe) -> str:
 
 
 @lru_cache(maxsize=1)
-def _builtin_recipes_cached(directory: Path) -> dict[str, Recipe]:
+def _builtin_recipes_cached() -> dict[str, Recipe]:
     out: dict[str, Recipe] = {}
-    for path in sorted(directory.glob("*.yaml")):
+    files = sorted(
+        (f for f in resources.files(RECIPES_PACKAGE).iterdir() if f.name.endswith(".yaml")),
+        key=lambda f: f.name,
+    )
+    for file in files:
         try:
-            out[path.stem] = parse_recipe(path.read_text(encoding="utf-8"))
+            out[file.name.removesuffix(".yaml")] = parse_recipe(file.read_text(encoding="utf-8"))
         except RecipeError as exc:
             # A broken built-in recipe is our bug; say which file.
-            raise RecipeError([{"path": f"{path.name}:{e['path']}", "message": e["message"]} for e in exc.errors]) from None
+            raise RecipeError(
+                [{"path": f"{file.name}:{e['path']}", "message": e["message"]} for e in exc.errors]
+            ) from None
     return out
 
 
 def builtin_recipes() -> dict[str, Recipe]:
     """Built-in recipes from `recipes/*.yaml`, keyed by file stem (e.g. "resnet")."""
     # Copies: recipes are mutable and the parsed files are cached.
-    return {name: r.model_copy(deep=True) for name, r in _builtin_recipes_cached(RECIPES_DIR).items()}
+    return {name: r.model_copy(deep=True) for name, r in _builtin_recipes_cached().items()}

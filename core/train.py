@@ -10,18 +10,38 @@ from __future__ import annotations
 import itertools
 import math
 import time
-from collections.abc import Callable, Iterator, Mapping
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, TypedDict
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hawada.core.data import Batch, DataBundle
 from hawada.core.errors import JobCancelled
+from hawada.core.gates import Gates
+from hawada.core.layers import CostModel
+from hawada.core.recipe import Recipe
 
-StepCallback = Callable[[dict[str, float]], None]
+#: One logged step: step, steps, loss, kd, ce and, for gate training, cost_ratio, target,
+#: multiplier, temperature (fine-tuning: lr).
+HistoryRow = dict[str, float]
+StepCallback = Callable[[HistoryRow], None]
 StopCheck = Callable[[], bool]
-CheckpointCallback = Callable[[dict[str, Any]], None]
+
+
+class TrainState(TypedDict):
+    """Everything gate training needs to continue exactly where it stopped (a checkpoint)."""
+
+    step: int
+    gates: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]
+    multiplier: float
+    start_ratio: float | None
+    history: list[HistoryRow]
+
+
+CheckpointCallback = Callable[[TrainState], None]
 
 # Augmented-Lagrangian defaults, tuned on ResNet-18 (digits 16x16, Fashion-MNIST 32x32, Adam at
 # lr 0.05): the expected cost glides onto the target within 100-150 steps without overshooting.
@@ -83,7 +103,7 @@ class _WidthReader:
     computing the widths does not grow with the number of groups (no host syncs either).
     """
 
-    def __init__(self, gates: nn.Module, device: torch.device) -> None:
+    def __init__(self, gates: Gates, device: torch.device) -> None:
         self.gates = gates
         self.names = list(gates.groups)
         groups = [gates.groups[n] for n in self.names]
@@ -98,7 +118,7 @@ class _WidthReader:
         return dict(zip(self.names, (units * self.unit_width).unbind()))
 
 
-def init_gate_logits(gates: nn.Module, model: nn.Module, init_logit: float = INIT_LOGIT,
+def init_gate_logits(gates: Gates, model: nn.Module, init_logit: float = INIT_LOGIT,
                      spread: float = INIT_SPREAD) -> None:
     """Spread the initial logits by channel importance (|BN gamma| summed over the group).
 
@@ -129,12 +149,13 @@ def _move_optimizer_state(opt: torch.optim.Optimizer, device: torch.device) -> N
                 st[k] = v.to(device)
 
 
-def train_gates(model: nn.Module, gates: nn.Module, cost_model: Any, data: Any, recipe: Any, *,
+def train_gates(model: nn.Module, gates: Gates, cost_model: CostModel, data: DataBundle,
+                recipe: Recipe, *,
                 device: torch.device | str,
                 on_step: StepCallback | None = None,
                 should_stop: StopCheck | None = None,
                 start_step: int = 0,
-                state: Mapping[str, Any] | None = None,
+                state: TrainState | None = None,
                 target_ratio: float | None = None,
                 on_checkpoint: CheckpointCallback | None = None,
                 checkpoint_every_s: float = CHECKPOINT_EVERY_S,
@@ -152,7 +173,7 @@ def train_gates(model: nn.Module, gates: nn.Module, cost_model: Any, data: Any, 
     device = torch.device(device)
     tr = recipe.train
     steps = int(tr.steps)
-    log_every = max(1, int(getattr(tr, "log_every", 10)))
+    log_every = tr.log_every
     alpha = float(tr.kd.alpha)
     kd_t = float(tr.kd.temperature)
     t_start = float(recipe.gates.temperature.start)
@@ -172,10 +193,10 @@ def train_gates(model: nn.Module, gates: nn.Module, cost_model: Any, data: Any, 
         opt.load_state_dict(state["optimizer"])
         _move_optimizer_state(opt, device)
         multiplier.fill_(float(state["multiplier"]))
-        history = [dict(r) for r in state.get("history", [])]
-    start_ratio = None if state is None else state.get("start_ratio")
+        history = [dict(r) for r in state["history"]]
+    start_ratio = None if state is None else state["start_ratio"]
 
-    labelled = getattr(data, "labelled", True)  # synthetic labels are noise: KD only
+    labelled = data.labelled  # synthetic labels are noise: KD only
     widths_of = _WidthReader(gates, device)
     penalty_scale = math.sqrt(float(sum(g.units for g in gates.groups.values())))
     baseline = torch.as_tensor(cost_model.baseline(), dtype=torch.float32, device=device)
@@ -184,7 +205,7 @@ def train_gates(model: nn.Module, gates: nn.Module, cost_model: Any, data: Any, 
     batches = itertools.islice(batches, start_step, None)
     last_ckpt = time.monotonic()
 
-    def snapshot(step_done: int) -> dict[str, Any]:
+    def snapshot(step_done: int) -> TrainState:
         return {"step": step_done, "gates": {k: v.detach().cpu() for k, v in gates.state_dict().items()},
                 "optimizer": opt.state_dict(), "multiplier": float(multiplier.item()),
                 "start_ratio": start_ratio,
@@ -250,12 +271,12 @@ def _cosine_lr(opt: torch.optim.Optimizer, base_lr: float, step: int, steps: int
         group["lr"] = lr
 
 
-def _steps_for_epochs(data: Any, batch_size: int, epochs: float) -> int:
+def _steps_for_epochs(data: DataBundle, batch_size: int, epochs: float) -> int:
     """Optimiser steps in `epochs` (may be fractional) passes over the train split; at least 1."""
     return max(1, math.ceil(epochs * data.n_train / batch_size))
 
 
-def finetune(student: nn.Module, teacher: nn.Module, data: Any, recipe: Any, *,
+def finetune(student: nn.Module, teacher: nn.Module, data: DataBundle, recipe: Recipe, *,
              device: torch.device | str,
              on_step: StepCallback | None = None,
              should_stop: StopCheck | None = None) -> list[dict[str, float]]:
@@ -269,10 +290,10 @@ def finetune(student: nn.Module, teacher: nn.Module, data: Any, recipe: Any, *,
     ft = recipe.finetune
     bs = int(recipe.data.batch_size)
     steps = _steps_for_epochs(data, bs, float(ft.epochs))
-    log_every = max(1, int(getattr(recipe.train, "log_every", 10)))
+    log_every = recipe.train.log_every
     alpha = float(recipe.train.kd.alpha)
     kd_t = float(recipe.train.kd.temperature)
-    labelled = getattr(data, "labelled", True)
+    labelled = data.labelled
     teacher_was_training = teacher.training
     teacher.eval()
     student.requires_grad_(True)
@@ -312,7 +333,7 @@ def finetune(student: nn.Module, teacher: nn.Module, data: Any, recipe: Any, *,
     return history
 
 
-def recalibrate_bn(model: nn.Module, data: Any, batches: int, *,
+def recalibrate_bn(model: nn.Module, data: DataBundle, batches: int, *,
                    device: torch.device | str | None = None, batch_size: int = 64,
                    seed: int = 0) -> None:
     """Recompute BN running statistics as a plain average over `batches` train batches.
@@ -344,7 +365,7 @@ def recalibrate_bn(model: nn.Module, data: Any, batches: int, *,
         model.train(was_training)
 
 
-def train_classifier(model: nn.Module, data: Any, *, steps: int, lr: float,
+def train_classifier(model: nn.Module, data: DataBundle, *, steps: int, lr: float,
                      device: torch.device | str, batch_size: int = 64, seed: int = 0,
                      weight_decay: float = 5e-4,
                      on_step: StepCallback | None = None) -> list[dict[str, float]]:
@@ -357,7 +378,7 @@ def train_classifier(model: nn.Module, data: Any, *, steps: int, lr: float,
     model.requires_grad_(True)
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True,
                           weight_decay=weight_decay)
-    batches: Iterator = data.train_batches(batch_size, seed, device=device)
+    batches: Iterator[Batch] = data.train_batches(batch_size, seed, device=device)
     history: list[dict[str, float]] = []
     for step in range(steps):
         # From scratch full-size first steps blow the loss up: warm up over ~20 steps (5% of

@@ -1,25 +1,25 @@
 """Files on disk: job artifacts addressed by (job id, name) and uploaded inputs.
 
 Layout under `root`: `jobs/<job id>/<name>` and `uploads/<kind>/<id><suffix>`. Every write goes
-to a temporary file in the destination folder, is fsynced and then renamed over the target, so
-a reader never sees a half-written file and a crash leaves at most a stray `.tmp-*` file.
+to a temporary file in the destination folder, is fsynced and then renamed over the target
+(`hawada.atomic.atomic_write`), so a reader never sees a half-written file.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
-import os
 import re
 import shutil
-import tempfile
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
-# DESIGN.md "Artifacts of a succeeded job": nothing else can be stored or served.
+from hawada.atomic import atomic_write
+
+# The artifacts of a succeeded job (docs/contract.md): nothing else can be stored or served.
 ARTIFACT_NAMES = frozenset(
     {
         "pruned.safetensors",
@@ -60,18 +60,6 @@ def check_artifact_name(name: str) -> str:
     return name
 
 
-def _fsync_dir(folder: Path) -> None:
-    # Makes the rename itself durable; not every platform can open a directory.
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _copy_hashing(src: BinaryIO, dst: BinaryIO, max_bytes: int | None) -> tuple[int, str]:
     digest = hashlib.sha256()
     size = 0
@@ -85,20 +73,14 @@ def _copy_hashing(src: BinaryIO, dst: BinaryIO, max_bytes: int | None) -> tuple[
 
 
 def _atomic_write(target: Path, src: BinaryIO, max_bytes: int | None = None) -> tuple[int, str]:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=".tmp-", dir=target.parent)
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            size, sha = _copy_hashing(src, out, max_bytes)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(target.parent)
-    return size, sha
+    """Copy `src` to `target` atomically and durably; returns (size, sha256 hex)."""
+
+    def copy(tmp: Path) -> tuple[int, str]:
+        with tmp.open("wb") as out:
+            return _copy_hashing(src, out, max_bytes)
+
+    # 0600 as before: uploads are user data; API and worker run as the same user.
+    return atomic_write(target, copy, mode=0o600, durable=True)
 
 
 def file_sha256(path: Path) -> tuple[int, str]:

@@ -18,7 +18,8 @@ from typing import Any
 from sqlalchemy import and_, delete, func, or_, select, update
 from sqlalchemy.orm import Session
 
-from hawada.store.models import TERMINAL_STATES, Artifact, Job, JobEvent, utcnow
+from hawada.lifecycle import TERMINAL_STATES
+from hawada.store.models import Artifact, Job, JobEvent, utcnow
 
 # A running job found with a lapsed lease is failed with this code once attempts run out.
 LEASE_LOST = "lease_lost"

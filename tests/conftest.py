@@ -74,7 +74,7 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
 @pytest.fixture
 def settings(tmp_path: Path, db_url: str) -> Any:
     """Settings for an isolated embedded instance under tmp_path on `db_url`."""
-    from hawada.core.config import Settings
+    from hawada.settings import Settings
 
     return Settings(
         var_dir=tmp_path / "var",

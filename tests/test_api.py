@@ -469,7 +469,7 @@ def test_settings_defaults_and_production_guard(
 ) -> None:
     from pydantic import ValidationError
 
-    from hawada.core.config import Settings, get_settings, reset_settings
+    from hawada.settings import Settings, get_settings, reset_settings
 
     for name in (
         "HAWADA_DATABASE_URL",

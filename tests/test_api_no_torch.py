@@ -17,7 +17,7 @@ SCRIPT = textwrap.dedent(
     from fastapi.testclient import TestClient
     from hawada.api.main import create_app
     from hawada.api.queue import CeleryEnqueuer
-    from hawada.core.config import get_settings
+    from hawada.settings import get_settings
 
     settings = get_settings()
     app = create_app(settings)  # the real Celery enqueuer over the filesystem broker

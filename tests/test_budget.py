@@ -13,9 +13,10 @@ from hawada.adapters.torchvision import build_model, get_adapter
 from hawada.core.budget import BudgetResult, cost_floor, fit_to_budget, ladder
 from hawada.core.cost import FlopsCost
 from hawada.core.gates import GateGroup, Gates, keep_from_gates
+from hawada.core.recipe import GatesSpec, LatencySpec
 
 INPUT = (3, 16, 16)
-GATES_SPEC = {"round_to": 16, "min_channels": 16, "prune_residual": True}
+GATES_SPEC = GatesSpec(round_to=16, min_channels=16, prune_residual=True)
 
 
 @pytest.fixture()
@@ -159,7 +160,7 @@ def test_latency_budget_with_real_table_and_measurements(resnet18) -> None:
     from hawada.core.lut import LatencyCost, build_lut
 
     model, adapter, gates, layers = resnet18
-    spec = {"batch_size": 2, "repeats": 3, "warmup": 1}
+    spec = LatencySpec(batch_size=2, repeats=3, warmup=1)
     cost = LatencyCost(layers, build_lut(layers, spec, "cpu", 16, 3, repeats=2, warmup=0))
     measured_keeps: list[dict[str, int]] = []
 

@@ -16,9 +16,9 @@ import httpx
 import pytest
 from typer.testing import CliRunner
 
-from hawada.client.cli import app
+from hawada.cli import app
 from hawada.client.client import ChecksumError, HawadaAPIError, HawadaClient
-from hawada.core.config import Settings, reset_settings
+from hawada.settings import Settings, reset_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 runner = CliRunner()

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from hawada.core.config import Settings
+from hawada.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -64,12 +64,12 @@ def test_dockerfile_targets_and_torch_free_api() -> None:
     stages = _stages((ROOT / "Dockerfile").read_text())
     assert {"api", "worker"} <= set(stages)
     assert "torch" not in stages["api"].lower()
-    assert "[engine" not in stages["api"]
-    assert "torch" in stages["worker"]
+    assert "engine" not in stages["api"] and "'.[service]'" in stages["api"]
+    assert "torch" in stages["worker"] and "service,engine" in stages["worker"]
 
 
 def test_api_and_worker_commands_exist(compose: dict) -> None:
-    from hawada.client.cli import app  # the images run `hawada api` and `hawada worker`
+    from hawada.cli import app  # the images run `hawada api` and `hawada worker`
 
     names = {c.name or c.callback.__name__ for c in app.registered_commands}
     assert {"api", "worker", "serve"} <= names

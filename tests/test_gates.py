@@ -10,8 +10,9 @@ from torch import nn
 
 from hawada.adapters.torchvision import build_model, get_adapter
 from hawada.core.gates import GateGroup, Gates, attach, keep_from_gates, snap_units
+from hawada.core.recipe import GatesSpec
 
-SPEC = {"round_to": 8, "min_channels": 8, "prune_residual": True}
+SPEC = GatesSpec(round_to=8, min_channels=8, prune_residual=True)
 
 
 def group(units: int = 32, unit_width: int = 1, round_to: int = 8, min_channels: int = 8,

@@ -68,7 +68,7 @@ class Service:
         self.url = f"http://127.0.0.1:{self.port}"
         self.procs: list[subprocess.Popen] = []
         self.logs: list[Path] = []
-        cli = [sys.executable, "-m", "hawada.client.cli"]
+        cli = [sys.executable, "-m", "hawada.cli"]
         addr = ["--host", "127.0.0.1", "--port", str(self.port)]
         commands = ([cli + ["serve", *addr]] if embedded
                     else [cli + ["api", *addr], cli + ["worker", "--loglevel", "INFO"]])

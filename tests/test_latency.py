@@ -6,9 +6,11 @@ import pytest
 import torch
 from torch import nn
 
-from hawada.core.latency import LatencyStats, device_name, measure_latency, summarize
+from hawada.core.device import device_name
+from hawada.core.latency import LatencyStats, effective_dtype, measure_latency, summarize
+from hawada.core.recipe import LatencySpec
 
-SPEC = {"batch_size": 2, "dtype": "float32", "repeats": 5, "warmup": 1, "channels_last": False}
+SPEC = LatencySpec(batch_size=2, dtype="float32", repeats=5, warmup=1, channels_last=False)
 INPUT = (3, 16, 16)
 
 
@@ -68,7 +70,9 @@ def test_model_is_not_modified() -> None:
 def test_reduced_precision_and_channels_last_run_on_a_copy(dtype: str) -> None:
     model = _small_cnn().eval()
     before = _snapshot(model)
-    stats = measure_latency(model, INPUT, {**SPEC, "dtype": dtype, "channels_last": True}, "cpu")
+    stats = measure_latency(
+        model, INPUT, SPEC.model_copy(update={"dtype": dtype, "channels_last": True}), "cpu"
+    )
     # measured in the requested dtype when the CPU supports it, else float32 with a note saying so
     assert stats.dtype == dtype or (stats.dtype == "float32" and stats.note and dtype in stats.note)
     assert stats.channels_last is True and stats.median_ms > 0
@@ -93,7 +97,9 @@ def test_cpu_time_clock_is_labelled() -> None:
 
 def test_unknown_dtype_is_refused() -> None:
     with pytest.raises(ValueError, match="dtype"):
-        measure_latency(_small_cnn(), INPUT, {**SPEC, "dtype": "int8"}, "cpu")
+        LatencySpec(dtype="int8")  # the recipe schema refuses it first
+    with pytest.raises(ValueError, match="dtype"):
+        effective_dtype("int8", torch.device("cpu"))
 
 
 def test_summarize_percentiles() -> None:
@@ -116,7 +122,7 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUD
 def test_cuda_event_timing_on_gpu() -> None:
     model = _small_cnn()
     before = _snapshot(model)
-    stats = measure_latency(model, INPUT, {**SPEC, "repeats": 10}, "cuda")
+    stats = measure_latency(model, INPUT, SPEC.model_copy(update={"repeats": 10}), "cuda")
     assert 0 < stats.p10_ms <= stats.median_ms <= stats.p90_ms
     assert stats.device == torch.cuda.get_device_name(0)
     _assert_same(model, before)  # still on the CPU in float32
@@ -128,6 +134,8 @@ def test_cuda_event_timing_on_gpu() -> None:
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_reduced_precision_profiling_on_gpu(dtype: str) -> None:
     model = _small_cnn().cuda()
-    stats = measure_latency(model, INPUT, {**SPEC, "dtype": dtype, "channels_last": True}, "cuda")
+    stats = measure_latency(
+        model, INPUT, SPEC.model_copy(update={"dtype": dtype, "channels_last": True}), "cuda"
+    )
     assert stats.dtype == dtype and stats.note is None
     assert next(model.parameters()).dtype == torch.float32

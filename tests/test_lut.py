@@ -8,9 +8,10 @@ import random
 import pytest
 import torch
 
-import hawada.core.lut as lut_mod
+import hawada.core.lut.build as lut_build
 from hawada.adapters.torchvision import build_model, get_adapter
-from hawada.core.cost import LayerSpec, make_cost_model
+from hawada.core.cost import make_cost_model
+from hawada.core.layers import LayerSpec
 from hawada.core.lut import (
     FolderLutCache,
     LatencyCost,
@@ -23,8 +24,9 @@ from hawada.core.lut import (
     layer_shape,
     make_width_measurer,
 )
+from hawada.core.recipe import GatesSpec, LatencySpec
 
-SPEC = {"batch_size": 1, "dtype": "float32", "repeats": 2, "warmup": 0, "channels_last": False}
+SPEC = LatencySpec(batch_size=1, dtype="float32", repeats=2, warmup=0, channels_last=False)
 INPUT = (3, 16, 16)
 FAST = {"max_points_per_axis": 3}
 
@@ -159,13 +161,13 @@ def test_table_roundtrips_through_bytes(resnet18, table: LatencyTable) -> None:
 def test_cache_hit_reuses_table_without_measuring(resnet18, tmp_path, monkeypatch) -> None:
     _, _, layers = resnet18
     calls = {"n": 0}
-    real = lut_mod._time_point
+    real = lut_build._time_point
 
     def counting(*args, **kwargs):
         calls["n"] += 1
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(lut_mod, "_time_point", counting)
+    monkeypatch.setattr(lut_build, "_time_point", counting)
     cache = FolderLutCache(tmp_path / "lut")
     parts = {"arch": "resnet18", "input_size": list(INPUT)}
     first = get_or_build_lut(layers, SPEC, "cpu", 16, cache, parts, **FAST)
@@ -176,7 +178,9 @@ def test_cache_hit_reuses_table_without_measuring(resnet18, tmp_path, monkeypatc
     assert calls["n"] == built  # nothing measured on a hit
     assert second.to_bytes() == first.to_bytes()
     # a different batch size is a different table
-    other = get_or_build_lut(layers, {**SPEC, "batch_size": 2}, "cpu", 16, cache, parts, **FAST)
+    other = get_or_build_lut(
+        layers, SPEC.model_copy(update={"batch_size": 2}), "cpu", 16, cache, parts, **FAST
+    )
     assert other.key != first.key and calls["n"] > built
     # a corrupt cache entry is rebuilt, not trusted
     (tmp_path / "lut" / f"{first.key}.json").write_bytes(b"{broken")
@@ -202,7 +206,7 @@ def test_folder_cache_refuses_keys_that_are_not_hashes(tmp_path) -> None:
 def test_calibration_against_exported_models_is_cached(resnet18, tmp_path) -> None:
     model, adapter, layers = resnet18
     groups = adapter.gate_groups(
-        model, {"round_to": 16, "min_channels": 16, "prune_residual": True}
+        model, GatesSpec(round_to=16, min_channels=16, prune_residual=True)
     )
     measurer = make_width_measurer(model, adapter.export_pruned, groups, INPUT, SPEC, "cpu")
     widths = measurer.random_widths(random.Random(0))
@@ -230,7 +234,7 @@ def test_calibration_against_exported_models_is_cached(resnet18, tmp_path) -> No
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_gpu_table_in_reduced_precision(dtype: str) -> None:
     layers = _toy_layers()
-    spec = {**SPEC, "batch_size": 4, "dtype": dtype, "channels_last": True}
+    spec = SPEC.model_copy(update={"batch_size": 4, "dtype": dtype, "channels_last": True})
     table = build_lut(layers, spec, "cuda", 16, 3)
     assert table.device == torch.cuda.get_device_name(0)
     assert table.meta["dtype"] == dtype and table.meta["channels_last"] is True

@@ -12,7 +12,9 @@ from safetensors.torch import load_file, save_file
 from hawada.adapters.torchvision import build_model, get_adapter, load_pruned
 from hawada.core.errors import HawadaError, JobCancelled, WeightsError
 from hawada.core.gates import Gates, attach
-from hawada.core.pipeline import PHASES, JobContext, load_checkpoint, run_job, save_checkpoint
+from hawada.lifecycle import PHASES
+from hawada.worker.checkpoint import load_checkpoint, save_checkpoint
+from hawada.worker.pipeline import JobContext, run_job
 from hawada.core.recipe import parse_recipe
 
 ARTIFACTS = ("pruned.safetensors", "pruned.json", "keepall.safetensors", "gates.safetensors",
@@ -207,7 +209,7 @@ def test_checkpoint_roundtrip(tmp_path: Path) -> None:
 def test_interrupted_job_resumes_from_checkpoint(plain_job, weights: Path, tmp_path: Path,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """A job cancelled mid-training resumes from its checkpoint and ends as if never stopped."""
-    from hawada.core import pipeline
+    from hawada.worker import pipeline
 
     monkeypatch.setattr(pipeline, "CHECKPOINT_EVERY_STEPS", 2)
     ckpt = tmp_path / "ckpt"
@@ -262,7 +264,7 @@ def test_job_on_gpu_matches_contract(weights: Path, tmp_path: Path) -> None:
 
 
 def test_run_local_reads_recipe_file(weights: Path, tmp_path: Path) -> None:
-    from hawada.core.pipeline import run_local
+    from hawada.worker.pipeline import run_local
     from hawada.core.recipe import recipe_to_dict
 
     recipe_path = tmp_path / "r.json"

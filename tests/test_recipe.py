@@ -8,8 +8,8 @@ import sys
 import pytest
 
 from hawada.core.errors import HawadaError
+from hawada.core.architectures import supported_architectures
 from hawada.core.recipe import (
-    ARCHITECTURES,
     MAX_RECIPE_BYTES,
     Recipe,
     RecipeError,
@@ -137,18 +137,24 @@ def test_bad_model_block(model: dict, path: str) -> None:
     assert _paths(info.value) == [path]
 
 
-def test_unknown_arch_lists_supported_names() -> None:
+@pytest.mark.parametrize(
+    ("arch", "says"),
+    [("vgg16", "is not supported: no HawAda adapter for the vgg family"),
+     ("resnet9000", "unknown architecture")],
+)
+def test_unsupported_arch_lists_supported_names(arch: str, says: str) -> None:
     with pytest.raises(RecipeError) as info:
-        parse_recipe({"model": {"arch": "vgg16", "num_classes": 10}})
+        parse_recipe({"model": {"arch": arch, "num_classes": 10}})
     message = str(info.value)
-    assert "model.arch" in message and "vgg16" in message
-    for name in ARCHITECTURES:
+    assert "model.arch" in message and arch in message and says in message
+    for name in supported_architectures():
         assert name in message
 
 
-def test_all_ten_resnets_are_known() -> None:
-    assert len(ARCHITECTURES) == 10 and set(ARCHITECTURES.values()) == {"resnet"}
-    for arch in ARCHITECTURES:
+def test_the_ten_torchvision_resnets_are_supported() -> None:
+    supported = supported_architectures()
+    assert len(supported) == 10 and set(supported.values()) == {"resnet"}
+    for arch in supported:
         assert parse_recipe({"model": {"arch": arch, "num_classes": 2}}).family == "resnet"
 
 

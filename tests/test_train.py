@@ -6,7 +6,8 @@ import torch
 from torch import nn
 
 from hawada.adapters.torchvision import build_model, get_adapter
-from hawada.core.cost import FlopsCost, LayerSpec, make_cost_model
+from hawada.core.cost import FlopsCost, make_cost_model
+from hawada.core.layers import LayerSpec
 from hawada.core.data import load_data
 from hawada.core.errors import JobCancelled
 from hawada.core.gates import GateGroup, Gates, attach, keep_from_gates

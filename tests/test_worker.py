@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from sqlalchemy import update
 
-from hawada.core.config import Settings
+from hawada.settings import Settings
 from hawada.core.errors import JobCancelled, WeightsError
 from hawada.store import jobs
 from hawada.store.db import init_db, session_scope

@@ -1,4 +1,4 @@
-"""A `core.lut.LutCache` backed by the database, so every worker on the same kind of device
+"""A `hawada.core.lut.LutCache` backed by the database, so every worker on the same kind of device
 reuses one measured latency table instead of profiling again."""
 from __future__ import annotations
 
@@ -20,6 +20,6 @@ class StoreLutCache:
 
     def put(self, key: str, blob: bytes) -> None:
         """Store a freshly measured table; a concurrent insert of the same key is harmless."""
-        # The key already encodes the device and shapes (core.lut); no separate metadata here.
+        # The key already encodes the device and shapes (hawada.core.lut); no separate metadata here.
         with session_scope(self.database_url) as session:
             put_latency_table(session, key, bytes(blob))

@@ -1,7 +1,7 @@
 """Run one job inside a worker process: claim it, keep its lease, feed its events to the
 database, store its artifacts and record how it ended.
 
-Torch is imported only inside :func:`execute` (through ``core.pipeline``), so the Celery
+Torch is imported only inside :func:`execute` (through ``hawada.worker.pipeline``), so the Celery
 parent process, which imports this module for the reaper, never loads it.
 """
 from __future__ import annotations
@@ -20,8 +20,9 @@ from typing import Any
 
 from celery.exceptions import SoftTimeLimitExceeded
 
-from hawada.core.config import Settings, get_settings
+from hawada.settings import Settings, get_settings
 from hawada.core.errors import HawadaError, JobCancelled
+from hawada.lifecycle import PHASES
 from hawada.store import jobs, uploaded_models
 from hawada.store.artifacts import ARTIFACT_NAMES, ArtifactStore
 from hawada.store.db import session_scope
@@ -30,10 +31,11 @@ log = logging.getLogger("hawada.worker")
 
 # Progress events are throttled to one per this many seconds (phase/log events never are).
 PROGRESS_EVERY_S = 1.0
-# Share of a typical job's time per phase (DESIGN.md order): the job's `progress` is overall
+# Share of a typical job's time per phase (lifecycle order): the job's `progress` is overall
 # and monotone, while each progress event keeps the engine's within-phase fraction.
 PHASE_SHARE = {"loading": 0.03, "baseline": 0.05, "profiling": 0.07, "training": 0.60,
                "exporting": 0.03, "finetuning": 0.15, "evaluating": 0.05, "packaging": 0.02}
+assert tuple(PHASE_SHARE) == PHASES, "PHASE_SHARE must list the lifecycle's phases in order"
 
 
 def overall_progress(phase: str | None, fraction: float) -> float:
@@ -268,9 +270,9 @@ def _resolve_weights(settings: Settings, spec: dict[str, Any]) -> Path:
 def _run_pipeline(settings: Settings, spec: dict[str, Any], work: Path, checkpoint_dir: Path,
                   sink: EventSink, cancel: threading.Event) -> dict[str, Any]:
     """Build the engine's JobContext and run it (the only place torch gets imported)."""
-    from hawada.core.pipeline import JobContext, run_job
     from hawada.core.recipe import parse_recipe
     from hawada.worker.lut_cache import StoreLutCache
+    from hawada.worker.pipeline import JobContext, run_job
 
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     if spec["attempt"] and spec["attempt"] > 1:
@@ -299,7 +301,8 @@ def reap_once(settings: Settings | None = None,
         requeued = jobs.requeue_expired(session)
     if requeued:
         if send is None:
-            from hawada.worker.app import TASK_NAME, celery_app
+            from hawada.store.broker import TASK_NAME
+            from hawada.worker.app import celery_app
 
             def send(job_id: str) -> Any:
                 return celery_app.send_task(TASK_NAME, args=[job_id])

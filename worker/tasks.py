@@ -1,6 +1,6 @@
 """Celery task definitions and worker lifecycle hooks.
 
-The task body defers to ``worker.runner.execute`` which imports torch lazily; with the
+The task body defers to ``hawada.worker.runner.execute`` which imports torch lazily; with the
 prefork pool the task runs in a child process, so the parent (broker connection, reaper)
 stays torch- and CUDA-free.
 """
@@ -10,7 +10,8 @@ from typing import Any
 
 from celery.signals import worker_process_init, worker_ready, worker_shutdown
 
-from hawada.worker.app import TASK_NAME, celery_app
+from hawada.store.broker import TASK_NAME
+from hawada.worker.app import celery_app
 
 _reaper: Any = None
 
@@ -35,7 +36,7 @@ def _fresh_connections(**_: Any) -> None:
 def _start_reaper(**_: Any) -> None:
     # Runs in the parent: re-queue jobs whose worker died, now and periodically.
     global _reaper
-    from hawada.core.config import get_settings
+    from hawada.settings import get_settings
     from hawada.worker.runner import Reaper
 
     _reaper = Reaper(get_settings())

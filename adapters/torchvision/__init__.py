@@ -1,62 +1,45 @@
-"""Torchvision model families: adapters, the allowlisted builder and `load_pruned`."""
+"""Torchvision model families: the architecture registry, family adapters and `load_pruned`.
+
+    from hawada.adapters.torchvision import build_model, get_adapter, load_pruned
+
+Importing the package registers every family (`resnet` today); a new family is a module that
+decorates its builders with `@register_arch(name, family=...)` and its adapter class with
+`@register_family(family)`, imported here.
+"""
+
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
-from safetensors.torch import load_file
-from torch import nn
-
-from hawada.adapters.torchvision._registry import (
+from hawada.adapters.torchvision import resnet as _resnet  # noqa: F401  (registers the family)
+from hawada.adapters.torchvision.pruned import load_pruned
+from hawada.adapters.torchvision.registry import (
     STEMS,
+    ArchEntry,
     FamilyAdapter,
     build_model,
     build_skeleton,
     family_of,
+    get_adapter,
+    get_arch,
     list_architectures,
+    model_meta,
+    register_arch,
+    register_family,
 )
-from hawada.adapters.torchvision.resnet import ResNetAdapter
 from hawada.core.errors import UnsupportedArch
-
-_ADAPTERS: dict[str, FamilyAdapter] = {"resnet": ResNetAdapter()}
-_REQUIRED = ("arch", "num_classes", "stem", "channels")
 
 __all__ = [
     "STEMS",
+    "ArchEntry",
     "FamilyAdapter",
     "UnsupportedArch",
     "build_model",
     "build_skeleton",
+    "family_of",
     "get_adapter",
+    "get_arch",
     "list_architectures",
     "load_pruned",
+    "model_meta",
+    "register_arch",
+    "register_family",
 ]
-
-
-def get_adapter(arch: str) -> FamilyAdapter:
-    """Adapter of an allowlisted arch; raises `UnsupportedArch` for anything else."""
-    family = family_of(arch)
-    if family not in _ADAPTERS:
-        raise UnsupportedArch(f"no adapter for family {family!r} (arch {arch!r})")
-    return _ADAPTERS[family]
-
-
-def load_pruned(json_path: str | Path, weights_path: str | Path) -> nn.Module:
-    """Rebuild a pruned model from `pruned.json` + `pruned.safetensors` (CPU, eval mode).
-
-    The plain torchvision class is built on the meta device, narrowed to the recorded widths
-    and filled from the safetensors file with a strict load (shapes must match exactly).
-    """
-    config = json.loads(Path(json_path).read_text())
-    missing = [k for k in _REQUIRED if not isinstance(config, dict) or k not in config]
-    if missing:
-        raise ValueError(f"{json_path}: not a pruned.json (missing {', '.join(missing)})")
-    model = get_adapter(config["arch"]).pruned_skeleton(config)
-    state = load_file(str(weights_path), device="cpu")
-    model.load_state_dict(state, strict=True, assign=True)
-    unset = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
-    if unset:
-        raise ValueError(f"{weights_path}: no values for {unset[:5]}")
-    model.hawada_arch = config["arch"]
-    model.hawada_stem = config["stem"]
-    return model.eval()

@@ -16,14 +16,88 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torchvision import models as tvm
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
-from hawada.adapters.torchvision._registry import build_skeleton
-from hawada.core.cost import LayerSpec
+from hawada.adapters.torchvision.registry import (
+    build_skeleton,
+    model_meta,
+    register_arch,
+    register_family,
+)
 from hawada.core.export import slice_bn, slice_conv, slice_linear
 from hawada.core.gates import GateGroup
+from hawada.core.layers import LayerSpec
+from hawada.core.recipe import GatesSpec, Recipe
 
+FAMILY = "resnet"
 FC = "fc"
+
+
+# --- the architectures of the family (no pretrained weights are ever downloaded) -------------
+
+
+@register_arch("resnet18", family=FAMILY)
+def resnet18(*, num_classes: int) -> ResNet:
+    """torchvision ResNet-18."""
+    return tvm.resnet18(weights=None, num_classes=num_classes)
+
+
+@register_arch("resnet34", family=FAMILY)
+def resnet34(*, num_classes: int) -> ResNet:
+    """torchvision ResNet-34."""
+    return tvm.resnet34(weights=None, num_classes=num_classes)
+
+
+@register_arch("resnet50", family=FAMILY)
+def resnet50(*, num_classes: int) -> ResNet:
+    """torchvision ResNet-50."""
+    return tvm.resnet50(weights=None, num_classes=num_classes)
+
+
+@register_arch("resnet101", family=FAMILY)
+def resnet101(*, num_classes: int) -> ResNet:
+    """torchvision ResNet-101."""
+    return tvm.resnet101(weights=None, num_classes=num_classes)
+
+
+@register_arch("resnet152", family=FAMILY)
+def resnet152(*, num_classes: int) -> ResNet:
+    """torchvision ResNet-152."""
+    return tvm.resnet152(weights=None, num_classes=num_classes)
+
+
+@register_arch("wide_resnet50_2", family=FAMILY)
+def wide_resnet50_2(*, num_classes: int) -> ResNet:
+    """torchvision Wide ResNet-50-2."""
+    return tvm.wide_resnet50_2(weights=None, num_classes=num_classes)
+
+
+@register_arch("wide_resnet101_2", family=FAMILY)
+def wide_resnet101_2(*, num_classes: int) -> ResNet:
+    """torchvision Wide ResNet-101-2."""
+    return tvm.wide_resnet101_2(weights=None, num_classes=num_classes)
+
+
+@register_arch("resnext50_32x4d", family=FAMILY)
+def resnext50_32x4d(*, num_classes: int) -> ResNet:
+    """torchvision ResNeXt-50 32x4d."""
+    return tvm.resnext50_32x4d(weights=None, num_classes=num_classes)
+
+
+@register_arch("resnext101_32x8d", family=FAMILY)
+def resnext101_32x8d(*, num_classes: int) -> ResNet:
+    """torchvision ResNeXt-101 32x8d."""
+    return tvm.resnext101_32x8d(weights=None, num_classes=num_classes)
+
+
+@register_arch("resnext101_64x4d", family=FAMILY)
+def resnext101_64x4d(*, num_classes: int) -> ResNet:
+    """torchvision ResNeXt-101 64x4d."""
+    return tvm.resnext101_64x4d(weights=None, num_classes=num_classes)
+
+
+# --- coupling groups derived from the block structure ----------------------------------------
 
 
 @dataclass
@@ -127,39 +201,36 @@ def _topology(model: nn.Module) -> _Topology:
     return _Topology(convs, groups, current.name)
 
 
-def _spec_value(spec: Any, key: str) -> Any:
-    """Read a field of the recipe's `gates` block (pydantic model or mapping)."""
-    return spec[key] if isinstance(spec, Mapping) else getattr(spec, key)
-
-
-def _recipe_model_value(recipe: Any, key: str) -> Any:
-    block = recipe["model"] if isinstance(recipe, Mapping) else recipe.model
-    value = block[key] if isinstance(block, Mapping) else getattr(block, key)
-    if hasattr(value, "model_dump"):
-        value = value.model_dump()
-    return value
-
-
-def _model_meta(model: nn.Module) -> tuple[str, str]:
-    """(arch, stem) recorded by `build_model`."""
-    arch = getattr(model, "hawada_arch", None)
-    stem = getattr(model, "hawada_stem", None)
-    if arch is None or stem is None:
-        raise ValueError("model has no hawada_arch/hawada_stem; build it with "
-                         "adapters.torchvision.build_model")
-    return arch, stem
-
-
+@register_family(FAMILY)
 class ResNetAdapter:
     """Family adapter for torchvision ResNets (see docs/internals.md, Adapters)."""
 
-    family = "resnet"
+    family = FAMILY
 
-    def gate_groups(self, model: nn.Module, gates_spec: Any) -> list[GateGroup]:
+    def apply_stem(self, model: nn.Module, stem: str) -> None:
+        """`cifar`: a 3x3 stride-1 first conv and no max-pool (the class stays `ResNet`)."""
+        if stem != "cifar":
+            return
+        if not isinstance(model, ResNet):
+            raise TypeError(f"ResNet adapter needs torchvision.models.ResNet, got {type(model)}")
+        conv1 = nn.Conv2d(
+            3,
+            model.conv1.out_channels,
+            kernel_size=3,
+            stride=1,
+            padding=1,
+            bias=False,
+            device=model.conv1.weight.device,
+        )
+        # Same init torchvision applies to every conv of a fresh ResNet.
+        nn.init.kaiming_normal_(conv1.weight, mode="fan_out", nonlinearity="relu")
+        model.conv1 = conv1
+        model.maxpool = nn.Identity()
+
+    def gate_groups(self, model: nn.Module, gates_spec: GatesSpec) -> list[GateGroup]:
         """Coupling groups; stream groups only when `gates_spec.prune_residual` is true."""
-        round_to = int(_spec_value(gates_spec, "round_to"))
-        min_channels = int(_spec_value(gates_spec, "min_channels"))
-        prune_residual = bool(_spec_value(gates_spec, "prune_residual"))
+        round_to, min_channels = gates_spec.round_to, gates_spec.min_channels
+        prune_residual = gates_spec.prune_residual
         return [
             GateGroup.from_channels(
                 g.name, g.channels, unit_width=g.unit_width, modules=g.modules,
@@ -203,7 +274,7 @@ class ResNetAdapter:
         The new model is built on the meta device and every conv/BN/fc is replaced by a sliced
         copy, so weights are copied exactly once.
         """
-        arch, stem = _model_meta(model)
+        arch, stem = model_meta(model)
         topo = _topology(model)
         keep = _checked_keep(topo, keep)
         new = build_skeleton(arch, model.fc.out_features, stem)
@@ -223,14 +294,15 @@ class ResNetAdapter:
         _check_materialised(new)
         return new.train(model.training)
 
-    def pruned_config(self, model: nn.Module, keep: Mapping[str, Tensor], recipe: Any
-                      ) -> dict:
+    def pruned_config(
+        self, model: nn.Module, keep: Mapping[str, Tensor], recipe: Recipe
+    ) -> dict[str, Any]:
         """`pruned.json` content: enough to rebuild the pruned skeleton on its own.
 
         `channels` holds the output width of every conv, BN and the fc; `groups` the new group
         count of every grouped conv whose groups changed.
         """
-        arch, stem = _model_meta(model)
+        arch, stem = model_meta(model)
         topo = _topology(model)
         keep = _checked_keep(topo, keep)
         channels: dict[str, int] = {}
@@ -246,8 +318,8 @@ class ResNetAdapter:
             "arch": arch,
             "num_classes": int(model.fc.out_features),
             "stem": stem,
-            "input_size": [int(x) for x in _recipe_model_value(recipe, "input_size")],
-            "normalize": _recipe_model_value(recipe, "normalize"),
+            "input_size": list(recipe.model.input_size),
+            "normalize": recipe.model.normalize.model_dump(),
             "channels": channels,
             "groups": conv_groups,
         }

@@ -5,7 +5,8 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from hawada.api.schemas import ArchitectureList, ArchitecturePublic, RecipeList, RecipePublic
-from hawada.core.recipe import ARCHITECTURES, builtin_recipes, recipe_to_dict
+from hawada.core.architectures import supported_architectures
+from hawada.core.recipe import builtin_recipes, recipe_to_dict
 
 router = APIRouter(prefix="/v1", tags=["catalog"])
 
@@ -25,5 +26,7 @@ def list_recipes() -> RecipeList:
 def list_architectures() -> ArchitectureList:
     """Architectures a recipe's `model.arch` may name, with their adapter family."""
     return ArchitectureList(
-        items=[ArchitecturePublic(name=n, family=f) for n, f in sorted(ARCHITECTURES.items())]
+        items=[
+            ArchitecturePublic(name=n, family=f) for n, f in supported_architectures().items()
+        ]
     )

@@ -11,7 +11,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 
 from hawada.api.deps import SettingsDep
-from hawada.core.config import Settings
+from hawada.settings import Settings
 from hawada.store.db import get_engine
 
 router = APIRouter(tags=["health"])

@@ -19,9 +19,9 @@ from hawada.api.deps import (
 from hawada.api.errors import ApiError
 from hawada.api.schemas import ErrorBody, JobCreateJson, JobList, JobPublic
 from hawada.api.submission import create_or_replay, from_json, from_multipart
+from hawada.lifecycle import JOB_STATES
 from hawada.store import jobs as repo
 from hawada.store.db import session_scope
-from hawada.store.models import JOB_STATES
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 

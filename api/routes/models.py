@@ -14,8 +14,8 @@ from hawada.api.errors import ApiError, invalid_field
 from hawada.api.routes.jobs import ERRORS
 from hawada.api.schemas import ModelPublic
 from hawada.api.uploads import check_weights, save_capped, weights_format
-from hawada.core.config import Settings
-from hawada.core.recipe import ARCHITECTURES
+from hawada.settings import Settings
+from hawada.core.architectures import supported_architectures
 from hawada.store.artifacts import ArtifactStore
 from hawada.store.db import session_scope
 from hawada.store.jobs import new_id
@@ -50,7 +50,7 @@ def _register(
     if not isinstance(weights, UploadFile):
         raise invalid_field("weights", "file required")
     arch = form.get("arch") or None
-    if arch is not None and (not isinstance(arch, str) or arch not in ARCHITECTURES):
+    if arch is not None and (not isinstance(arch, str) or arch not in supported_architectures()):
         raise ApiError(
             422, "unsupported_arch", f"unknown architecture {arch!r}; see GET /v1/architectures"
         )

@@ -19,7 +19,7 @@ def _database_url() -> str:
     url = context.config.get_main_option("sqlalchemy.url")
     if url:
         return url
-    from hawada.core.config import get_settings
+    from hawada.settings import get_settings
 
     return get_settings().database_url
 

@@ -1,4 +1,4 @@
-"""`make demo`: the main job end to end over HTTP on this machine.
+"""`make demo` (`python -m hawada.demo`): the main job end to end over HTTP on this machine.
 
 Starts `hawada serve` (API + Celery worker, SQLite + filesystem broker under ./var/demo),
 trains a small baseline on offline data, submits the compression job over HTTP, follows its
@@ -17,13 +17,12 @@ import sys
 import time
 from pathlib import Path
 
-from rich.console import Console
-
-from hawada.client.cli import before_after_table, watch_job
+from hawada.client.cli import watch_job
 from hawada.client.client import HawadaClient
+from hawada.console import before_after_table, console
 
+# The demo runs from a source checkout (`make demo`): recipes/ and var/ of the repository.
 ROOT = Path(__file__).resolve().parents[1]
-console = Console()
 
 
 def free_port() -> int:
@@ -42,7 +41,7 @@ def start_service(var_dir: Path, port: int) -> subprocess.Popen:
         env.pop(name, None)  # the demo is the embedded mode, whatever the shell has set
     log = open(var_dir / "serve.log", "ab")  # noqa: SIM115 - owned by the child
     return subprocess.Popen(
-        [sys.executable, "-m", "hawada.client.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
+        [sys.executable, "-m", "hawada.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
         cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 
@@ -74,8 +73,8 @@ BASELINE_STEPS = int(os.environ.get("HAWADA_DEMO_BASELINE_STEPS", "150"))
 
 
 def train_baseline(recipe: Path, out: Path, steps: int = BASELINE_STEPS) -> None:
-    """Train the model to compress (python -m core.baseline), in its own process."""
-    cmd = [sys.executable, "-m", "hawada.core.baseline", "--recipe", str(recipe), "--out", str(out),
+    """Train the model to compress (`python -m hawada.worker.baseline`), in its own process."""
+    cmd = [sys.executable, "-m", "hawada.worker.baseline", "--recipe", str(recipe), "--out", str(out),
            "--steps", str(steps)]
     subprocess.run(cmd, cwd=ROOT, check=True)
 

@@ -1,0 +1,82 @@
+"""Generate the torch-free architecture catalogue (`core/architectures.json`) from the registry.
+
+    python -m hawada.adapters.torchvision.catalog --write   # regenerate the checked-in file
+    python -m hawada.adapters.torchvision.catalog --check   # exit 1 when it is out of date
+
+Registered architectures are listed as supported with their family; every other torchvision
+classification architecture is listed as unsupported, with the reason, so that a recipe naming
+one gets a precise error instead of "unknown". Run `--write` after registering a builder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from torchvision import models as tvm
+
+from hawada.adapters.torchvision.registry import get_arch, list_architectures
+from hawada.atomic import atomic_write
+from hawada.core import architectures
+from hawada.core.architectures import CATALOGUE_FILE, CATALOGUE_FORMAT
+
+GENERATOR = "python -m hawada.adapters.torchvision.catalog --write"
+
+
+def build_catalogue() -> dict[str, Any]:
+    """The catalogue document the registry implies (what `--write` stores)."""
+    entries: dict[str, dict[str, Any]] = {}
+    for name in tvm.list_models(module=tvm):
+        family = tvm.get_model_builder(name).__module__.rsplit(".", 1)[-1]
+        entries[name] = {
+            "name": name,
+            "family": family,
+            "supported": False,
+            "reason": f"no HawAda adapter for the {family} family yet",
+        }
+    for name in list_architectures():
+        entries[name] = {"name": name, "family": get_arch(name).family, "supported": True}
+    return {
+        "format": CATALOGUE_FORMAT,
+        "generated_by": GENERATOR,
+        "architectures": [entries[n] for n in sorted(entries)],
+    }
+
+
+def render(doc: dict[str, Any]) -> str:
+    """The file text: stable key order, one entry per line group, trailing newline."""
+    return json.dumps(doc, indent=2) + "\n"
+
+
+def catalogue_path() -> Path:
+    """The checked-in catalogue next to `hawada.core.architectures`."""
+    return Path(architectures.__file__).with_name(CATALOGUE_FILE)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point (see the module docstring)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m hawada.adapters.torchvision.catalog", description=__doc__
+    )
+    mode = parser.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--write", action="store_true", help="regenerate the catalogue file")
+    mode.add_argument("--check", action="store_true", help="exit 1 when the file is stale")
+    args = parser.parse_args(argv)
+    text, path = render(build_catalogue()), catalogue_path()
+    if args.write:
+        atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+        print(f"wrote {path}")
+        return 0
+    current = path.read_text(encoding="utf-8") if path.is_file() else ""
+    if current != text:
+        print(f"{path} is out of date; run: {GENERATOR}", file=sys.stderr)
+        return 1
+    print(f"{path} is up to date")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,80 @@
+"""What the cost models see of a network: one `LayerSpec` per conv/linear layer, the gate groups
+that decide its channels, and the `CostModel` protocol they all implement.
+
+Adapters produce the specs (`FamilyAdapter.layers`); the analytic cost models (`core.cost`) and
+the latency lookup table (`core.lut`) consume them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal, Protocol, runtime_checkable
+
+from torch import Tensor
+
+#: A kept channel count: a (differentiable) tensor during training, a number when fitting.
+Width = Tensor | float | int
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """One conv or linear layer as the cost models and the latency LUT see it.
+
+    `in_group`/`out_group` name the gate groups that decide its input/output channels (None:
+    fixed). `tied_groups`: grouped conv whose group count shrinks with its gate, so the input
+    channels per group stay constant. `norm` names the norm layer after it (its affine
+    parameters count with the layer). Spatial sizes are from one forward at the job's input size.
+    """
+
+    name: str
+    kind: Literal["conv", "linear"]
+    in_group: str | None
+    out_group: str | None
+    in_channels: int
+    out_channels: int
+    groups: int
+    tied_groups: bool
+    kernel: tuple[int, int]
+    out_hw: tuple[int, int]
+    in_hw: tuple[int, int] = (1, 1)
+    stride: tuple[int, int] = (1, 1)
+    padding: tuple[int, int] = (0, 0)
+    dilation: tuple[int, int] = (1, 1)
+    bias: bool = False
+    norm: str | None = None
+
+
+@runtime_checkable
+class CostModel(Protocol):
+    """Cost of a network as a function of kept channels per gate group."""
+
+    @property
+    def metric(self) -> str:
+        """What is counted: "flops", "params" or "latency"."""
+        ...
+
+    def cost(self, widths: Mapping[str, Width]) -> Tensor:
+        """Cost at `widths` (group -> kept channels; absent groups are full width)."""
+        ...
+
+    def baseline(self) -> float:
+        """Cost at full width."""
+        ...
+
+
+def group_widths(layers: Sequence[LayerSpec]) -> dict[str, int]:
+    """Full channel count of every group the layers mention (checked for consistency)."""
+    full: dict[str, int] = {}
+    for spec in layers:
+        for group, channels in (
+            (spec.in_group, spec.in_channels),
+            (spec.out_group, spec.out_channels),
+        ):
+            if group is None:
+                continue
+            if full.setdefault(group, channels) != channels:
+                raise ValueError(
+                    f"group {group}: {channels} channels at {spec.name}, {full[group]} elsewhere"
+                )
+    return full

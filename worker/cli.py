@@ -1,0 +1,252 @@
+"""The service side of the `hawada` command: serve, api, worker, run and keys.
+
+`register(app)` adds these commands to a Typer app (`hawada.cli` assembles them with the client
+commands). This module imports only typer, rich and the root package, so `hawada --help` works
+with the base install; each command imports what it needs when it runs and, when an extra is
+missing, fails with one line naming it (exit code 2). The API is started by its import string
+(`hawada.api.main:create_app`), so nothing here imports the API.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import IO, Annotated, Any
+
+import typer
+
+from hawada.console import ProgressView, before_after_table, console
+from hawada.extras import MissingExtra, require
+
+#: The API application factory, by import string (uvicorn imports it in this process).
+API_FACTORY = "hawada.api.main:create_app"
+
+keys_app = typer.Typer(no_args_is_help=True, help="Manage API keys (needs database access).")
+
+
+def _require(*extras: str, what: str) -> None:
+    """One clear line and exit code 2 when an extra this command needs is not installed."""
+    try:
+        require(*extras, what=what)
+    except MissingExtra as exc:
+        console.print(f"[red]error[/red] {exc}", soft_wrap=True)
+        raise typer.Exit(2) from None
+
+
+# -- running the service ------------------------------------------------------------------
+def worker_command(loglevel: str = "INFO") -> list[str]:
+    """The Celery worker command line.
+
+    Prefork with one child: tasks run in a forked child process, so the parent (which owns
+    the broker connection and the lease reaper) never imports torch nor initialises CUDA; a
+    job that crashes the interpreter or leaks GPU memory takes down only the child.
+    """
+    return [
+        sys.executable, "-m", "celery", "-A", "hawada.worker.app", "worker",
+        "--pool", "prefork", "--concurrency", "1", "--loglevel", loglevel,
+        "--without-gossip", "--without-mingle", "--without-heartbeat",
+        "-n", f"hawada-{os.getpid()}@%h",
+    ]  # fmt: skip
+
+
+def _die_with_parent() -> None:
+    """In the forked child before exec: get SIGTERM when `serve` dies, even by SIGKILL (Linux)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass  # not Linux: serve's finally block is the only stop
+
+
+def start_worker(
+    env: dict[str, str] | None = None, log: Path | None = None
+) -> subprocess.Popen[bytes]:
+    """Start a Celery worker subprocess in its own session (so Ctrl-C reaches only us);
+    it is told to stop if this process dies without cleaning up."""
+    out: IO[bytes] | None = open(log, "ab") if log else None  # noqa: SIM115 - the child owns it
+    return subprocess.Popen(
+        worker_command(),
+        env=env,
+        stdout=out,
+        stderr=subprocess.STDOUT if out else None,
+        start_new_session=True,
+        preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+    )
+
+
+def stop_worker(proc: subprocess.Popen[bytes], grace_s: float = 10.0) -> None:
+    """Warm-stop the worker; kill its whole process group if it does not exit in time."""
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    except ProcessLookupError:
+        pass
+
+
+def _init_db() -> None:
+    from hawada.settings import get_settings
+    from hawada.store.broker import ensure_broker_folders
+    from hawada.store.db import init_db
+
+    settings = get_settings()
+    Path(settings.var_dir).mkdir(parents=True, exist_ok=True)
+    init_db(settings.database_url)
+    ensure_broker_folders(settings)
+
+
+def _uvicorn(host: str, port: int) -> None:
+    import uvicorn
+
+    # The app's default enqueuer sends `hawada.run_job` through the broker (hawada.store.broker).
+    uvicorn.run(API_FACTORY, factory=True, host=host, port=port, log_level="info")
+
+
+def serve(
+    host: Annotated[str, typer.Option(help="Bind address.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port.")] = 8000,
+) -> None:
+    """Embedded service: migrate the database, start a Celery worker and the API."""
+    _require("service", "engine", what="hawada serve")
+    _init_db()
+    proc = start_worker()
+    console.print(
+        f"HawAda serving on [bold]http://{host}:{port}[/bold] "
+        f"(worker pid {proc.pid}); Ctrl-C stops both"
+    )
+    try:
+        _uvicorn(host, port)
+    finally:
+        stop_worker(proc)
+
+
+def api(
+    host: Annotated[str, typer.Option(help="Bind address.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port.")] = 8000,
+) -> None:
+    """Run the API only (migrates the database first)."""
+    _require("service", what="hawada api")
+    _init_db()
+    _uvicorn(host, port)
+
+
+def worker(
+    loglevel: Annotated[str, typer.Option(help="Celery log level.")] = "INFO",
+) -> None:
+    """Run a Celery worker in the foreground (replaces this process)."""
+    _require("service", "engine", what="hawada worker")
+    cmd = worker_command(loglevel)
+    os.execv(cmd[0], cmd)
+
+
+# -- one job in-process -------------------------------------------------------------------
+def run(
+    recipe: Annotated[Path, typer.Option(help="Recipe YAML/JSON file.")],
+    weights: Annotated[Path, typer.Option(help="Weights (.safetensors/.pt).")],
+    out: Annotated[Path, typer.Option(help="Output folder for the artifacts.")],
+    dataset: Annotated[Path | None, typer.Option(help="Dataset file (npz).")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+) -> None:
+    """Run one compression job in this process and write the same artifacts as the service."""
+    _require("engine", what="hawada run")
+    from hawada.core.errors import HawadaError
+    from hawada.core.recipe import RecipeError, parse_recipe
+    from hawada.worker.pipeline import run_local
+
+    try:
+        parsed = parse_recipe(recipe.read_text())
+    except RecipeError as exc:
+        console.print(f"[red]error[/red] {exc}")
+        raise typer.Exit(1) from None
+    with ProgressView(local=True) as view:
+        try:
+            report = run_local(
+                parsed, weights, out, dataset=dataset, device=device, on_event=view.on_event
+            )
+        except HawadaError as exc:
+            console.print(f"[red]failed[/red] {exc.code}: {exc.message}")
+            raise typer.Exit(1) from None
+    console.print(before_after_table(report))
+    console.print(f"artifacts in [bold]{out}[/bold]")
+
+
+# -- keys (store side) --------------------------------------------------------------------
+def _session() -> Any:
+    from hawada.settings import get_settings
+    from hawada.store.db import session_scope
+
+    return session_scope(get_settings().database_url)
+
+
+@keys_app.command("create")
+def keys_create(
+    owner: Annotated[str, typer.Option(help="Owner the key acts as.")],
+    name: Annotated[str, typer.Option(help="A label for the key.")] = "default",
+) -> None:
+    """Create an API key; the secret is printed once and stored only hashed."""
+    _require("service", what="hawada keys")
+    from hawada.store import keys
+
+    _init_db()
+    with _session() as session:
+        secret = keys.create_key(session, owner=owner, name=name)
+    console.print(f"key for owner {owner!r} (shown once, store it now):")
+    print(secret)
+
+
+@keys_app.command("list")
+def keys_list(owner: Annotated[str | None, typer.Option()] = None) -> None:
+    """List API keys (never their secrets)."""
+    _require("service", what="hawada keys")
+    from rich.table import Table
+
+    from hawada.store import keys
+
+    _init_db()
+    table = Table(box=None)
+    table.add_column("id", no_wrap=True, min_width=32)
+    for column in ("owner", "name", "prefix", "created", "revoked"):
+        table.add_column(column)
+
+    def when(t: Any) -> str:
+        return t.strftime("%Y-%m-%d %H:%M") if t else ""
+
+    with _session() as session:
+        for k in keys.list_keys(session, owner=owner):
+            table.add_row(k.id, k.owner, k.name, k.prefix, when(k.created_at), when(k.revoked_at))
+    console.print(table)
+
+
+@keys_app.command("revoke")
+def keys_revoke(key_id: str) -> None:
+    """Revoke an API key (by id or displayed prefix)."""
+    _require("service", what="hawada keys")
+    from hawada.store import keys
+
+    _init_db()
+    with _session() as session:
+        revoked = keys.revoke_key(session, key_id)
+    if not revoked:
+        console.print(f"[red]error[/red] no live key {key_id}")
+        raise typer.Exit(1)
+    console.print(f"revoked {key_id}")
+
+
+def register(app: typer.Typer) -> None:
+    """Add the service commands to `app`."""
+    app.command()(serve)
+    app.command()(api)
+    app.command()(worker)
+    app.command()(run)
+    app.add_typer(keys_app, name="keys")
+
+
+__all__ = ["API_FACTORY", "register", "start_worker", "stop_worker", "worker_command"]

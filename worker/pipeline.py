@@ -1,0 +1,499 @@
+"""One compression job end to end: the phases of the job lifecycle, artifacts written atomically.
+
+This is where the engine (`hawada.core`) and the model families (`hawada.adapters`) are wired
+together. `run_job(ctx)` is what the worker's task calls; `run_local(...)` is `hawada run` (same
+code, same artifacts, in this process). Everything a phase needs comes from the recipe and the
+context; progress leaves through `ctx.on_event` only.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from hawada.adapters.torchvision import FamilyAdapter, build_model, get_adapter
+from hawada.core.budget import fit_to_budget
+from hawada.core.cost import make_cost_model
+from hawada.core.data import DataBundle, load_data
+from hawada.core.device import device_name, resolve_device
+from hawada.core.errors import JobCancelled, JobError
+from hawada.core.evaluate import accuracy, count_flops, count_params
+from hawada.core.gates import GateGroup, Gates, attach
+from hawada.core.latency import measure_latency
+from hawada.core.layers import CostModel, LayerSpec
+from hawada.core.lut import (
+    FolderLutCache,
+    LatencyTable,
+    LutCache,
+    get_or_build_lut,
+    make_width_measurer,
+)
+from hawada.core.recipe import Recipe, parse_recipe, recipe_to_dict
+from hawada.core.report import build_report, model_block, target_block
+from hawada.core.train import INIT_LOGIT, HistoryRow, TrainState, finetune, train_gates
+from hawada.core.weights import load_weights
+from hawada.lifecycle import PHASES
+from hawada.worker.checkpoint import (
+    clear_checkpoint,
+    fingerprint,
+    load_checkpoint,
+    save_checkpoint,
+)
+from hawada.worker.files import write_artifacts, write_json
+
+Event = dict[str, Any]
+EventSink = Callable[[Event], None]
+
+# A training progress event at most this often (seconds) besides every log_every steps.
+PROGRESS_EVERY_S = 2.0
+# Gate-training checkpoints: every this many seconds or steps, whichever comes first.
+CHECKPOINT_EVERY_S = 10.0
+CHECKPOINT_EVERY_STEPS = 50
+
+
+def _ignore(_event: Event) -> None:
+    return None
+
+
+def _never() -> bool:
+    return False
+
+
+@dataclass
+class JobContext:
+    """Everything one job needs from its runner (the worker's task or `hawada run`)."""
+
+    recipe: Recipe
+    weights: Path
+    out_dir: Path
+    dataset: Path | None = None
+    device: str = "auto"
+    on_event: EventSink = field(default=_ignore)
+    should_cancel: Callable[[], bool] = field(default=_never)
+    checkpoint_dir: Path | None = None
+    lut_cache: LutCache | None = None
+    # None: `data.path` may name any folder (`hawada run`, a local user); the worker passes the
+    # service's HAWADA_DATA_ROOTS so remote recipes cannot read arbitrary worker files.
+    data_roots: list[Path] | None = None
+
+
+# ----------------------------------------------------------------------------------- phases
+
+
+class _Phases:
+    """Announces each phase once and times it (seconds land in report["phases"])."""
+
+    def __init__(self, on_event: EventSink) -> None:
+        self.on_event = on_event
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        assert name in PHASES, name
+        self.on_event({"kind": "phase", "phase": name})
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = time.perf_counter() - t0
+
+    def log(self, message: str) -> None:
+        self.on_event({"kind": "log", "message": message})
+
+
+def _progress_emitter(
+    ctx: JobContext, phase: str, log_every: int
+) -> Callable[[HistoryRow], None]:
+    """on_step callback turning train rows into throttled progress events."""
+    last = [0.0]
+
+    def emit(row: HistoryRow) -> None:
+        now = time.monotonic()
+        step, steps = int(row["step"]), int(row["steps"])
+        if step % log_every and step != steps and now - last[0] < PROGRESS_EVERY_S:
+            return
+        last[0] = now
+        ev: Event = {
+            "kind": "progress",
+            "phase": phase,
+            "progress": step / steps,
+            "step": step,
+            "loss": row.get("loss"),
+        }
+        for k in ("cost_ratio", "temperature", "multiplier"):
+            if k in row:
+                ev[k] = row[k]
+        ctx.on_event(ev)
+
+    return emit
+
+
+def _heldout_accuracy(
+    model: nn.Module, data: DataBundle, recipe: Recipe, device: torch.device
+) -> float | None:
+    """Top-1 on the held-out split; None when the labels are noise (synthetic data)."""
+    if not data.labelled:
+        return None
+    return accuracy(model, data.heldout_batches(recipe.data.batch_size), device)
+
+
+def _target(recipe: Recipe, baseline: Mapping[str, Any]) -> dict[str, Any]:
+    metric = recipe.target.metric
+    base_value = {
+        "flops": baseline["flops"],
+        "params": baseline["params"],
+        "latency": baseline["latency_ms"],
+    }[metric]
+    return target_block(
+        metric,
+        baseline_value=base_value,
+        ratio=recipe.target.ratio,
+        latency_ms=recipe.target.latency_ms,
+    )
+
+
+def _layers_rows(gates: Gates, keep: Mapping[str, Tensor]) -> list[dict[str, Any]]:
+    rows = []
+    for name, g in gates.groups.items():
+        kept = keep[name].tolist()
+        rows.append(
+            {
+                "name": name,
+                "modules": list(g.covers or g.modules),
+                "before": g.channels,
+                "after": len(kept),
+                "kept": kept,
+            }
+        )
+    return rows
+
+
+def _train(
+    ctx: JobContext,
+    model: nn.Module,
+    gates: Gates,
+    cost_model: CostModel,
+    data: DataBundle,
+    target_ratio: float,
+    device: torch.device,
+    phase: _Phases,
+) -> list[HistoryRow]:
+    """Gate training with checkpoints in `ctx.checkpoint_dir`, resuming from one if present."""
+    recipe = ctx.recipe
+    start_step, state = 0, None
+    job_print = fingerprint(recipe, Path(ctx.weights))
+    on_checkpoint: Callable[[TrainState], None] | None = None
+    if ctx.checkpoint_dir is not None:
+        ckpt_dir = Path(ctx.checkpoint_dir)
+        resumed = load_checkpoint(ckpt_dir, job_print)
+        if resumed is not None:
+            start_step, state = resumed["step"], resumed
+            phase.log(f"resuming gate training at step {start_step}")
+
+        def on_checkpoint(snapshot: TrainState) -> None:
+            save_checkpoint(ckpt_dir, snapshot, job_print)
+
+    handle = attach(model, gates)
+    try:
+        return train_gates(
+            model,
+            gates,
+            cost_model,
+            data,
+            recipe,
+            device=device,
+            on_step=_progress_emitter(ctx, "training", recipe.train.log_every),
+            should_stop=ctx.should_cancel,
+            start_step=start_step,
+            state=state,
+            target_ratio=target_ratio,
+            on_checkpoint=on_checkpoint,
+            checkpoint_every_s=CHECKPOINT_EVERY_S,
+            checkpoint_every_steps=CHECKPOINT_EVERY_STEPS,
+        )
+    finally:
+        handle.remove()  # export and fine-tune see the plain model
+
+
+def _latency_table(
+    ctx: JobContext,
+    adapter: FamilyAdapter,
+    model: nn.Module,
+    layers: list[LayerSpec],
+    groups: list[GateGroup],
+    device: torch.device,
+) -> LatencyTable:
+    """The per-layer latency table for this model on `device` (cached, calibrated)."""
+    recipe = ctx.recipe
+    input_size = tuple(recipe.model.input_size)
+    # Calibrating against whole-model timings makes the table's sum match measurement.
+    measurer = make_width_measurer(
+        model, adapter.export_pruned, groups, input_size, recipe.latency, device
+    )
+    key_parts = {
+        "arch": recipe.model.arch,
+        "input_size": list(input_size),
+        "num_classes": recipe.model.num_classes,
+        "stem": recipe.model.stem,
+    }
+    return get_or_build_lut(
+        layers,
+        recipe.latency,
+        device,
+        round_to=recipe.gates.round_to,
+        cache=ctx.lut_cache,
+        key_parts=key_parts,
+        calibrate_with=measurer,
+    )
+
+
+def _data_block(recipe: Recipe, data: DataBundle) -> dict[str, Any]:
+    block = data.describe()
+    block.update(
+        {"source": recipe.data.source, "n_train": data.n_train, "n_heldout": data.n_heldout}
+    )
+    return block
+
+
+def check_export_formats(recipe: Recipe) -> None:
+    """Fail before any training when the recipe asks for an export this worker cannot write."""
+    if "onnx" in recipe.export.formats:
+        try:
+            import onnx  # noqa: F401
+            import onnxscript  # noqa: F401
+        except ImportError:
+            raise JobError(
+                "ONNX export needs the onnx and onnxscript packages, which this worker "
+                "does not have; drop 'onnx' from export.formats",
+                code="export_unavailable",
+            ) from None
+
+
+# ---------------------------------------------------------------------------------- run_job
+
+
+def run_job(ctx: JobContext) -> dict[str, Any]:
+    """Run every phase for `ctx`, write all artifacts into `ctx.out_dir`, return the report.
+
+    Raises `HawadaError` subclasses (weights, data, arch, export problems) for user-caused
+    failures and `JobCancelled` when `ctx.should_cancel()` turns true.
+    """
+    recipe = ctx.recipe
+    out = Path(ctx.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(ctx.device)
+    lat_device = (
+        device if recipe.latency.device == "auto" else resolve_device(recipe.latency.device)
+    )
+    input_size = tuple(recipe.model.input_size)
+    phase = _Phases(ctx.on_event)
+
+    def check_cancel() -> None:
+        if ctx.should_cancel():
+            raise JobCancelled("cancelled")
+
+    # -- loading
+    with phase("loading"):
+        check_export_formats(recipe)
+        adapter = get_adapter(recipe.model.arch)
+        model = build_model(
+            recipe.model.arch, num_classes=recipe.model.num_classes, stem=recipe.model.stem
+        )
+        mapping = load_weights(model, Path(ctx.weights))
+        data = load_data(recipe, upload=ctx.dataset, allowed_roots=ctx.data_roots)
+        if data.num_classes > recipe.model.num_classes:
+            raise JobError(
+                f"the dataset has {data.num_classes} classes but model.num_classes is "
+                f"{recipe.model.num_classes}",
+                code="bad_dataset",
+            )
+        model.to(device).eval().requires_grad_(False)
+    check_cancel()
+
+    # -- baseline
+    with phase("baseline"):
+        base_acc = _heldout_accuracy(model, data, recipe, device)
+        base_params = count_params(model)
+        base_flops = count_flops(model, input_size)
+    check_cancel()
+
+    # -- profiling
+    lut_summary = None
+    with phase("profiling"):
+        base_lat = measure_latency(model, input_size, recipe.latency, lat_device)
+        baseline = model_block(
+            params=base_params, flops=base_flops, accuracy=base_acc, latency=base_lat.to_dict()
+        )
+        target = _target(recipe, baseline)
+        layers = adapter.layers(model, input_size)
+        groups = adapter.gate_groups(model, recipe.gates)
+        lut = None
+        if recipe.target.metric == "latency":
+            lut = _latency_table(ctx, adapter, model, layers, groups, lat_device)
+            lut_summary = lut.summary()
+        cost_model = make_cost_model(recipe.target.metric, layers, lut=lut)
+    check_cancel()
+    # Latency targets are absolute ms (the calibrated table predicts ms); FLOPs/params targets
+    # are a share of the analytic baseline, which equals the counted one.
+    if recipe.target.metric == "latency":
+        target_cost = float(target["value"])
+    else:
+        target_cost = float(target["ratio"]) * float(cost_model.baseline())
+    ratio = min(1.0, target_cost / float(cost_model.baseline()))
+
+    # -- training
+    with phase("training"):
+        gates = Gates(groups, init_logit=INIT_LOGIT).to(device)
+        history = _train(ctx, model, gates, cost_model, data, ratio, device, phase)
+        gates.requires_grad_(False)
+
+    # -- exporting
+    with phase("exporting"):
+        measure = None
+        if recipe.target.metric == "latency":
+
+            def measure(keep: Mapping[str, Tensor]) -> float:
+                exported = adapter.export_pruned(model, keep)
+                return measure_latency(exported, input_size, recipe.latency, lat_device).median_ms
+
+        budget = fit_to_budget(gates, cost_model, target_cost, measure=measure)
+        keep = {k: v.to("cpu") for k, v in budget.items()}
+        keepall = model.state_dict()  # the frozen input weights, bit for bit
+        pruned = adapter.export_pruned(model, keep).to(device).eval()
+        export_diff = _export_check(model, gates, pruned, data, recipe, device)
+        phase.log(f"hard-gated vs exported max abs diff {export_diff:.3g}")
+    check_cancel()
+
+    # -- finetuning
+    ft_history: list[HistoryRow] = []
+    if recipe.finetune.epochs > 0:
+        with phase("finetuning"):
+            ft_history = finetune(
+                pruned,
+                model,
+                data,
+                recipe,
+                device=device,
+                on_step=_progress_emitter(ctx, "finetuning", recipe.train.log_every),
+                should_stop=ctx.should_cancel,
+            )
+    pruned.eval().requires_grad_(False)
+    check_cancel()
+
+    # -- evaluating
+    with phase("evaluating"):
+        pruned_block = model_block(
+            params=count_params(pruned),
+            flops=count_flops(pruned, input_size),
+            accuracy=_heldout_accuracy(pruned, data, recipe, device),
+            latency=measure_latency(pruned, input_size, recipe.latency, lat_device).to_dict(),
+        )
+    check_cancel()
+
+    # -- packaging
+    with phase("packaging"):
+        report = build_report(
+            recipe=recipe_to_dict(recipe),
+            baseline=baseline,
+            pruned=pruned_block,
+            target=target,
+            history=history,
+            layers=_layers_rows(gates, keep),
+            weights_mapping=mapping.to_dict(),
+            data=_data_block(recipe, data),
+            phases=phase.seconds,
+            device=device_name(device),
+            lut=lut_summary,
+            finetune_history=ft_history,
+            target_hint=budget.reason,
+            extra={
+                "export_max_abs_diff": export_diff,
+                "latency_device": device_name(lat_device),
+                "budget": budget.to_dict(),
+            },
+        )
+        write_artifacts(out, recipe, adapter, model, pruned, keep, keepall, gates, report)
+    # Packaging time is known only now; rewrite report.json with it (small file).
+    report["phases"] = {k: round(v, 4) for k, v in phase.seconds.items()}
+    write_json(out / "report.json", report)
+    if ctx.checkpoint_dir is not None:
+        clear_checkpoint(Path(ctx.checkpoint_dir))
+    return report
+
+
+def _export_check(
+    model: nn.Module,
+    gates: Gates,
+    pruned: nn.Module,
+    data: DataBundle,
+    recipe: Recipe,
+    device: torch.device,
+) -> float:
+    """Max abs difference between the hard-gated model and the export on one held-out batch.
+
+    Both derive from the same `kept` definition, so this is ~1e-6; a large value is an engine bug
+    worth seeing in the report.
+    """
+    x, _ = next(iter(data.heldout_batches(min(16, recipe.data.batch_size))))
+    x = x.to(device)
+    handle = attach(model, gates)
+    # True float32 on GPU: TF32 convolutions alone differ by ~1e-3 between two conv shapes.
+    matmul_tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        with torch.backends.cudnn.flags(enabled=True, allow_tf32=False), torch.inference_mode():
+            with gates.using("hard"):
+                ref = model(x)
+            handle.remove()
+            got = pruned.eval()(x)
+    finally:
+        handle.remove()
+        torch.backends.cuda.matmul.allow_tf32 = matmul_tf32
+    return float((ref - got).abs().max().item())
+
+
+# -------------------------------------------------------------------------------- run_local
+
+
+def run_local(
+    recipe: Recipe | str | Path,
+    weights: Path | str,
+    out_dir: Path | str,
+    dataset: Path | str | None = None,
+    device: str = "auto",
+    on_event: EventSink | None = None,
+    should_cancel: Callable[[], bool] | None = None,
+    lut_dir: Path | None = None,
+) -> dict[str, Any]:
+    """`hawada run`: one job in this process with a folder LUT cache and a local checkpoint.
+
+    `recipe` is a parsed Recipe or a path to a YAML/JSON file. Re-running the same command after
+    an interruption resumes gate training from `out_dir/.checkpoint`. Latency tables are cached
+    in `lut_dir` (default: the settings' `lut_dir`, `HAWADA_LUT_DIR`).
+    """
+    if not isinstance(recipe, Recipe):
+        recipe = parse_recipe(Path(recipe).read_text(encoding="utf-8"))
+    if lut_dir is None:
+        from hawada.settings import get_settings
+
+        lut_dir = Path(get_settings().lut_dir)
+    out = Path(out_dir)
+    ctx = JobContext(
+        recipe=recipe,
+        weights=Path(weights),
+        out_dir=out,
+        dataset=Path(dataset) if dataset is not None else None,
+        device=device,
+        on_event=on_event or _ignore,
+        should_cancel=should_cancel or _never,
+        checkpoint_dir=out / ".checkpoint",
+        lut_cache=FolderLutCache(lut_dir),
+    )
+    return run_job(ctx)
