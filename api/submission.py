@@ -79,7 +79,10 @@ def check_data_path(recipe: Recipe, settings: Settings) -> None:
         allowed = ", ".join(str(r) for r in settings.data_roots) or "none configured"
         message = f"{path!r} is outside the data folders this service may read ({allowed})"
         raise ApiError(
-            422, "invalid_recipe", f"data.path: {message}", [{"path": "data.path", "message": message}]
+            422,
+            "invalid_recipe",
+            f"data.path: {message}",
+            [{"path": "data.path", "message": message}],
         )
 
 

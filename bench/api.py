@@ -10,6 +10,7 @@ their p50/p99 latency; then fires `--burst` submissions at once and checks none 
 ids returned == job rows in the database == messages in the broker queue. `--record` writes
 the table with the machine description into the "API" section of bench/RESULTS.md.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -58,8 +59,10 @@ def machine() -> str:
                 break
     except OSError:
         pass
-    return (f"{cpu}, {os.cpu_count()} cores visible, {platform.system()} "
-            f"{platform.release()}, Python {platform.python_version()}")
+    return (
+        f"{cpu}, {os.cpu_count()} cores visible, {platform.system()} "
+        f"{platform.release()}, Python {platform.python_version()}"
+    )
 
 
 def pct(values: list[float], q: float) -> float:
@@ -70,8 +73,9 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
 
 
-async def poll(url: str, job_id: str, clients: int, seconds: float, max_requests: int
-               ) -> dict[str, Any]:
+async def poll(
+    url: str, job_id: str, clients: int, seconds: float, max_requests: int
+) -> dict[str, Any]:
     """`clients` concurrent loops of GET /v1/jobs/{id} for `seconds` (or `max_requests`)."""
     latencies: list[float] = []
     errors = 0
@@ -96,10 +100,15 @@ async def poll(url: str, job_id: str, clients: int, seconds: float, max_requests
         start = time.perf_counter()
         await asyncio.gather(*(one_client() for _ in range(clients)))
         elapsed = time.perf_counter() - start
-    return {"clients": clients, "requests": len(latencies), "errors": errors,
-            "rps": len(latencies) / elapsed, "p50_ms": pct(latencies, 0.5),
-            "p99_ms": pct(latencies, 0.99),
-            "mean_ms": statistics.fmean(latencies) if latencies else float("nan")}
+    return {
+        "clients": clients,
+        "requests": len(latencies),
+        "errors": errors,
+        "rps": len(latencies) / elapsed,
+        "p50_ms": pct(latencies, 0.5),
+        "p99_ms": pct(latencies, 0.99),
+        "mean_ms": statistics.fmean(latencies) if latencies else float("nan"),
+    }
 
 
 async def burst(url: str, model_id: str, count: int, concurrency: int) -> dict[str, Any]:
@@ -110,8 +119,11 @@ async def burst(url: str, model_id: str, count: int, concurrency: int) -> dict[s
     async with httpx.AsyncClient(base_url=url, limits=limits, timeout=120.0) as http:
 
         async def submit(i: int) -> None:
-            resp = await http.post("/v1/jobs", json={"recipe": RECIPE, "model_id": model_id},
-                                   headers={"Idempotency-Key": f"burst-{i}"})
+            resp = await http.post(
+                "/v1/jobs",
+                json={"recipe": RECIPE, "model_id": model_id},
+                headers={"Idempotency-Key": f"burst-{i}"},
+            )
             statuses[resp.status_code] = statuses.get(resp.status_code, 0) + 1
             if resp.status_code == 202:
                 ids.append(resp.json()["id"])
@@ -119,8 +131,13 @@ async def burst(url: str, model_id: str, count: int, concurrency: int) -> dict[s
         start = time.perf_counter()
         await asyncio.gather(*(submit(i) for i in range(count)))
         elapsed = time.perf_counter() - start
-    return {"count": count, "seconds": elapsed, "rate": count / elapsed, "ids": ids,
-            "statuses": statuses}
+    return {
+        "count": count,
+        "seconds": elapsed,
+        "rate": count / elapsed,
+        "ids": ids,
+        "statuses": statuses,
+    }
 
 
 def count_rows(database_url: str) -> int:
@@ -140,8 +157,12 @@ def start_api(var_dir: Path, port: int) -> subprocess.Popen:
     env["HAWADA_VAR_DIR"] = str(var_dir)
     return subprocess.Popen(
         [sys.executable, "-m", "hawada.cli", "api", "--host", "127.0.0.1", "--port", str(port)],
-        cwd=ROOT, env=env, stdout=open(var_dir / "api.log", "ab"), stderr=subprocess.STDOUT,
-        start_new_session=True)
+        cwd=ROOT,
+        env=env,
+        stdout=open(var_dir / "api.log", "ab"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
 
 
 def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 60.0) -> None:
@@ -161,16 +182,25 @@ def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 60.0) -> None:
 
 def render(polls: list[dict[str, Any]], sub: dict[str, Any], rows: int, queued: int) -> str:
     """Markdown tables of the results."""
-    lines = ["| clients | requests | errors | req/s | p50 ms | p99 ms |",
-             "|---:|---:|---:|---:|---:|---:|"]
-    lines += [f"| {p['clients']} | {p['requests']} | {p['errors']} | {p['rps']:.0f} | "
-              f"{p['p50_ms']:.1f} | {p['p99_ms']:.1f} |" for p in polls]
+    lines = [
+        "| clients | requests | errors | req/s | p50 ms | p99 ms |",
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
+    lines += [
+        f"| {p['clients']} | {p['requests']} | {p['errors']} | {p['rps']:.0f} | "
+        f"{p['p50_ms']:.1f} | {p['p99_ms']:.1f} |"
+        for p in polls
+    ]
     lost = sub["count"] - len(set(sub["ids"]))
-    lines += ["", "| submissions | seconds | per second | 202 answers | unique ids | job rows "
-              "| broker messages | lost |", "|---:|---:|---:|---:|---:|---:|---:|---:|",
-              f"| {sub['count']} | {sub['seconds']:.1f} | {sub['rate']:.0f} | "
-              f"{sub['statuses'].get(202, 0)} | {len(set(sub['ids']))} | {rows} | {queued} "
-              f"| {lost} |"]
+    lines += [
+        "",
+        "| submissions | seconds | per second | 202 answers | unique ids | job rows "
+        "| broker messages | lost |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+        f"| {sub['count']} | {sub['seconds']:.1f} | {sub['rate']:.0f} | "
+        f"{sub['statuses'].get(202, 0)} | {len(set(sub['ids']))} | {rows} | {queued} "
+        f"| {lost} |",
+    ]
     return "\n".join(lines)
 
 
@@ -205,15 +235,21 @@ def main() -> int:
         proc = start_api(var_dir, port)
         try:
             wait_ready(url, proc)
-            model = httpx.post(f"{url}/v1/models", timeout=30, files={
-                "weights": ("w.safetensors", io.BytesIO(_tiny_safetensors()))})
+            model = httpx.post(
+                f"{url}/v1/models",
+                timeout=30,
+                files={"weights": ("w.safetensors", io.BytesIO(_tiny_safetensors()))},
+            )
             model.raise_for_status()
             model_id = model.json()["id"]
-            job = httpx.post(f"{url}/v1/jobs", json={"recipe": RECIPE, "model_id": model_id},
-                             timeout=30)
+            job = httpx.post(
+                f"{url}/v1/jobs", json={"recipe": RECIPE, "model_id": model_id}, timeout=30
+            )
             job.raise_for_status()
-            polls = [asyncio.run(poll(url, job.json()["id"], n, args.seconds, args.max_requests))
-                     for n in args.clients]
+            polls = [
+                asyncio.run(poll(url, job.json()["id"], n, args.seconds, args.max_requests))
+                for n in args.clients
+            ]
             sub = asyncio.run(burst(url, model_id, args.burst, args.burst_concurrency))
             rows = count_rows(f"sqlite:///{var_dir / 'hawada.db'}") - 1  # minus the poll target
             queued = sum(1 for _ in (var_dir / "broker" / "queue").glob("*.msg")) - 1
@@ -227,12 +263,14 @@ def main() -> int:
     print(table)
     if args.record:
         when = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
-        record(f"## API\n\n`bench/api.py` (embedded API: SQLite + filesystem broker, one uvicorn "
-               f"process, loopback, no worker), {when}.\nMachine: {machine()}; shared with other "
-               f"work while measured, so treat the numbers as a lower bound.\n"
-               f"Polling: each client loops `GET /v1/jobs/{{id}}` for {args.seconds:.0f} s. "
-               f"Burst: {args.burst} JSON submissions (`model_id`), {args.burst_concurrency} in "
-               f"flight.\n\n{table}\n")
+        record(
+            f"## API\n\n`bench/api.py` (embedded API: SQLite + filesystem broker, one uvicorn "
+            f"process, loopback, no worker), {when}.\nMachine: {machine()}; shared with other "
+            f"work while measured, so treat the numbers as a lower bound.\n"
+            f"Polling: each client loops `GET /v1/jobs/{{id}}` for {args.seconds:.0f} s. "
+            f"Burst: {args.burst} JSON submissions (`model_id`), {args.burst_concurrency} in "
+            f"flight.\n\n{table}\n"
+        )
     lost = args.burst - len(set(sub["ids"]))
     return 0 if lost == 0 and rows == args.burst and queued == args.burst else 1
 

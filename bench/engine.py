@@ -12,6 +12,7 @@
 Prints a rich table plus a Markdown block; paste it with the machine line into bench/RESULTS.md
 ("Engine"). Timings here never decide a test.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,27 +45,52 @@ from hawada.core.train import train_classifier, train_gates
 
 # Sized for a 2-core host shared with other work (about 4 s per ResNet-18 step at 32x32, batch
 # 32): the full run takes roughly 40 minutes there; --limit scales the data.
-FULL = {"limit": 4000, "base_steps": 200, "gate_steps": 150, "batch": 32, "finetune": 1.0,
-        "timed_steps": 10, "rounds": 2}
-QUICK = {"limit": 2000, "base_steps": 60, "gate_steps": 60, "batch": 32, "finetune": 1.0,
-         "timed_steps": 8, "rounds": 2}
+FULL = {
+    "limit": 4000,
+    "base_steps": 200,
+    "gate_steps": 150,
+    "batch": 32,
+    "finetune": 1.0,
+    "timed_steps": 10,
+    "rounds": 2,
+}
+QUICK = {
+    "limit": 2000,
+    "base_steps": 60,
+    "gate_steps": 60,
+    "batch": 32,
+    "finetune": 1.0,
+    "timed_steps": 8,
+    "rounds": 2,
+}
 WARMUP_STEPS = 3
 LATENCY_PASSES = 5
 
 
 def make_recipe(cfg: dict[str, Any]) -> Any:
     """The benchmark's recipe (Fashion-MNIST, 32x32, 50% FLOPs, one fine-tune epoch)."""
-    return parse_recipe({
-        "model": {"arch": "resnet18", "num_classes": 10, "stem": "cifar",
-                  "input_size": [3, 32, 32],
-                  "normalize": {"mean": [0.286, 0.286, 0.286], "std": [0.353, 0.353, 0.353]}},
-        "data": {"source": "fashion-mnist", "batch_size": cfg["batch"], "val_fraction": 0.1,
-                 "seed": 0, "limit": cfg["limit"]},
-        "target": {"metric": "flops", "ratio": 0.5},
-        "train": {"steps": cfg["gate_steps"], "lr": 0.05, "log_every": 10},
-        "finetune": {"epochs": cfg["finetune"], "lr": 0.01, "recalibrate_bn": True},
-        "latency": {"batch_size": 1, "repeats": 30, "warmup": 5, "device": "cpu"},
-    })
+    return parse_recipe(
+        {
+            "model": {
+                "arch": "resnet18",
+                "num_classes": 10,
+                "stem": "cifar",
+                "input_size": [3, 32, 32],
+                "normalize": {"mean": [0.286, 0.286, 0.286], "std": [0.353, 0.353, 0.353]},
+            },
+            "data": {
+                "source": "fashion-mnist",
+                "batch_size": cfg["batch"],
+                "val_fraction": 0.1,
+                "seed": 0,
+                "limit": cfg["limit"],
+            },
+            "target": {"metric": "flops", "ratio": 0.5},
+            "train": {"steps": cfg["gate_steps"], "lr": 0.05, "log_every": 10},
+            "finetune": {"epochs": cfg["finetune"], "lr": 0.01, "recalibrate_bn": True},
+            "latency": {"batch_size": 1, "repeats": 30, "warmup": 5, "device": "cpu"},
+        }
+    )
 
 
 def _step_times(run: Callable[[Callable[[dict], None], int], Any], steps: int) -> list[float]:
@@ -77,25 +103,33 @@ def _step_times(run: Callable[[Callable[[dict], None], int], Any], steps: int) -
 def _plain_steps(model: torch.nn.Module, data: Any, batch: int, steps: int) -> list[float]:
     """Step times of ordinary supervised training of a copy of `model`."""
     student = copy.deepcopy(model)
-    return _step_times(lambda cb, n: train_classifier(student, data, steps=n, lr=0.01,
-                                                      device="cpu", batch_size=batch,
-                                                      on_step=cb), steps)
+    return _step_times(
+        lambda cb, n: train_classifier(
+            student, data, steps=n, lr=0.01, device="cpu", batch_size=batch, on_step=cb
+        ),
+        steps,
+    )
 
 
-def _gate_steps(model: torch.nn.Module, data: Any, recipe: Any, cost: Any, steps: int) -> list[float]:
+def _gate_steps(
+    model: torch.nn.Module, data: Any, recipe: Any, cost: Any, steps: int
+) -> list[float]:
     """Step times of gate training on `model` (fresh gates, attached for the run only)."""
     adapter = get_adapter(recipe.model.arch)
     gates = Gates(adapter.gate_groups(model, recipe.gates))
     handle = attach(model, gates)
     try:
-        return _step_times(lambda cb, n: train_gates(model, gates, cost, data, recipe,
-                                                     device="cpu", on_step=cb), steps)
+        return _step_times(
+            lambda cb, n: train_gates(model, gates, cost, data, recipe, device="cpu", on_step=cb),
+            steps,
+        )
     finally:
         handle.remove()
 
 
-def step_time_ratio(model: torch.nn.Module, data: Any, recipe: Any, timed: int,
-                    rounds: int) -> dict[str, float]:
+def step_time_ratio(
+    model: torch.nn.Module, data: Any, recipe: Any, timed: int, rounds: int
+) -> dict[str, float]:
     """Median gate-training step / median plain training step (same model, same batch)."""
     adapter = get_adapter(recipe.model.arch)
     cost = make_cost_model("flops", adapter.layers(model, recipe.model.input_size))
@@ -111,8 +145,9 @@ def step_time_ratio(model: torch.nn.Module, data: Any, recipe: Any, timed: int,
     return {"plain_s": p, "gate_s": g, "ratio": g / p, "timed_steps": len(plain)}
 
 
-def interleaved_latency(baseline: torch.nn.Module, pruned: torch.nn.Module, recipe: Any,
-                        passes: int = LATENCY_PASSES) -> dict[str, float]:
+def interleaved_latency(
+    baseline: torch.nn.Module, pruned: torch.nn.Module, recipe: Any, passes: int = LATENCY_PASSES
+) -> dict[str, float]:
     """Batch-1 CPU latency of both models, alternating passes, lowest median of each.
 
     The job measures baseline and pruned minutes apart; on a shared host a neighbour's burst
@@ -134,8 +169,9 @@ def _fmt_int(v: int) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark and print its tables."""
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true", help="small subset, few steps")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--limit", type=int, default=None, help="Fashion-MNIST samples used")
@@ -149,16 +185,26 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
 
     data = load_data(recipe)
-    print(f"data: {data.n_train} train / {data.n_heldout} held-out Fashion-MNIST images at 32x32",
-          flush=True)
-    model, base_acc, base_t = train_baseline(recipe, steps=cfg["base_steps"], lr=0.05,
-                                             device="cpu", data=data,
-                                             log=lambda m: print("baseline", m, flush=True))
+    print(
+        f"data: {data.n_train} train / {data.n_heldout} held-out Fashion-MNIST images at 32x32",
+        flush=True,
+    )
+    model, base_acc, base_t = train_baseline(
+        recipe,
+        steps=cfg["base_steps"],
+        lr=0.05,
+        device="cpu",
+        data=data,
+        log=lambda m: print("baseline", m, flush=True),
+    )
     print(f"baseline held-out accuracy {base_acc:.4f} after {base_t['train_s']:.0f} s", flush=True)
 
     ratio = step_time_ratio(model, data, recipe, cfg["timed_steps"], cfg["rounds"])
-    print(f"step time: plain {ratio['plain_s'] * 1e3:.0f} ms, gate {ratio['gate_s'] * 1e3:.0f} ms, "
-          f"ratio {ratio['ratio']:.3f}", flush=True)
+    print(
+        f"step time: plain {ratio['plain_s'] * 1e3:.0f} ms, gate {ratio['gate_s'] * 1e3:.0f} ms, "
+        f"ratio {ratio['ratio']:.3f}",
+        flush=True,
+    )
 
     with tempfile.TemporaryDirectory() as tmp:
         weights = Path(tmp) / "baseline.safetensors"
@@ -169,8 +215,9 @@ def main(argv: list[str] | None = None) -> int:
             if ev["kind"] == "phase":
                 print(f"phase {ev['phase']}", flush=True)
 
-        report = run_job(JobContext(recipe=recipe, weights=weights, out_dir=out, device="cpu",
-                                    on_event=on_event))
+        report = run_job(
+            JobContext(recipe=recipe, weights=weights, out_dir=out, device="cpu", on_event=on_event)
+        )
         pruned = load_pruned(out / "pruned.json", out / "pruned.safetensors")
         latency = interleaved_latency(model, pruned, recipe)
     total = time.perf_counter() - started
@@ -178,26 +225,55 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def print_tables(report: dict[str, Any], ratio: dict[str, float], latency: dict[str, float],
-                 cfg: dict[str, Any],
-                 base_train_s: float, total_s: float, args: argparse.Namespace) -> None:
+def print_tables(
+    report: dict[str, Any],
+    ratio: dict[str, float],
+    latency: dict[str, float],
+    cfg: dict[str, Any],
+    base_train_s: float,
+    total_s: float,
+    args: argparse.Namespace,
+) -> None:
     """Rich table on the terminal and the same numbers as Markdown for RESULTS.md."""
     from rich.console import Console
     from rich.table import Table
 
     b, p = report["baseline"], report["pruned"]
     rows = [
-        ("held-out accuracy", f"{b['accuracy']:.4f}", f"{p['accuracy']:.4f}",
-         f"{p['accuracy'] - b['accuracy']:+.4f}"),
-        ("params", _fmt_int(b["params"]), _fmt_int(p["params"]), f"{p['params'] / b['params']:.3f}"),
-        ("FLOPs (batch 1)", _fmt_int(b["flops"]), _fmt_int(p["flops"]),
-         f"{p['flops'] / b['flops']:.3f}"),
-        ("CPU latency ms (batch 1, median, in the job)", f"{b['latency_ms']:.2f}",
-         f"{p['latency_ms']:.2f}", f"{p['latency_ms'] / b['latency_ms']:.3f}"),
-        (f"CPU latency ms (batch 1, best of {LATENCY_PASSES} interleaved medians)",
-         f"{latency['baseline_ms']:.2f}", f"{latency['pruned_ms']:.2f}", f"{latency['ratio']:.3f}"),
+        (
+            "held-out accuracy",
+            f"{b['accuracy']:.4f}",
+            f"{p['accuracy']:.4f}",
+            f"{p['accuracy'] - b['accuracy']:+.4f}",
+        ),
+        (
+            "params",
+            _fmt_int(b["params"]),
+            _fmt_int(p["params"]),
+            f"{p['params'] / b['params']:.3f}",
+        ),
+        (
+            "FLOPs (batch 1)",
+            _fmt_int(b["flops"]),
+            _fmt_int(p["flops"]),
+            f"{p['flops'] / b['flops']:.3f}",
+        ),
+        (
+            "CPU latency ms (batch 1, median, in the job)",
+            f"{b['latency_ms']:.2f}",
+            f"{p['latency_ms']:.2f}",
+            f"{p['latency_ms'] / b['latency_ms']:.3f}",
+        ),
+        (
+            f"CPU latency ms (batch 1, best of {LATENCY_PASSES} interleaved medians)",
+            f"{latency['baseline_ms']:.2f}",
+            f"{latency['pruned_ms']:.2f}",
+            f"{latency['ratio']:.3f}",
+        ),
     ]
-    table = Table(title="HawAda engine: ResNet-18 (cifar stem), Fashion-MNIST 32x32, target 50% FLOPs")
+    table = Table(
+        title="HawAda engine: ResNet-18 (cifar stem), Fashion-MNIST 32x32, target 50% FLOPs"
+    )
     for col in ("", "baseline", "pruned", "pruned / baseline"):
         table.add_column(col, justify="right")
     for r in rows:
@@ -211,32 +287,46 @@ def print_tables(report: dict[str, Any], ratio: dict[str, float], latency: dict[
     console = Console()
     console.print(table)
     console.print(phases)
-    console.print(f"gate-training step / plain training step: [bold]{ratio['ratio']:.3f}[/bold] "
-                  f"({ratio['gate_s'] * 1e3:.0f} ms vs {ratio['plain_s'] * 1e3:.0f} ms, batch "
-                  f"{cfg['batch']}, median of {ratio['timed_steps']} timed steps each; goal <= 1.15)")
+    console.print(
+        f"gate-training step / plain training step: [bold]{ratio['ratio']:.3f}[/bold] "
+        f"({ratio['gate_s'] * 1e3:.0f} ms vs {ratio['plain_s'] * 1e3:.0f} ms, batch "
+        f"{cfg['batch']}, median of {ratio['timed_steps']} timed steps each; goal <= 1.15)"
+    )
     in_job = report["phases"]["training"] / cfg["gate_steps"]
-    console.print(f"gate training inside the job: {in_job:.2f} s/step over {cfg['gate_steps']} "
-                  "steps (includes progress events; shared host)")
+    console.print(
+        f"gate training inside the job: {in_job:.2f} s/step over {cfg['gate_steps']} "
+        "steps (includes progress events; shared host)"
+    )
     console.print(f"target met: {report['target_met']}  total {total_s:.0f} s")
 
     load = os.getloadavg()
-    machine = (f"`python bench/engine.py{' --quick' if args.quick else ''}` "
-               f"({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}); machine: "
-               f"{device_name('cpu')} (torch threads {torch.get_num_threads()}), "
-               f"{platform.system()} {platform.release()}, torch {torch.__version__}; load average "
-               f"at the end {load[0]:.1f} on a host shared with other work.")
-    setup = (f"Data: {report['data']['n_train']} train / {report['data']['n_heldout']} held-out "
-             f"images; baseline {cfg['base_steps']} SGD steps, gate training {cfg['gate_steps']} "
-             f"steps, fine-tune {cfg['finetune']} epoch, batch {cfg['batch']}.")
-    verdict = (f"Gate-training step / plain forward+backward+SGD step: **{ratio['ratio']:.3f}** "
-               f"({ratio['gate_s'] * 1e3:.0f} ms vs {ratio['plain_s'] * 1e3:.0f} ms, median of "
-               f"{ratio['timed_steps']} timed steps each after {WARMUP_STEPS} warm-up steps, "
-               f"interleaved rounds; goal <= 1.15). Inside the job gate training took "
-               f"{in_job:.2f} s/step. Target met: {report['target_met']}; total {total_s:.0f} s.")
+    machine = (
+        f"`python bench/engine.py{' --quick' if args.quick else ''}` "
+        f"({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}); machine: "
+        f"{device_name('cpu')} (torch threads {torch.get_num_threads()}), "
+        f"{platform.system()} {platform.release()}, torch {torch.__version__}; load average "
+        f"at the end {load[0]:.1f} on a host shared with other work."
+    )
+    setup = (
+        f"Data: {report['data']['n_train']} train / {report['data']['n_heldout']} held-out "
+        f"images; baseline {cfg['base_steps']} SGD steps, gate training {cfg['gate_steps']} "
+        f"steps, fine-tune {cfg['finetune']} epoch, batch {cfg['batch']}."
+    )
+    verdict = (
+        f"Gate-training step / plain forward+backward+SGD step: **{ratio['ratio']:.3f}** "
+        f"({ratio['gate_s'] * 1e3:.0f} ms vs {ratio['plain_s'] * 1e3:.0f} ms, median of "
+        f"{ratio['timed_steps']} timed steps each after {WARMUP_STEPS} warm-up steps, "
+        f"interleaved rounds; goal <= 1.15). Inside the job gate training took "
+        f"{in_job:.2f} s/step. Target met: {report['target_met']}; total {total_s:.0f} s."
+    )
     md = [machine, setup, "", "| | baseline | pruned | pruned / baseline |", "|---|---:|---:|---:|"]
     md += [f"| {' | '.join(r)} |" for r in rows]
-    md += ["", "| phase | seconds |", "|---|---:|",
-           f"| baseline training (outside the job) | {base_train_s:.1f} |"]
+    md += [
+        "",
+        "| phase | seconds |",
+        "|---|---:|",
+        f"| baseline training (outside the job) | {base_train_s:.1f} |",
+    ]
     md += [f"| {n} | {s:.1f} |" for n, s in report["phases"].items()]
     md += ["", verdict]
     print("\n--- Markdown for bench/RESULTS.md ---")

@@ -59,18 +59,22 @@ def _print_outcome(job: dict[str, Any]) -> None:
         console.print_json(data=job["metrics"])
 
 
-def submit(recipe: Annotated[str, typer.Option(help="Recipe file (YAML/JSON).")],
-           weights: Annotated[Optional[Path], typer.Option(help="Weights file.")] = None,
-           dataset: Annotated[Optional[Path], typer.Option(help="Dataset file.")] = None,
-           model_id: Annotated[Optional[str], typer.Option(help="Uploaded model id.")] = None,
-           idempotency_key: Annotated[Optional[str], typer.Option()] = None,
-           watch: Annotated[bool, typer.Option(help="Follow progress until done.")] = False,
-           url: Url = DEFAULT_URL, api_key: ApiKey = None) -> None:
+def submit(
+    recipe: Annotated[str, typer.Option(help="Recipe file (YAML/JSON).")],
+    weights: Annotated[Optional[Path], typer.Option(help="Weights file.")] = None,
+    dataset: Annotated[Optional[Path], typer.Option(help="Dataset file.")] = None,
+    model_id: Annotated[Optional[str], typer.Option(help="Uploaded model id.")] = None,
+    idempotency_key: Annotated[Optional[str], typer.Option()] = None,
+    watch: Annotated[bool, typer.Option(help="Follow progress until done.")] = False,
+    url: Url = DEFAULT_URL,
+    api_key: ApiKey = None,
+) -> None:
     """Submit a compression job; prints its id."""
     with _client(url, api_key) as client:
         try:
-            job = client.submit(recipe, weights, dataset, model_id=model_id,
-                                idempotency_key=idempotency_key)
+            job = client.submit(
+                recipe, weights, dataset, model_id=model_id, idempotency_key=idempotency_key
+            )
             console.print(job["id"] if not watch else f"submitted {job['id']}")
             if watch:
                 _print_outcome(watch_job(client, job["id"]))
@@ -78,8 +82,12 @@ def submit(recipe: Annotated[str, typer.Option(help="Recipe file (YAML/JSON).")]
             fail(exc)
 
 
-def status(job_id: str, url: Url = DEFAULT_URL, api_key: ApiKey = None,
-           as_json: Annotated[bool, typer.Option("--json", help="Raw JSON.")] = False) -> None:
+def status(
+    job_id: str,
+    url: Url = DEFAULT_URL,
+    api_key: ApiKey = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Raw JSON.")] = False,
+) -> None:
     """Show one job."""
     with _client(url, api_key) as client:
         try:
@@ -89,18 +97,23 @@ def status(job_id: str, url: Url = DEFAULT_URL, api_key: ApiKey = None,
     if as_json:
         console.print_json(data=job)
         return
-    console.print(f"{job['id']}  {job['status']}  phase={job.get('phase')}  "
-                  f"progress={float(job.get('progress') or 0):.0%}")
+    console.print(
+        f"{job['id']}  {job['status']}  phase={job.get('phase')}  "
+        f"progress={float(job.get('progress') or 0):.0%}"
+    )
     if job["status"] in TERMINAL_STATES:
         _print_outcome(job)
     for art in job.get("artifacts", []):
         console.print(f"  {art['name']:<22} {art['size']:>12,} B  {art['sha256'][:12]}")
 
 
-def list_jobs(status: Annotated[Optional[str], typer.Option(help="Filter by status.")] = None,
-              limit: Annotated[int, typer.Option(help="Page size.")] = 20,
-              cursor: Annotated[Optional[str], typer.Option(help="Next-page cursor.")] = None,
-              url: Url = DEFAULT_URL, api_key: ApiKey = None) -> None:
+def list_jobs(
+    status: Annotated[Optional[str], typer.Option(help="Filter by status.")] = None,
+    limit: Annotated[int, typer.Option(help="Page size.")] = 20,
+    cursor: Annotated[Optional[str], typer.Option(help="Next-page cursor.")] = None,
+    url: Url = DEFAULT_URL,
+    api_key: ApiKey = None,
+) -> None:
     """List your jobs, newest first."""
     with _client(url, api_key) as client:
         try:
@@ -113,8 +126,13 @@ def list_jobs(status: Annotated[Optional[str], typer.Option(help="Filter by stat
         table.add_column(name)
     for job in page.get("items", []):
         created = str(job.get("created_at", ""))[:19].replace("T", " ")
-        table.add_row(job["id"], job["status"], job.get("phase") or "",
-                      f"{float(job.get('progress') or 0):.0%}", created)
+        table.add_row(
+            job["id"],
+            job["status"],
+            job.get("phase") or "",
+            f"{float(job.get('progress') or 0):.0%}",
+            created,
+        )
     console.print(table)
     if page.get("next_cursor"):
         console.print(f"more: --cursor {page['next_cursor']}")
@@ -142,10 +160,13 @@ def cancel(job_id: str, url: Url = DEFAULT_URL, api_key: ApiKey = None) -> None:
     console.print(f"{job['id']}: {job['status']}")
 
 
-def download(job_id: str,
-             out: Annotated[Path, typer.Option(help="Destination folder.")] = Path("."),
-             name: Annotated[Optional[list[str]], typer.Option(help="Artifact name(s).")] = None,
-             url: Url = DEFAULT_URL, api_key: ApiKey = None) -> None:
+def download(
+    job_id: str,
+    out: Annotated[Path, typer.Option(help="Destination folder.")] = Path("."),
+    name: Annotated[Optional[list[str]], typer.Option(help="Artifact name(s).")] = None,
+    url: Url = DEFAULT_URL,
+    api_key: ApiKey = None,
+) -> None:
     """Download a job's artifacts (all, or --name ...), checking each sha256."""
     out.mkdir(parents=True, exist_ok=True)
     with _client(url, api_key) as client:

@@ -1,4 +1,5 @@
 """Python client for the HawAda HTTP API (httpx only, no torch)."""
+
 from __future__ import annotations
 
 import hashlib
@@ -173,8 +174,11 @@ class HawadaClient:
         self, status: str | None = None, limit: int | None = None, cursor: str | None = None
     ) -> dict[str, Any]:
         """One page of the caller's jobs (newest first), optionally filtered by status."""
-        params = {k: v for k, v in {"status": status, "limit": limit, "cursor": cursor}.items()
-                  if v is not None}
+        params = {
+            k: v
+            for k, v in {"status": status, "limit": limit, "cursor": cursor}.items()
+            if v is not None
+        }
         return self._request("GET", "/v1/jobs", params=params)
 
     def events(self, job_id: str, after: int = 0) -> list[dict[str, Any]]:
@@ -207,8 +211,9 @@ class HawadaClient:
                 raise TimeoutError(f"job {job_id} still {job['status']} after {timeout} s")
             time.sleep(poll_s)
 
-    def wait(self, job_id: str, *, poll_s: float = 1.0, timeout: float | None = None
-             ) -> dict[str, Any]:
+    def wait(
+        self, job_id: str, *, poll_s: float = 1.0, timeout: float | None = None
+    ) -> dict[str, Any]:
         """Block until the job is terminal and return it."""
         job: dict[str, Any] = {}
         for job, _ in self.watch(job_id, poll_s=poll_s, timeout=timeout):
@@ -223,8 +228,7 @@ class HawadaClient:
         """Delete a job and its artifacts."""
         self._request("DELETE", f"/v1/jobs/{job_id}")
 
-    def download(self, job_id: str, name: str, dest: str | Path,
-                 sha256: str | None = None) -> Path:
+    def download(self, job_id: str, name: str, dest: str | Path, sha256: str | None = None) -> Path:
         """Stream one artifact to ``dest`` (a file, or a folder to put ``name`` in).
 
         The checksum is verified against ``sha256`` or, when not given, the job's listing;
@@ -258,5 +262,7 @@ class HawadaClient:
         """Download every artifact of a job into ``dest_dir`` (checksums verified)."""
         folder = Path(dest_dir)
         folder.mkdir(parents=True, exist_ok=True)
-        return [self.download(job_id, a["name"], folder / a["name"], sha256=a["sha256"])
-                for a in self.get(job_id).get("artifacts", [])]
+        return [
+            self.download(job_id, a["name"], folder / a["name"], sha256=a["sha256"])
+            for a in self.get(job_id).get("artifacts", [])
+        ]

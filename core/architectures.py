@@ -70,8 +70,9 @@ def catalogue() -> dict[str, ArchInfo]:
 
 def supported_architectures() -> dict[str, str]:
     """Architectures a recipe's `model.arch` may name -> their adapter family, sorted by name."""
-    return {a.name: a.family for a in sorted(catalogue().values(), key=lambda a: a.name)
-            if a.supported}
+    return {
+        a.name: a.family for a in sorted(catalogue().values(), key=lambda a: a.name) if a.supported
+    }
 
 
 def arch_problem(name: str) -> str | None:

@@ -5,6 +5,7 @@ Every conv/linear contributes `coef * in_factor * out_factor`, where each factor
 gate group's (expected) width or a constant. The cost is therefore one vectorised gather and
 dot product per call, differentiable in the widths, with no per-layer Python work per step.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
@@ -15,6 +16,7 @@ from torch import Tensor
 from hawada.core.layers import CostModel, LayerSpec, Width, group_widths
 from hawada.core.lut.cost import LatencyCost
 from hawada.core.lut.table import LatencyTable
+
 
 class _BilinearCost:
     """cost = sum_t coef_t * v[in_t] * v[out_t], v = [group widths..., 1]."""
@@ -33,8 +35,11 @@ class _BilinearCost:
         for spec in self.layers:
             for coef, (in_g, in_c), (out_g, out_c) in self._terms(spec):
                 # A fixed factor folds into the coefficient and reads the constant slot.
-                coefs.append(coef * (1.0 if in_g is not None else in_c)
-                             * (1.0 if out_g is not None else out_c))
+                coefs.append(
+                    coef
+                    * (1.0 if in_g is not None else in_c)
+                    * (1.0 if out_g is not None else out_c)
+                )
                 ins.append(one if in_g is None else index[in_g])
                 outs.append(one if out_g is None else index[out_g])
         self._coef = torch.tensor(coefs, dtype=torch.float64)
@@ -53,8 +58,9 @@ class _BilinearCost:
     def _buffers(self, device: torch.device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         # Constant tensors are moved once per device, not once per step.
         if device not in self._on:
-            self._on[device] = tuple(t.to(device) for t in
-                                     (self._coef, self._in, self._out, self._full))
+            self._on[device] = tuple(
+                t.to(device) for t in (self._coef, self._in, self._out, self._full)
+            )
         return self._on[device]
 
     def _slot_index(self, device: torch.device, names: tuple[str, ...]) -> Tensor:
@@ -64,14 +70,14 @@ class _BilinearCost:
             self._slots[key] = torch.tensor([self._index[g] for g in names], device=device)
         return self._slots[key]
 
-    def _vector(self, widths: Mapping[str, Width], device: torch.device, full: Tensor
-                ) -> Tensor:
+    def _vector(self, widths: Mapping[str, Width], device: torch.device, full: Tensor) -> Tensor:
         """[width of every group..., 1] with the given widths placed over the full ones."""
         v = full
         fixed = tuple(g for g, w in widths.items() if not isinstance(w, Tensor))
         if fixed:
-            values = torch.tensor([float(widths[g]) for g in fixed], dtype=torch.float64,
-                                  device=device)
+            values = torch.tensor(
+                [float(widths[g]) for g in fixed], dtype=torch.float64, device=device
+            )
             v = v.index_put((self._slot_index(device, fixed),), values)
         learned = tuple(g for g, w in widths.items() if isinstance(w, Tensor))
         if learned:
@@ -84,8 +90,9 @@ class _BilinearCost:
         unknown = set(widths) - set(self.full)
         if unknown:
             raise KeyError(f"unknown gate groups: {sorted(unknown)}")
-        device = next((w.device for w in widths.values() if isinstance(w, Tensor)),
-                      torch.device("cpu"))
+        device = next(
+            (w.device for w in widths.values() if isinstance(w, Tensor)), torch.device("cpu")
+        )
         coef, ins, outs, full = self._buffers(device)
         v = self._vector(widths, device, full)
         return (coef * v[ins] * v[outs]).sum()

@@ -6,6 +6,7 @@ trains. Batches are gathered with index tensors and normalised per batch (graysc
 3 channels on the fly), so the stored images stay 4x smaller than float and are never copied
 whole. No DataLoader workers, no per-sample Python work per batch.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -122,7 +123,11 @@ class DataBundle:
         yield from order[: full * batch_size].split(batch_size)
 
     def train_batches(
-        self, batch_size: int | None = None, seed: int = 0, *, device: torch.device | str | None = None
+        self,
+        batch_size: int | None = None,
+        seed: int = 0,
+        *,
+        device: torch.device | str | None = None,
     ) -> Iterator[Batch]:
         """Endless shuffled training batches, reshuffled every epoch (seeded)."""
         bs = batch_size or self.batch_size
@@ -132,7 +137,11 @@ class DataBundle:
                 yield self._batch(idx, device)
 
     def train_epoch(
-        self, batch_size: int | None = None, seed: int = 0, *, device: torch.device | str | None = None
+        self,
+        batch_size: int | None = None,
+        seed: int = 0,
+        *,
+        device: torch.device | str | None = None,
     ) -> Iterator[Batch]:
         """One shuffled pass over the training split (seeded)."""
         bs = batch_size or self.batch_size
@@ -176,7 +185,9 @@ def _resize_chunk(chunk: Tensor, size: tuple[int, int]) -> Tensor:
         # torch's native uint8 kernel: ~4x faster than via float, within 1 grey level of it.
         return F.interpolate(chunk, size=size, mode="bilinear", antialias=True, align_corners=False)
     except (RuntimeError, NotImplementedError):
-        resized = F.interpolate(chunk.float(), size=size, mode="bilinear", antialias=True, align_corners=False)
+        resized = F.interpolate(
+            chunk.float(), size=size, mode="bilinear", antialias=True, align_corners=False
+        )
         return resized.round_().clamp_(0, 255).to(torch.uint8)
 
 
@@ -276,7 +287,11 @@ def _mnist_5k() -> tuple[np.ndarray, np.ndarray]:
 def _npy_header(zf: zipfile.ZipFile, member: str) -> tuple[tuple[int, ...], np.dtype]:
     with zf.open(member) as f:
         version = np.lib.format.read_magic(f)
-        reader = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        reader = (
+            np.lib.format.read_array_header_1_0
+            if version == (1, 0)
+            else np.lib.format.read_array_header_2_0
+        )
         shape, _, dtype = reader(f)
     return shape, dtype
 
@@ -289,7 +304,9 @@ def _npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
         with zipfile.ZipFile(path) as zf:
             names = set(zf.namelist())
             if not {"x.npy", "y.npy"} <= names:
-                raise DataError(f"{path.name} must hold arrays 'x' and 'y' (has {sorted(n.removesuffix('.npy') for n in names)})")
+                raise DataError(
+                    f"{path.name} must hold arrays 'x' and 'y' (has {sorted(n.removesuffix('.npy') for n in names)})"
+                )
             # Check declared sizes before inflating anything.
             (x_shape, x_dtype), (y_shape, _) = _npy_header(zf, "x.npy"), _npy_header(zf, "y.npy")
     except (zipfile.BadZipFile, ValueError, OSError) as exc:
@@ -304,9 +321,13 @@ def _npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
     if x.dtype != np.uint8:
         raise DataError(f"{path.name}: x must be uint8 (0..255), got {x.dtype}")
     if not (x.ndim == 3 or (x.ndim == 4 and x.shape[3] in (1, 3))):
-        raise DataError(f"{path.name}: x must be N×H×W or N×H×W×C with C 1 or 3, got shape {x.shape}")
+        raise DataError(
+            f"{path.name}: x must be N×H×W or N×H×W×C with C 1 or 3, got shape {x.shape}"
+        )
     if y.ndim != 1 or len(y) != len(x):
-        raise DataError(f"{path.name}: y must be 1-D with one label per image (x has {len(x)}, y shape {y.shape})")
+        raise DataError(
+            f"{path.name}: y must be 1-D with one label per image (x has {len(x)}, y shape {y.shape})"
+        )
     if not np.issubdtype(y.dtype, np.integer):
         raise DataError(f"{path.name}: y must hold integers, got {y.dtype}")
     if len(y) and int(y.min()) < 0:
@@ -314,7 +335,9 @@ def _npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return x, y.astype(np.int64)
 
 
-def _folder(directory: Path, size: tuple[int, int], limit: int | None, generator: torch.Generator) -> tuple[Tensor, Tensor, int]:
+def _folder(
+    directory: Path, size: tuple[int, int], limit: int | None, generator: torch.Generator
+) -> tuple[Tensor, Tensor, int]:
     """ImageFolder layout (one sub-folder per class), decoded to RGB at `size`."""
     from PIL import Image, UnidentifiedImageError
     from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
@@ -339,7 +362,9 @@ def _folder(directory: Path, size: tuple[int, int], limit: int | None, generator
             with Image.open(file) as im:
                 rgb = im.convert("RGB")
                 if rgb.size != (w, h):
-                    rgb = rgb.resize((w, h), Image.Resampling.BILINEAR)  # antialiased when shrinking
+                    rgb = rgb.resize(
+                        (w, h), Image.Resampling.BILINEAR
+                    )  # antialiased when shrinking
                 images[i] = torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1)
         except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
             raise DataError(f"cannot decode {Path(file).relative_to(directory)}: {exc}") from None
@@ -387,14 +412,18 @@ def load_data(
         labelled = False
     elif spec.source == "folder":
         assert spec.path is not None  # the recipe schema requires it
-        images, labels, data_classes = _folder(_resolve(spec.path, allowed_roots), size, spec.limit, generator)
+        images, labels, data_classes = _folder(
+            _resolve(spec.path, allowed_roots), size, spec.limit, generator
+        )
     else:
         if spec.source == "digits":
             x, y = _digits()
         elif spec.source == "mnist-5k":
             x, y = _mnist_5k()
         elif spec.source == "fashion-mnist":
-            directory = _resolve(spec.path, allowed_roots) if spec.path else DEFAULT_FASHION_MNIST_DIR
+            directory = (
+                _resolve(spec.path, allowed_roots) if spec.path else DEFAULT_FASHION_MNIST_DIR
+            )
             x, y = _fashion_mnist(directory)
         else:  # npz | upload
             if spec.source == "npz" and spec.path:
@@ -402,13 +431,18 @@ def load_data(
             elif upload is not None:
                 path = Path(upload)
             else:
-                raise DataError(f"data.source {spec.source!r} needs an uploaded dataset (.npz) or data.path")
+                raise DataError(
+                    f"data.source {spec.source!r} needs an uploaded dataset (.npz) or data.path"
+                )
             x, y = _npz(path)
         if len(x) < 2:
             raise DataError(f"the dataset has {len(x)} samples; at least 2 are needed")
         data_classes = int(y.max()) + 1  # of the whole dataset: a `limit` subset may miss some
         x, y = _take(x, y, _subset(len(x), spec.limit, generator))
-        images, labels = _resize(_to_nchw_tensor(x), size), torch.from_numpy(np.ascontiguousarray(y))
+        images, labels = (
+            _resize(_to_nchw_tensor(x), size),
+            torch.from_numpy(np.ascontiguousarray(y)),
+        )
 
     if data_classes > recipe.model.num_classes:
         raise DataError(

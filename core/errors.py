@@ -1,4 +1,5 @@
 """Errors the engine raises for user-caused problems. No torch here: the API imports this."""
+
 from __future__ import annotations
 
 

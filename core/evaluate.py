@@ -1,4 +1,5 @@
 """Model measurements that need no training: held-out accuracy, parameter and FLOP counts."""
+
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
@@ -8,8 +9,11 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 
-def accuracy(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
-             device: torch.device | str) -> float:
+def accuracy(
+    model: nn.Module,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    device: torch.device | str,
+) -> float:
     """Top-1 accuracy of `model` over `batches` (eval mode, no autograd); 0.0 when empty.
 
     The model's train/eval flag is restored afterwards so callers can evaluate mid-training.

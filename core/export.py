@@ -4,6 +4,7 @@ Each helper returns a new module (same class, dtype and device) holding contiguo
 the kept rows; the source module is never modified. New modules are created on the meta
 device first so no throw-away initialisation runs for weights that are overwritten anyway.
 """
+
 from __future__ import annotations
 
 import torch
@@ -36,8 +37,9 @@ def _param(t: Tensor) -> nn.Parameter:
     return nn.Parameter(t)
 
 
-def slice_conv(conv: _ConvNd, out_idx: Tensor | None, in_idx: Tensor | None,
-               groups: int | None = None) -> _ConvNd:
+def slice_conv(
+    conv: _ConvNd, out_idx: Tensor | None, in_idx: Tensor | None, groups: int | None = None
+) -> _ConvNd:
     """Copy of `conv` keeping output channels `out_idx` and input channels `in_idx`.
 
     `groups` sets the new group count for grouped convs whose whole groups are removed
@@ -54,9 +56,17 @@ def slice_conv(conv: _ConvNd, out_idx: Tensor | None, in_idx: Tensor | None,
     if out_channels % new_groups:
         raise ValueError(f"{out_channels} output channels not divisible by groups={new_groups}")
     new = type(conv)(
-        in_channels, out_channels, conv.kernel_size, stride=conv.stride, padding=conv.padding,
-        dilation=conv.dilation, groups=new_groups, bias=conv.bias is not None,
-        padding_mode=conv.padding_mode, device="meta", dtype=conv.weight.dtype,
+        in_channels,
+        out_channels,
+        conv.kernel_size,
+        stride=conv.stride,
+        padding=conv.padding,
+        dilation=conv.dilation,
+        groups=new_groups,
+        bias=conv.bias is not None,
+        padding_mode=conv.padding_mode,
+        device="meta",
+        dtype=conv.weight.dtype,
     )
     new.weight = _param(weight)
     if conv.bias is not None:
@@ -69,9 +79,15 @@ def slice_bn(bn: _BatchNorm, idx: Tensor | None) -> _BatchNorm:
     `num_batches_tracked`."""
     n = bn.num_features if idx is None else int(idx.numel())
     ref = bn.weight if bn.weight is not None else bn.running_mean
-    new = type(bn)(n, eps=bn.eps, momentum=bn.momentum, affine=bn.affine,
-                   track_running_stats=bn.track_running_stats, device="meta",
-                   dtype=None if ref is None else ref.dtype)
+    new = type(bn)(
+        n,
+        eps=bn.eps,
+        momentum=bn.momentum,
+        affine=bn.affine,
+        track_running_stats=bn.track_running_stats,
+        device="meta",
+        dtype=None if ref is None else ref.dtype,
+    )
     if bn.affine:
         new.weight = _param(_take(bn.weight, 0, idx))
         new.bias = _param(_take(bn.bias, 0, idx))
@@ -82,12 +98,16 @@ def slice_bn(bn: _BatchNorm, idx: Tensor | None) -> _BatchNorm:
     return new.train(bn.training)
 
 
-def slice_linear(lin: nn.Linear, in_idx: Tensor | None, out_idx: Tensor | None = None
-                 ) -> nn.Linear:
+def slice_linear(lin: nn.Linear, in_idx: Tensor | None, out_idx: Tensor | None = None) -> nn.Linear:
     """Copy of a linear layer keeping input features `in_idx` (and outputs `out_idx`)."""
     weight = _take_2d(lin.weight, out_idx, in_idx)
-    new = nn.Linear(weight.shape[1], weight.shape[0], bias=lin.bias is not None,
-                    device="meta", dtype=lin.weight.dtype)
+    new = nn.Linear(
+        weight.shape[1],
+        weight.shape[0],
+        bias=lin.bias is not None,
+        device="meta",
+        dtype=lin.weight.dtype,
+    )
     new.weight = _param(weight)
     if lin.bias is not None:
         new.bias = _param(_take(lin.bias, 0, out_idx))

@@ -8,6 +8,7 @@ model itself stays a plain torchvision model; the teacher is the same model with
 One definition of "kept" (`Gates.hard_unit_mask`) is shared by training, penalty, evaluation and
 export: the top-k logits where k is the snapped count of positive logits.
 """
+
 from __future__ import annotations
 
 import math
@@ -67,8 +68,15 @@ class GateGroup:
             raise ValueError(f"group {name}: {channels} channels not divisible by {unit_width}")
         round_units = round_to // math.gcd(round_to, unit_width) if round_to > 0 else 1
         min_units = max(1, math.ceil(min_channels / unit_width))
-        return cls(name, channels // unit_width, unit_width, list(modules), min_units,
-                   round_units, list(covers))
+        return cls(
+            name,
+            channels // unit_width,
+            unit_width,
+            list(modules),
+            min_units,
+            round_units,
+            list(covers),
+        )
 
 
 def snap_units(count: int, group: GateGroup) -> int:
@@ -108,8 +116,9 @@ class Gates(nn.Module):
     (sigmoid(logit / T)) or "hard" (0/1 from `kept_units`).
     """
 
-    def __init__(self, groups: Sequence[GateGroup], init_logit: float = 3.0,
-                 temperature: float = 1.0) -> None:
+    def __init__(
+        self, groups: Sequence[GateGroup], init_logit: float = 3.0, temperature: float = 1.0
+    ) -> None:
         super().__init__()
         names = [g.name for g in groups]
         if len(set(names)) != len(names):
@@ -219,14 +228,17 @@ class Gates(nn.Module):
         missing = set(self.groups) - set(tensors)
         unexpected = set(tensors) - set(self.groups)
         if missing or unexpected:
-            raise ValueError(f"gate logits mismatch: missing {sorted(missing)}, "
-                             f"unexpected {sorted(unexpected)}")
+            raise ValueError(
+                f"gate logits mismatch: missing {sorted(missing)}, unexpected {sorted(unexpected)}"
+            )
         with torch.no_grad():
             for n in self.groups:
                 p = self.logit(n)
                 if tuple(tensors[n].shape) != tuple(p.shape):
-                    raise ValueError(f"gate logits {n}: shape {tuple(tensors[n].shape)}, "
-                                     f"expected {tuple(p.shape)}")
+                    raise ValueError(
+                        f"gate logits {n}: shape {tuple(tensors[n].shape)}, "
+                        f"expected {tuple(p.shape)}"
+                    )
                 p.copy_(tensors[n])
 
 
@@ -260,6 +272,7 @@ def _make_hook(gates: Gates, group: str) -> Callable[[nn.Module, tuple, Tensor],
             return None  # mode off: leave the output untouched (bit-exact teacher)
         shape = (1, -1) + (1,) * (output.dim() - 2)
         return output * mask.to(output.dtype).view(shape)
+
     return hook
 
 

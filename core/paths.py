@@ -1,4 +1,5 @@
 """Confining user-named paths to configured folders. No torch: the API uses it too."""
+
 from __future__ import annotations
 
 from collections.abc import Sequence

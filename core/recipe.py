@@ -4,6 +4,7 @@ Every block is a pydantic model with `extra="forbid"`, so a typo such as `gates.
 rejected with its path instead of being silently ignored. Field meanings, defaults and bounds are
 documented in docs/recipes.md; docs/contract.md lists the public names.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -324,8 +325,13 @@ def _from_validation_error(exc: ValidationError) -> RecipeError:
 
 def _load_text(text: str) -> Any:
     # len() first: a huge string is refused without encoding a copy of it.
-    if len(text) > MAX_RECIPE_BYTES or len(text.encode("utf-8", errors="replace")) > MAX_RECIPE_BYTES:
-        raise RecipeError([{"path": "(root)", "message": f"recipe larger than {MAX_RECIPE_BYTES} bytes"}])
+    if (
+        len(text) > MAX_RECIPE_BYTES
+        or len(text.encode("utf-8", errors="replace")) > MAX_RECIPE_BYTES
+    ):
+        raise RecipeError(
+            [{"path": "(root)", "message": f"recipe larger than {MAX_RECIPE_BYTES} bytes"}]
+        )
     try:
         return json.loads(text)
     except ValueError:
@@ -336,7 +342,9 @@ def _load_text(text: str) -> Any:
         return yaml.load(text, Loader=_NoAliasLoader)  # noqa: S506 - SafeLoader subclass
     except yaml.YAMLError as exc:
         detail = " ".join(str(exc).split())  # one line: messages end up in JSON errors
-        raise RecipeError([{"path": "(root)", "message": f"not valid JSON or YAML: {detail}"}]) from None
+        raise RecipeError(
+            [{"path": "(root)", "message": f"not valid JSON or YAML: {detail}"}]
+        ) from None
     except RecursionError:
         raise _too_deep() from None
 
@@ -354,7 +362,9 @@ def parse_recipe(src: str | bytes | Mapping[str, Any] | Recipe) -> Recipe:
         return src
     if isinstance(src, (bytes, bytearray)):
         if len(src) > MAX_RECIPE_BYTES:
-            raise RecipeError([{"path": "(root)", "message": f"recipe larger than {MAX_RECIPE_BYTES} bytes"}])
+            raise RecipeError(
+                [{"path": "(root)", "message": f"recipe larger than {MAX_RECIPE_BYTES} bytes"}]
+            )
         try:
             src = bytes(src).decode("utf-8")
         except UnicodeDecodeError:
@@ -362,7 +372,9 @@ def parse_recipe(src: str | bytes | Mapping[str, Any] | Recipe) -> Recipe:
     data = _load_text(src) if isinstance(src, str) else src
     if not isinstance(data, Mapping):
         kind = type(data).__name__ if data is not None else "nothing"
-        raise RecipeError([{"path": "(root)", "message": f"a recipe must be a mapping, got {kind}"}])
+        raise RecipeError(
+            [{"path": "(root)", "message": f"a recipe must be a mapping, got {kind}"}]
+        )
     try:
         return Recipe.model_validate(dict(data))
     except ValidationError as exc:

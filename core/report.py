@@ -2,6 +2,7 @@
 
 Pure data in, data out; the HTML rendering of a report is `core.report_html`.
 """
+
 from __future__ import annotations
 
 import platform
@@ -27,6 +28,7 @@ def versions() -> dict[str, str | None]:
     try:
         import torch
         import torchvision
+
         out["torch"], out["torchvision"] = torch.__version__, torchvision.__version__
     except ImportError:  # pragma: no cover - the engine always has torch
         out["torch"] = out["torchvision"] = None
@@ -39,21 +41,38 @@ def latency_dict(stats: Any) -> dict[str, Any] | None:
         return None
     if isinstance(stats, Mapping):
         return dict(stats)
-    fields = ("median_ms", "p10_ms", "p90_ms", "device", "batch_size", "dtype", "channels_last",
-              "repeats")
+    fields = (
+        "median_ms",
+        "p10_ms",
+        "p90_ms",
+        "device",
+        "batch_size",
+        "dtype",
+        "channels_last",
+        "repeats",
+    )
     return {f: getattr(stats, f) for f in fields if hasattr(stats, f)}
 
 
 def model_block(*, params: int, flops: int, accuracy: float | None, latency: Any) -> dict[str, Any]:
     """One `baseline` / `pruned` block of the report."""
     lat = latency_dict(latency)
-    return {"params": int(params), "flops": int(flops),
-            "latency_ms": None if lat is None else float(lat["median_ms"]),
-            "latency": lat, "accuracy": None if accuracy is None else float(accuracy)}
+    return {
+        "params": int(params),
+        "flops": int(flops),
+        "latency_ms": None if lat is None else float(lat["median_ms"]),
+        "latency": lat,
+        "accuracy": None if accuracy is None else float(accuracy),
+    }
 
 
-def target_block(metric: str, *, baseline_value: float, ratio: float | None = None,
-                 latency_ms: float | None = None) -> dict[str, Any]:
+def target_block(
+    metric: str,
+    *,
+    baseline_value: float,
+    ratio: float | None = None,
+    latency_ms: float | None = None,
+) -> dict[str, Any]:
     """Target in both forms: the ratio of baseline and the absolute value in the metric's unit."""
     if ratio is None:
         if latency_ms is None:
@@ -62,18 +81,30 @@ def target_block(metric: str, *, baseline_value: float, ratio: float | None = No
         value = float(latency_ms)
     else:
         value = float(ratio) * float(baseline_value)
-    return {"metric": metric, "ratio": float(ratio), "latency_ms": latency_ms, "value": value,
-            "unit": _UNITS.get(metric, metric),
-            "tolerance": LATENCY_TOLERANCE if metric == "latency" else 0.0}
+    return {
+        "metric": metric,
+        "ratio": float(ratio),
+        "latency_ms": latency_ms,
+        "value": value,
+        "unit": _UNITS.get(metric, metric),
+        "tolerance": LATENCY_TOLERANCE if metric == "latency" else 0.0,
+    }
 
 
 def _achieved(metric: str, pruned: Mapping[str, Any]) -> float | None:
-    return {"flops": pruned["flops"], "params": pruned["params"],
-            "latency": pruned["latency_ms"]}.get(metric)
+    return {
+        "flops": pruned["flops"],
+        "params": pruned["params"],
+        "latency": pruned["latency_ms"],
+    }.get(metric)
 
 
-def judge_target(target: Mapping[str, Any], baseline: Mapping[str, Any],
-                 pruned: Mapping[str, Any], hint: str | None = None) -> tuple[bool, str | None]:
+def judge_target(
+    target: Mapping[str, Any],
+    baseline: Mapping[str, Any],
+    pruned: Mapping[str, Any],
+    hint: str | None = None,
+) -> tuple[bool, str | None]:
     """(met, reason): met when the pruned model's measured metric <= value * (1 + tolerance)."""
     metric = target["metric"]
     got = _achieved(metric, pruned)
@@ -83,30 +114,46 @@ def judge_target(target: Mapping[str, Any], baseline: Mapping[str, Any],
     if got <= limit:
         return True, None
     base = _achieved(metric, baseline) or float("nan")
-    reason = (f"pruned {metric} {got:.6g} {target['unit']} exceeds the target "
-              f"{target['value']:.6g} ({got / base:.3f} of baseline vs {target['ratio']:.3f})")
+    reason = (
+        f"pruned {metric} {got:.6g} {target['unit']} exceeds the target "
+        f"{target['value']:.6g} ({got / base:.3f} of baseline vs {target['ratio']:.3f})"
+    )
     if hint:
         reason += f": {hint}"
     return False, reason
 
 
-def speedup_block(baseline: Mapping[str, Any], pruned: Mapping[str, Any]) -> dict[str, float | None]:
+def speedup_block(
+    baseline: Mapping[str, Any], pruned: Mapping[str, Any]
+) -> dict[str, float | None]:
     """Measured speed-up next to the FLOPs-ideal one; `ratio` = measured / ideal."""
     ideal = baseline["flops"] / pruned["flops"] if pruned["flops"] else None
     b, p = baseline.get("latency_ms"), pruned.get("latency_ms")
     measured = b / p if b and p else None
-    return {"measured": measured, "flops_ideal": ideal,
-            "ratio": measured / ideal if measured and ideal else None}
+    return {
+        "measured": measured,
+        "flops_ideal": ideal,
+        "ratio": measured / ideal if measured and ideal else None,
+    }
 
 
-def build_report(*, recipe: Mapping[str, Any], baseline: Mapping[str, Any],
-                 pruned: Mapping[str, Any], target: Mapping[str, Any],
-                 history: Sequence[Mapping[str, Any]], layers: Sequence[Mapping[str, Any]],
-                 weights_mapping: Mapping[str, Any] | None, data: Mapping[str, Any],
-                 phases: Mapping[str, float], device: str, lut: Mapping[str, Any] | None = None,
-                 finetune_history: Sequence[Mapping[str, Any]] = (),
-                 target_hint: str | None = None,
-                 extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def build_report(
+    *,
+    recipe: Mapping[str, Any],
+    baseline: Mapping[str, Any],
+    pruned: Mapping[str, Any],
+    target: Mapping[str, Any],
+    history: Sequence[Mapping[str, Any]],
+    layers: Sequence[Mapping[str, Any]],
+    weights_mapping: Mapping[str, Any] | None,
+    data: Mapping[str, Any],
+    phases: Mapping[str, float],
+    device: str,
+    lut: Mapping[str, Any] | None = None,
+    finetune_history: Sequence[Mapping[str, Any]] = (),
+    target_hint: str | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
     """Assemble report.json: blocks from `model_block`, target from `target_block`.
 
     `layers` rows are {name, modules, before, after, kept}; `target_hint` explains a missed
@@ -114,15 +161,21 @@ def build_report(*, recipe: Mapping[str, Any], baseline: Mapping[str, Any],
     """
     met, reason = judge_target(target, baseline, pruned, target_hint)
     report: dict[str, Any] = {
-        "baseline": dict(baseline), "pruned": dict(pruned), "target": dict(target),
-        "target_met": met, "target_reason": reason,
+        "baseline": dict(baseline),
+        "pruned": dict(pruned),
+        "target": dict(target),
+        "target_met": met,
+        "target_reason": reason,
         "speedup": speedup_block(baseline, pruned),
         "history": [dict(r) for r in history],
         "finetune_history": [dict(r) for r in finetune_history],
         "layers": [dict(r) for r in layers],
         "weights_mapping": None if weights_mapping is None else dict(weights_mapping),
-        "data": dict(data), "phases": {k: round(float(v), 4) for k, v in phases.items()},
-        "device": device, "versions": versions(), "recipe": dict(recipe),
+        "data": dict(data),
+        "phases": {k: round(float(v), 4) for k, v in phases.items()},
+        "device": device,
+        "versions": versions(),
+        "recipe": dict(recipe),
         "lut": None if lut is None else dict(lut),
     }
     if extra:

@@ -5,6 +5,7 @@ mode, so its BN statistics never move; the teacher is the same model with gates 
 the student the same model with soft gates. The cost penalty is an augmented Lagrangian whose
 multiplier follows dual ascent, so the expected cost is driven to the recipe's target ratio.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -45,12 +46,12 @@ CheckpointCallback = Callable[[TrainState], None]
 
 # Augmented-Lagrangian defaults, tuned on ResNet-18 (digits 16x16, Fashion-MNIST 32x32, Adam at
 # lr 0.05): the expected cost glides onto the target within 100-150 steps without overshooting.
-DUAL_STEP = 0.2          # eta: multiplier += eta * (ratio - target) each step
-PENALTY_RHO = 20.0       # rho: the quadratic (proportional) term reacts at once; the multiplier
-                         # only fills in the rest, so it never winds up while gates are in transit
-TARGET_WARMUP = 0.6      # the target glides from the initial ratio to target.ratio over this share
-INIT_LOGIT = 2.0         # mean initial logit: gates start almost open so KD sees the base model
-INIT_SPREAD = 0.5        # initial logits span INIT_LOGIT * (1 +- INIT_SPREAD), ordered by |BN gamma|
+DUAL_STEP = 0.2  # eta: multiplier += eta * (ratio - target) each step
+PENALTY_RHO = 20.0  # rho: the quadratic (proportional) term reacts at once; the multiplier
+# only fills in the rest, so it never winds up while gates are in transit
+TARGET_WARMUP = 0.6  # the target glides from the initial ratio to target.ratio over this share
+INIT_LOGIT = 2.0  # mean initial logit: gates start almost open so KD sees the base model
+INIT_SPREAD = 0.5  # initial logits span INIT_LOGIT * (1 +- INIT_SPREAD), ordered by |BN gamma|
 CHECKPOINT_EVERY_S = 10.0
 CHECKPOINT_EVERY_STEPS = 50
 RECALIBRATE_BATCHES = 50
@@ -63,8 +64,9 @@ def temperature_at(step: int, steps: int, start: float, end: float) -> float:
     return start * (end / start) ** (step / (steps - 1))
 
 
-def target_at(step: int, steps: int, target: float, start: float = 1.0,
-              warmup: float = TARGET_WARMUP) -> float:
+def target_at(
+    step: int, steps: int, target: float, start: float = 1.0, warmup: float = TARGET_WARMUP
+) -> float:
     """Target schedule: linear from `start` (the initial cost ratio) to `target` over the first
     `warmup` share of the steps, then constant.
 
@@ -80,12 +82,17 @@ def target_at(step: int, steps: int, target: float, start: float = 1.0,
 def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
     """Hinton distillation: T^2 * KL(teacher || student) on temperature-softened logits."""
     t = temperature
-    return F.kl_div(F.log_softmax(student / t, dim=1), F.log_softmax(teacher / t, dim=1),
-                    reduction="batchmean", log_target=True) * (t * t)
+    return F.kl_div(
+        F.log_softmax(student / t, dim=1),
+        F.log_softmax(teacher / t, dim=1),
+        reduction="batchmean",
+        log_target=True,
+    ) * (t * t)
 
 
-def _distill_objective(student: torch.Tensor, teacher: torch.Tensor, y: torch.Tensor | None,
-                       alpha: float, kd_t: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _distill_objective(
+    student: torch.Tensor, teacher: torch.Tensor, y: torch.Tensor | None, alpha: float, kd_t: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """alpha * KD + (1 - alpha) * CE; CE only when labels exist. Returns (objective, kd, ce)."""
     kd = kd_loss(student, teacher, kd_t)
     if y is not None and alpha < 1.0:
@@ -118,8 +125,9 @@ class _WidthReader:
         return dict(zip(self.names, (units * self.unit_width).unbind()))
 
 
-def init_gate_logits(gates: Gates, model: nn.Module, init_logit: float = INIT_LOGIT,
-                     spread: float = INIT_SPREAD) -> None:
+def init_gate_logits(
+    gates: Gates, model: nn.Module, init_logit: float = INIT_LOGIT, spread: float = INIT_SPREAD
+) -> None:
     """Spread the initial logits by channel importance (|BN gamma| summed over the group).
 
     Equal logits move in lockstep under Adam and would all cross zero at once, so the cost
@@ -136,8 +144,9 @@ def init_gate_logits(gates: Gates, model: nn.Module, init_logit: float = INIT_LO
                     score += weight.detach().abs().to(score.device)
             units = score.view(g.units, g.unit_width).sum(1)
             rank = torch.empty_like(units)
-            rank[torch.argsort(units, stable=True)] = torch.linspace(-1.0, 1.0, g.units,
-                                                                     device=units.device)
+            rank[torch.argsort(units, stable=True)] = torch.linspace(
+                -1.0, 1.0, g.units, device=units.device
+            )
             logit.copy_(init_logit * (1.0 + spread * rank))
 
 
@@ -149,17 +158,23 @@ def _move_optimizer_state(opt: torch.optim.Optimizer, device: torch.device) -> N
                 st[k] = v.to(device)
 
 
-def train_gates(model: nn.Module, gates: Gates, cost_model: CostModel, data: DataBundle,
-                recipe: Recipe, *,
-                device: torch.device | str,
-                on_step: StepCallback | None = None,
-                should_stop: StopCheck | None = None,
-                start_step: int = 0,
-                state: TrainState | None = None,
-                target_ratio: float | None = None,
-                on_checkpoint: CheckpointCallback | None = None,
-                checkpoint_every_s: float = CHECKPOINT_EVERY_S,
-                checkpoint_every_steps: int = CHECKPOINT_EVERY_STEPS) -> list[dict[str, float]]:
+def train_gates(
+    model: nn.Module,
+    gates: Gates,
+    cost_model: CostModel,
+    data: DataBundle,
+    recipe: Recipe,
+    *,
+    device: torch.device | str,
+    on_step: StepCallback | None = None,
+    should_stop: StopCheck | None = None,
+    start_step: int = 0,
+    state: TrainState | None = None,
+    target_ratio: float | None = None,
+    on_checkpoint: CheckpointCallback | None = None,
+    checkpoint_every_s: float = CHECKPOINT_EVERY_S,
+    checkpoint_every_steps: int = CHECKPOINT_EVERY_STEPS,
+) -> list[dict[str, float]]:
     """Train the gate logits of `gates` (already attached to `model`) towards the cost target.
 
     Only `gates` change: `model` is frozen and kept in eval mode. A fresh run (no `state`)
@@ -206,10 +221,14 @@ def train_gates(model: nn.Module, gates: Gates, cost_model: CostModel, data: Dat
     last_ckpt = time.monotonic()
 
     def snapshot(step_done: int) -> TrainState:
-        return {"step": step_done, "gates": {k: v.detach().cpu() for k, v in gates.state_dict().items()},
-                "optimizer": opt.state_dict(), "multiplier": float(multiplier.item()),
-                "start_ratio": start_ratio,
-                "history": list(history)}
+        return {
+            "step": step_done,
+            "gates": {k: v.detach().cpu() for k, v in gates.state_dict().items()},
+            "optimizer": opt.state_dict(),
+            "multiplier": float(multiplier.item()),
+            "start_ratio": start_ratio,
+            "history": list(history),
+        }
 
     for step in range(start_step, steps):
         if should_stop is not None and should_stop():
@@ -244,10 +263,19 @@ def train_gates(model: nn.Module, gates: Gates, cost_model: CostModel, data: Dat
         if on_step is not None or (step + 1) % log_every == 0 or last:
             # The only host sync of the step: all logged scalars in one transfer.
             loss_v, kd_v, ce_v, ratio_v, mult_v = torch.stack(
-                [loss.detach(), kd.detach(), ce.detach(), ratio.detach(), multiplier]).tolist()
-            row = {"step": step + 1, "steps": steps, "loss": loss_v, "kd": kd_v, "ce": ce_v,
-                   "cost_ratio": ratio_v, "target": tgt, "multiplier": mult_v,
-                   "temperature": temperature}
+                [loss.detach(), kd.detach(), ce.detach(), ratio.detach(), multiplier]
+            ).tolist()
+            row = {
+                "step": step + 1,
+                "steps": steps,
+                "loss": loss_v,
+                "kd": kd_v,
+                "ce": ce_v,
+                "cost_ratio": ratio_v,
+                "target": tgt,
+                "multiplier": mult_v,
+                "temperature": temperature,
+            }
             if (step + 1) % log_every == 0 or last:
                 history.append(row)
             if on_step is not None:
@@ -260,8 +288,9 @@ def train_gates(model: nn.Module, gates: Gates, cost_model: CostModel, data: Dat
     return history
 
 
-def _cosine_lr(opt: torch.optim.Optimizer, base_lr: float, step: int, steps: int,
-               warmup: int = 0) -> None:
+def _cosine_lr(
+    opt: torch.optim.Optimizer, base_lr: float, step: int, steps: int, warmup: int = 0
+) -> None:
     """Set the learning rate for `step` of `steps`: linear warm-up, then cosine to zero."""
     if step < warmup:
         lr = base_lr * (step + 1) / warmup
@@ -276,10 +305,16 @@ def _steps_for_epochs(data: DataBundle, batch_size: int, epochs: float) -> int:
     return max(1, math.ceil(epochs * data.n_train / batch_size))
 
 
-def finetune(student: nn.Module, teacher: nn.Module, data: DataBundle, recipe: Recipe, *,
-             device: torch.device | str,
-             on_step: StepCallback | None = None,
-             should_stop: StopCheck | None = None) -> list[dict[str, float]]:
+def finetune(
+    student: nn.Module,
+    teacher: nn.Module,
+    data: DataBundle,
+    recipe: Recipe,
+    *,
+    device: torch.device | str,
+    on_step: StepCallback | None = None,
+    should_stop: StopCheck | None = None,
+) -> list[dict[str, float]]:
     """Fine-tune the pruned `student`'s weights with KD from the unpruned `teacher` (+ CE).
 
     SGD with momentum, cosine learning rate from `finetune.lr` over `finetune.epochs` epochs
@@ -318,8 +353,14 @@ def finetune(student: nn.Module, teacher: nn.Module, data: DataBundle, recipe: R
             last = step == steps - 1
             if on_step is not None or (step + 1) % log_every == 0 or last:
                 loss_v, kd_v, ce_v = torch.stack([loss.detach(), kd.detach(), ce.detach()]).tolist()
-                row = {"step": step + 1, "steps": steps, "loss": loss_v, "kd": kd_v, "ce": ce_v,
-                       "lr": opt.param_groups[0]["lr"]}
+                row = {
+                    "step": step + 1,
+                    "steps": steps,
+                    "loss": loss_v,
+                    "kd": kd_v,
+                    "ce": ce_v,
+                    "lr": opt.param_groups[0]["lr"],
+                }
                 if (step + 1) % log_every == 0 or last:
                     history.append(row)
                 if on_step is not None:
@@ -327,15 +368,27 @@ def finetune(student: nn.Module, teacher: nn.Module, data: DataBundle, recipe: R
     finally:
         teacher.train(teacher_was_training)
     if ft.recalibrate_bn:
-        recalibrate_bn(student, data, min(RECALIBRATE_BATCHES, _steps_for_epochs(data, bs, 1.0)),
-                       device=device, batch_size=bs, seed=recipe.data.seed + 104729)
+        recalibrate_bn(
+            student,
+            data,
+            min(RECALIBRATE_BATCHES, _steps_for_epochs(data, bs, 1.0)),
+            device=device,
+            batch_size=bs,
+            seed=recipe.data.seed + 104729,
+        )
     student.eval()
     return history
 
 
-def recalibrate_bn(model: nn.Module, data: DataBundle, batches: int, *,
-                   device: torch.device | str | None = None, batch_size: int = 64,
-                   seed: int = 0) -> None:
+def recalibrate_bn(
+    model: nn.Module,
+    data: DataBundle,
+    batches: int,
+    *,
+    device: torch.device | str | None = None,
+    batch_size: int = 64,
+    seed: int = 0,
+) -> None:
     """Recompute BN running statistics as a plain average over `batches` train batches.
 
     Fine-tuning leaves running stats as an EMA over weights that kept moving; resetting them and
@@ -365,10 +418,18 @@ def recalibrate_bn(model: nn.Module, data: DataBundle, batches: int, *,
         model.train(was_training)
 
 
-def train_classifier(model: nn.Module, data: DataBundle, *, steps: int, lr: float,
-                     device: torch.device | str, batch_size: int = 64, seed: int = 0,
-                     weight_decay: float = 5e-4,
-                     on_step: StepCallback | None = None) -> list[dict[str, float]]:
+def train_classifier(
+    model: nn.Module,
+    data: DataBundle,
+    *,
+    steps: int,
+    lr: float,
+    device: torch.device | str,
+    batch_size: int = 64,
+    seed: int = 0,
+    weight_decay: float = 5e-4,
+    on_step: StepCallback | None = None,
+) -> list[dict[str, float]]:
     """Plain supervised training (SGD momentum, cosine lr) used to make baselines.
 
     Returns history rows every 10 steps and at the end ({step, steps, loss}).
@@ -376,8 +437,9 @@ def train_classifier(model: nn.Module, data: DataBundle, *, steps: int, lr: floa
     device = torch.device(device)
     model.to(device).train()
     model.requires_grad_(True)
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True,
-                          weight_decay=weight_decay)
+    opt = torch.optim.SGD(
+        model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay
+    )
     batches: Iterator[Batch] = data.train_batches(batch_size, seed, device=device)
     history: list[dict[str, float]] = []
     for step in range(steps):

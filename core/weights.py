@@ -4,6 +4,7 @@
 `torch.load(weights_only=True)`, whose restricted unpickler refuses any global other than tensor
 rebuilders and plain containers, so a malicious pickle fails before anything in it executes.
 """
+
 from __future__ import annotations
 
 import re
@@ -52,7 +53,9 @@ class MappingSummary:
     missing: list[str]
     unexpected: list[str]
     filled: list[str] = field(default_factory=list)  # optional buffers taken from the model
-    renamed: dict[str, str] = field(default_factory=dict)  # source key -> model key, where they differ
+    renamed: dict[str, str] = field(
+        default_factory=dict
+    )  # source key -> model key, where they differ
 
     @property
     def ok(self) -> bool:
@@ -72,7 +75,8 @@ class MappingSummary:
             },
             "mapped": _informative_first(self.mapped)[:_LIST],
             "mismatched": [
-                {"key": k, "expected": list(e), "got": list(g)} for k, e, g in self.mismatched[:_LIST]
+                {"key": k, "expected": list(e), "got": list(g)}
+                for k, e, g in self.mismatched[:_LIST]
             ],
             "missing": _informative_first(self.missing)[:_LIST],
             "unexpected": _informative_first(self.unexpected)[:_LIST],
@@ -95,7 +99,9 @@ def _read_safetensors(path: Path) -> Any:
     try:
         return load_file(str(path), device="cpu")
     except Exception as exc:  # SafetensorError, OSError, header JSON errors: all "not a valid file"
-        raise WeightsError(f"{path.name} is not a valid safetensors file: {_first_line(exc)}") from None
+        raise WeightsError(
+            f"{path.name} is not a valid safetensors file: {_first_line(exc)}"
+        ) from None
 
 
 def _read_pickle(path: Path) -> Any:
@@ -115,7 +121,9 @@ def _read_pickle(path: Path) -> Any:
                 f"{path.name} was refused: it needs more than tensors and plain containers to load "
                 f"({what}). Save model.state_dict() with torch.save or use .safetensors."
             ) from None
-        raise WeightsError(f"{path.name} is not a readable PyTorch file: {_first_line(exc)}") from None
+        raise WeightsError(
+            f"{path.name} is not a readable PyTorch file: {_first_line(exc)}"
+        ) from None
 
 
 def _unwrap(obj: Any) -> Any:
@@ -178,7 +186,9 @@ def _candidate_names(key: str) -> list[str]:
     return out
 
 
-def map_state_dict(model: nn.Module, sd: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], MappingSummary]:
+def map_state_dict(
+    model: nn.Module, sd: Mapping[str, Tensor]
+) -> tuple[dict[str, Tensor], MappingSummary]:
     """Match a user's state dict to `model`'s key names; nothing is loaded here.
 
     Strips `module.`/`model.`/`_orig_mod.` prefixes, maps timm's `head.fc.*` to `fc.*`, and
@@ -230,7 +240,9 @@ def _hints(summary: MappingSummary) -> list[str]:
         if key == "conv1.weight" and len(want) == len(got) == 4 and want[2:] != got[2:]:
             stem = "cifar" if got[2:] == (3, 3) else "imagenet" if got[2:] == (7, 7) else None
             if stem:
-                hints.append(f"the weights' first conv is {got[2]}x{got[3]}: try model.stem: {stem}")
+                hints.append(
+                    f"the weights' first conv is {got[2]}x{got[3]}: try model.stem: {stem}"
+                )
     if summary.missing and summary.unexpected:
         hints.append("the weights look like a different architecture")
     elif summary.unexpected and not summary.mismatched:
@@ -238,7 +250,6 @@ def _hints(summary: MappingSummary) -> list[str]:
     elif summary.missing and not summary.mismatched:
         hints.append("the model has layers the weights lack: a shallower architecture?")
     return hints
-
 
 
 def _mismatch_message(summary: MappingSummary, arch: str) -> str:
@@ -275,5 +286,7 @@ def load_weights(model: nn.Module, path: Path, *, arch: str | None = None) -> Ma
     try:
         model.load_state_dict(tensors, strict=True)
     except RuntimeError as exc:  # e.g. a tensor whose dtype cannot be copied into the parameter
-        raise WeightsError(f"weights do not fit {arch}: {_first_line(exc)}", code="weights_mismatch") from None
+        raise WeightsError(
+            f"weights do not fit {arch}: {_first_line(exc)}", code="weights_mismatch"
+        ) from None
     return summary

@@ -48,9 +48,7 @@ class ProgressView:
                 for k in ("step", "loss", "cost_ratio")
                 if isinstance(data.get(k), (int, float))
             )
-            self._progress.update(
-                self._task, description=data.get("phase", "training"), info=info
-            )
+            self._progress.update(self._task, description=data.get("phase", "training"), info=info)
             if self._local:  # in-process runs have no job row: show the phase's fraction
                 self._progress.update(self._task, completed=float(data.get("progress", 0.0)))
 

@@ -5,6 +5,7 @@ trains a small baseline on offline data, submits the compression job over HTTP, 
 progress, downloads and checks every artifact, loads the pruned model as a plain torchvision
 model and prints the before/after table. The service is stopped on the way out.
 """
+
 from __future__ import annotations
 
 import json
@@ -34,15 +35,27 @@ def free_port() -> int:
 
 def start_service(var_dir: Path, port: int) -> subprocess.Popen:
     """`hawada serve` in a subprocess, logging to var_dir/serve.log."""
-    env = {**os.environ, "HAWADA_VAR_DIR": str(var_dir), "OMP_NUM_THREADS":
-           os.environ.get("OMP_NUM_THREADS", str(os.cpu_count() or 1))}
-    for name in ("HAWADA_DATABASE_URL", "HAWADA_BROKER_URL", "HAWADA_ARTIFACTS_DIR",
-                 "HAWADA_LUT_DIR"):
+    env = {
+        **os.environ,
+        "HAWADA_VAR_DIR": str(var_dir),
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(os.cpu_count() or 1)),
+    }
+    for name in (
+        "HAWADA_DATABASE_URL",
+        "HAWADA_BROKER_URL",
+        "HAWADA_ARTIFACTS_DIR",
+        "HAWADA_LUT_DIR",
+    ):
         env.pop(name, None)  # the demo is the embedded mode, whatever the shell has set
     log = open(var_dir / "serve.log", "ab")  # noqa: SIM115 - owned by the child
     return subprocess.Popen(
         [sys.executable, "-m", "hawada.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
-        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        cwd=ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
 
 
 def stop_service(proc: subprocess.Popen, timeout: float = 30.0) -> None:
@@ -74,8 +87,17 @@ BASELINE_STEPS = int(os.environ.get("HAWADA_DEMO_BASELINE_STEPS", "150"))
 
 def train_baseline(recipe: Path, out: Path, steps: int = BASELINE_STEPS) -> None:
     """Train the model to compress (`python -m hawada.worker.baseline`), in its own process."""
-    cmd = [sys.executable, "-m", "hawada.worker.baseline", "--recipe", str(recipe), "--out", str(out),
-           "--steps", str(steps)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "hawada.worker.baseline",
+        "--recipe",
+        str(recipe),
+        "--out",
+        str(out),
+        "--steps",
+        str(steps),
+    ]
     subprocess.run(cmd, cwd=ROOT, check=True)
 
 
@@ -121,16 +143,19 @@ def main() -> int:
                 return 1
             result = var_dir / "result"
             paths = client.download_all(job["id"], result)
-            console.print("downloaded (sha256 verified): "
-                          + ", ".join(f"{p.name} ({p.stat().st_size:,} B)" for p in paths))
+            console.print(
+                "downloaded (sha256 verified): "
+                + ", ".join(f"{p.name} ({p.stat().st_size:,} B)" for p in paths)
+            )
             report = json.loads((result / "report.json").read_text())
             console.print("loaded pruned model: " + check_pruned(result, report))
             console.print(before_after_table(report))
     finally:
         console.print("stopping the service")
         stop_service(proc)
-    console.print(f"demo finished in {time.monotonic() - started:.0f} s; "
-                  f"artifacts in {var_dir / 'result'}")
+    console.print(
+        f"demo finished in {time.monotonic() - started:.0f} s; artifacts in {var_dir / 'result'}"
+    )
     return 0
 
 

@@ -11,10 +11,27 @@ import importlib.util
 
 #: Import names that must be present for each extra (its heavy, defining dependencies).
 EXTRA_MODULES: dict[str, tuple[str, ...]] = {
-    "engine": ("torch", "torchvision", "safetensors", "numpy", "sklearn", "mlxtend",
-               "pydantic_settings"),
-    "service": ("fastapi", "uvicorn", "multipart", "sqlalchemy", "alembic", "psycopg", "celery",
-                "redis", "prometheus_client", "pydantic_settings"),
+    "engine": (
+        "torch",
+        "torchvision",
+        "safetensors",
+        "numpy",
+        "sklearn",
+        "mlxtend",
+        "pydantic_settings",
+    ),
+    "service": (
+        "fastapi",
+        "uvicorn",
+        "multipart",
+        "sqlalchemy",
+        "alembic",
+        "psycopg",
+        "celery",
+        "redis",
+        "prometheus_client",
+        "pydantic_settings",
+    ),
 }
 
 

@@ -29,7 +29,6 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from hawada.lifecycle import TERMINAL_STATES
 
 
-
 def utcnow() -> datetime:
     """Timezone-aware now in UTC (every timestamp we store is UTC)."""
     return datetime.now(UTC)

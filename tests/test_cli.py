@@ -1,5 +1,6 @@
 """The `hawada` command and `HawadaClient` against a real API over HTTP (uvicorn in a thread,
 SQLite in tmp, jobs recorded instead of sent to a broker), plus `hawada run` in-process."""
+
 from __future__ import annotations
 
 import json
@@ -43,8 +44,12 @@ class _Server:
             sock.bind(("127.0.0.1", 0))
             port = sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{port}"
-        config = uvicorn.Config(create_app(settings, enqueue=self.enqueued.append),
-                                host="127.0.0.1", port=port, log_level="warning")
+        config = uvicorn.Config(
+            create_app(settings, enqueue=self.enqueued.append),
+            host="127.0.0.1",
+            port=port,
+            log_level="warning",
+        )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
@@ -61,8 +66,14 @@ class _Server:
 @pytest.fixture()
 def cfg(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Settings]:
     """Embedded settings under tmp_path, also visible to CLI code through the environment."""
-    for key in ("HAWADA_DATABASE_URL", "HAWADA_ARTIFACTS_DIR", "HAWADA_BROKER_URL",
-                "HAWADA_URL", "HAWADA_API_KEY", "HAWADA_LUT_DIR"):
+    for key in (
+        "HAWADA_DATABASE_URL",
+        "HAWADA_ARTIFACTS_DIR",
+        "HAWADA_BROKER_URL",
+        "HAWADA_URL",
+        "HAWADA_API_KEY",
+        "HAWADA_LUT_DIR",
+    ):
         monkeypatch.delenv(key, raising=False)
     monkeypatch.setenv("HAWADA_VAR_DIR", str(tmp_path / "var"))
     reset_settings()
@@ -88,8 +99,9 @@ def _invoke(*args: str) -> Any:
     return runner.invoke(app, list(args), catch_exceptions=False)
 
 
-def _finished_job_with_artifact(cfg: Settings, server: _Server, recipe_file: Path,
-                                tmp_path: Path, payload: bytes) -> str:
+def _finished_job_with_artifact(
+    cfg: Settings, server: _Server, recipe_file: Path, tmp_path: Path, payload: bytes
+) -> str:
     """Submit over HTTP, then play the worker's part: store an artifact and finish the job."""
     from hawada.store import jobs
     from hawada.store.artifacts import ArtifactStore
@@ -107,8 +119,9 @@ def _finished_job_with_artifact(cfg: Settings, server: _Server, recipe_file: Pat
 
 def test_submit_status_list_cancel(server: _Server, recipe_file: Path, tmp_path: Path) -> None:
     weights = _tiny_safetensors(tmp_path / "w.safetensors")
-    res = _invoke("submit", "--recipe", str(recipe_file), "--weights", str(weights),
-                  "--url", server.url)
+    res = _invoke(
+        "submit", "--recipe", str(recipe_file), "--weights", str(weights), "--url", server.url
+    )
     assert res.exit_code == 0, res.output
     job_id = res.output.strip().splitlines()[-1]
     assert server.enqueued == [job_id]
@@ -135,8 +148,9 @@ def test_errors_carry_the_api_code(server: _Server, recipe_file: Path, tmp_path:
     assert err.value.status in (400, 422) and "target.ratio" in err.value.message
 
 
-def test_download_verifies_sha256(cfg: Settings, server: _Server, recipe_file: Path,
-                                  tmp_path: Path) -> None:
+def test_download_verifies_sha256(
+    cfg: Settings, server: _Server, recipe_file: Path, tmp_path: Path
+) -> None:
     payload = b'{"arch": "resnet18", "channels": {}}'
     job_id = _finished_job_with_artifact(cfg, server, recipe_file, tmp_path, payload)
     out = tmp_path / "out"
@@ -154,8 +168,9 @@ def test_download_verifies_sha256(cfg: Settings, server: _Server, recipe_file: P
     assert not (tmp_path / "again.json.part").exists()
 
 
-def test_watch_follows_to_the_end(cfg: Settings, server: _Server, recipe_file: Path,
-                                  tmp_path: Path) -> None:
+def test_watch_follows_to_the_end(
+    cfg: Settings, server: _Server, recipe_file: Path, tmp_path: Path
+) -> None:
     job_id = _finished_job_with_artifact(cfg, server, recipe_file, tmp_path, b"{}")
     res = _invoke("watch", job_id, "--url", server.url)
     assert res.exit_code == 0 and "succeeded" in res.output
@@ -201,15 +216,35 @@ def test_run_writes_artifacts_in_process(cfg: Settings, tmp_path: Path) -> None:
     weights = tmp_path / "w.safetensors"
     save_file(build_model("resnet18", num_classes=10, stem="cifar").state_dict(), str(weights))
     recipe = tmp_path / "tiny.yaml"
-    recipe.write_text(json.dumps({
-        "model": {"arch": "resnet18", "num_classes": 10, "stem": "cifar",
-                  "input_size": [3, 16, 16]},
-        "data": {"source": "digits", "batch_size": 16, "limit": 96, "val_fraction": 0.25},
-        "target": {"metric": "flops", "ratio": 0.5}, "train": {"steps": 3},
-        "finetune": {"epochs": 0}, "latency": {"batch_size": 2, "repeats": 2, "warmup": 1}}))
+    recipe.write_text(
+        json.dumps(
+            {
+                "model": {
+                    "arch": "resnet18",
+                    "num_classes": 10,
+                    "stem": "cifar",
+                    "input_size": [3, 16, 16],
+                },
+                "data": {"source": "digits", "batch_size": 16, "limit": 96, "val_fraction": 0.25},
+                "target": {"metric": "flops", "ratio": 0.5},
+                "train": {"steps": 3},
+                "finetune": {"epochs": 0},
+                "latency": {"batch_size": 2, "repeats": 2, "warmup": 1},
+            }
+        )
+    )
     out = tmp_path / "out"
-    res = _invoke("run", "--recipe", str(recipe), "--weights", str(weights), "--out", str(out),
-                  "--device", "cpu")
+    res = _invoke(
+        "run",
+        "--recipe",
+        str(recipe),
+        "--weights",
+        str(weights),
+        "--out",
+        str(out),
+        "--device",
+        "cpu",
+    )
     assert res.exit_code == 0, res.output
     report = json.loads((out / "report.json").read_text())
     assert "baseline" in res.output and f"{report['pruned']['params']:,}" in res.output

@@ -1,4 +1,5 @@
 """Cost models agree with what torch counts on real (and exported pruned) models."""
+
 from __future__ import annotations
 
 import pytest
@@ -26,11 +27,16 @@ def n_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-@pytest.mark.parametrize(("arch", "stem", "size"), [
-    ("resnet18", "imagenet", 32), ("resnet50", "imagenet", 32),
-    ("resnext50_32x4d", "imagenet", 32), ("resnet18", "cifar", 16),
-    ("resnext50_32x4d", "cifar", 24),
-])
+@pytest.mark.parametrize(
+    ("arch", "stem", "size"),
+    [
+        ("resnet18", "imagenet", 32),
+        ("resnet50", "imagenet", 32),
+        ("resnext50_32x4d", "imagenet", 32),
+        ("resnet18", "cifar", 16),
+        ("resnext50_32x4d", "cifar", 24),
+    ],
+)
 def test_costs_match_torch_at_full_and_pruned_width(arch: str, stem: str, size: int) -> None:
     torch.manual_seed(0)
     model = build_model(arch, 10, stem=stem)
@@ -91,8 +97,10 @@ def test_hand_computed_costs_and_gradients() -> None:
 
 
 def test_inconsistent_group_widths_are_rejected() -> None:
-    layers = [LayerSpec("c1", "conv", None, "a", 3, 8, 1, False, (1, 1), (1, 1)),
-              LayerSpec("c2", "conv", "a", None, 16, 8, 1, False, (1, 1), (1, 1))]
+    layers = [
+        LayerSpec("c1", "conv", None, "a", 3, 8, 1, False, (1, 1), (1, 1)),
+        LayerSpec("c2", "conv", "a", None, 16, 8, 1, False, (1, 1), (1, 1)),
+    ]
     with pytest.raises(ValueError, match="group a"):
         FlopsCost(layers)
 

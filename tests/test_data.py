@@ -1,4 +1,5 @@
 """Data sources: shapes and dtypes, a fixed disjoint split, correct normalisation, bad files."""
+
 from __future__ import annotations
 
 import gzip
@@ -106,7 +107,9 @@ def test_fashion_mnist_from_data_path(tmp_path: Path, gz: bool) -> None:
     y = np.arange(12) % 3
     _write_idx(tmp_path / f"train-images-idx3-ubyte{suffix}", x, gz)
     _write_idx(tmp_path / f"train-labels-idx1-ubyte{suffix}", y, gz)
-    bundle = load_data(_recipe({"source": "fashion-mnist", "path": str(tmp_path), "val_fraction": 0.25}, size=28))
+    bundle = load_data(
+        _recipe({"source": "fashion-mnist", "path": str(tmp_path), "val_fraction": 0.25}, size=28)
+    )
     assert bundle.n_train + bundle.n_heldout == 12 and bundle.num_classes == 3
     assert torch.equal(bundle.images[:, 0].sort(0).values, torch.from_numpy(x).sort(0).values)
 
@@ -185,9 +188,14 @@ def test_resize_keeps_constant_images_constant(tmp_path: Path) -> None:
 
 def test_npz_upload_and_limit(tmp_path: Path) -> None:
     upload = _index_npz(tmp_path / "upload.bin.npz", 50)
-    bundle = load_data(_recipe({"source": "upload", "limit": 20, "val_fraction": 0.25}), upload=upload)
+    bundle = load_data(
+        _recipe({"source": "upload", "limit": 20, "val_fraction": 0.25}), upload=upload
+    )
     assert bundle.n_train + bundle.n_heldout == 20 and bundle.num_classes <= 4
-    ids = sorted(_ids(next(bundle.heldout_batches(100))[0]) + [i for x, _ in bundle.train_epoch(15) for i in _ids(x)])
+    ids = sorted(
+        _ids(next(bundle.heldout_batches(100))[0])
+        + [i for x, _ in bundle.train_epoch(15) for i in _ids(x)]
+    )
     assert len(set(ids)) == 20 and set(ids) <= set(range(50))
     # npz without data.path falls back to the upload too
     assert load_data(_recipe({"source": "npz"}), upload=upload).n_heldout == 5
@@ -215,7 +223,10 @@ def test_too_many_classes_names_both_counts(tmp_path: Path) -> None:
         ({"x": np.zeros((4, 8, 8), np.uint8), "y": np.zeros(4, np.float32)}, "integers"),
         ({"x": np.zeros((4, 8, 8), np.uint8), "y": -np.ones(4, np.int64)}, ">= 0"),
         ({"images": np.zeros((4, 8, 8), np.uint8)}, "'x' and 'y'"),
-        ({"x": np.zeros((4, 8, 8), np.uint8), "y": np.array([0, 1, {}, 2], dtype=object)}, "pickle"),
+        (
+            {"x": np.zeros((4, 8, 8), np.uint8), "y": np.array([0, 1, {}, 2], dtype=object)},
+            "pickle",
+        ),
     ],
 )
 def test_bad_npz_rejected(tmp_path: Path, arrays: dict, match: str) -> None:
@@ -248,7 +259,9 @@ def _write_folder(root: Path) -> None:
 def test_folder_source(tmp_path: Path) -> None:
     _write_folder(tmp_path / "imgs")
     (tmp_path / "imgs" / "cat" / "notes.txt").write_text("ignored: not an image extension")
-    bundle = load_data(_recipe({"source": "folder", "path": str(tmp_path / "imgs"), "val_fraction": 0.2}))
+    bundle = load_data(
+        _recipe({"source": "folder", "path": str(tmp_path / "imgs"), "val_fraction": 0.2})
+    )
     assert tuple(bundle.images.shape) == (10, 3, 16, 16) and bundle.images.dtype == torch.uint8
     assert bundle.num_classes == 3
     assert sorted(bundle.labels.tolist()) == [0] * 4 + [1] * 3 + [2] * 3
@@ -292,7 +305,10 @@ def test_bundle_is_a_databundle_with_recipe_batch_size() -> None:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_batches_on_cuda_match_cpu() -> None:
     bundle = load_data(_recipe({"source": "digits", "limit": 64}))
-    (xc, yc), (xg, yg) = next(bundle.heldout_batches(16)), next(bundle.heldout_batches(16, device="cuda"))
+    (xc, yc), (xg, yg) = (
+        next(bundle.heldout_batches(16)),
+        next(bundle.heldout_batches(16, device="cuda")),
+    )
     assert xg.is_cuda and yg.is_cuda
     torch.testing.assert_close(xg.cpu(), xc, rtol=0, atol=1e-6)
     assert torch.equal(yg.cpu(), yc)

@@ -1,5 +1,6 @@
 """The deployment files describe what the service needs: four services, a GPU worker,
 environment names the settings class actually reads, and a torch-free API image."""
+
 from __future__ import annotations
 
 import re
@@ -82,9 +83,20 @@ def test_wheel_ships_recipes_and_migrations(tmp_path: Path) -> None:
     import zipfile
 
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-         "-w", str(tmp_path), str(ROOT)],
-        check=True, capture_output=True,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+            str(ROOT),
+        ],
+        check=True,
+        capture_output=True,
     )
     (wheel,) = tmp_path.glob("hawada-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())

@@ -5,6 +5,7 @@ Everything runs through the public path: `hawada.worker.baseline` trains the inp
 split only, `run_job` compresses them and the numbers are read from the job's report. About a
 minute on one CPU core.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -19,8 +20,13 @@ from hawada.worker.pipeline import JobContext, run_job
 from hawada.core.recipe import parse_recipe
 
 RECIPE = {
-    "model": {"arch": "resnet18", "num_classes": 10, "stem": "cifar", "input_size": [3, 16, 16],
-              "normalize": {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}},
+    "model": {
+        "arch": "resnet18",
+        "num_classes": 10,
+        "stem": "cifar",
+        "input_size": [3, 16, 16],
+        "normalize": {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]},
+    },
     "data": {"source": "digits", "batch_size": 32, "val_fraction": 0.2, "seed": 0},
     "target": {"metric": "flops", "ratio": 0.5},
     "train": {"steps": 80, "lr": 0.05, "log_every": 10},
@@ -38,17 +44,21 @@ def test_digits_resnet18_half_flops_keeps_accuracy(tmp_path: Path) -> None:
     weights = tmp_path / "digits_r18.safetensors"
     save_weights(model, weights)
 
-    report = run_job(JobContext(recipe=recipe, weights=weights, out_dir=tmp_path / "job",
-                                device="cpu"))
+    report = run_job(
+        JobContext(recipe=recipe, weights=weights, out_dir=tmp_path / "job", device="cpu")
+    )
 
     baseline, pruned = report["baseline"], report["pruned"]
-    numbers = (f"accuracy {baseline['accuracy']:.4f} -> {pruned['accuracy']:.4f}, FLOPs ratio "
-               f"{pruned['flops'] / baseline['flops']:.3f}")
+    numbers = (
+        f"accuracy {baseline['accuracy']:.4f} -> {pruned['accuracy']:.4f}, FLOPs ratio "
+        f"{pruned['flops'] / baseline['flops']:.3f}"
+    )
     assert baseline["accuracy"] == base_acc  # the job measured the same held-out split
     assert pruned["flops"] <= 0.55 * baseline["flops"], numbers
     assert pruned["accuracy"] >= baseline["accuracy"] - 0.05, numbers
     assert report["target_met"] is True, report["target_reason"]
     # The downloaded artifacts give exactly the reported held-out accuracy.
-    pruned_model = load_pruned(tmp_path / "job" / "pruned.json",
-                               tmp_path / "job" / "pruned.safetensors")
+    pruned_model = load_pruned(
+        tmp_path / "job" / "pruned.json", tmp_path / "job" / "pruned.safetensors"
+    )
     assert accuracy(pruned_model, data.heldout_batches(64), "cpu") == pruned["accuracy"]

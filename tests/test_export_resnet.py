@@ -5,6 +5,7 @@ channel matters, and random gate logits of both signs (some groups forced to the
 full), then the hard-gated model, the exported model and the model reloaded from
 pruned.json + pruned.safetensors must agree.
 """
+
 from __future__ import annotations
 
 import json
@@ -29,9 +30,16 @@ from hawada.core.recipe import GatesSpec, parse_recipe
 
 ALL_ARCHS = list_architectures()  # the registry: every registered architecture is exported
 SPEC = GatesSpec(round_to=8, min_channels=8, prune_residual=True)
-RECIPE = parse_recipe({"model": {"arch": "resnet18", "num_classes": 10, "input_size": [3, 32, 32],
-                                 "normalize": {"mean": [0.5, 0.5, 0.5],
-                                               "std": [0.25, 0.25, 0.25]}}})
+RECIPE = parse_recipe(
+    {
+        "model": {
+            "arch": "resnet18",
+            "num_classes": 10,
+            "input_size": [3, 32, 32],
+            "normalize": {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]},
+        }
+    }
+)
 TOL = 1e-4
 
 
@@ -103,8 +111,13 @@ def check_convs(pruned: nn.Module, gates: Gates, keep: dict[str, torch.Tensor]) 
             assert conv2.groups == len(keep[name]) // group.unit_width
 
 
-def export_and_compare(arch: str, stem: str, spec: dict, seed: int, tmp_path: Path,
-                       ) -> tuple[nn.Module, nn.Module, Gates]:
+def export_and_compare(
+    arch: str,
+    stem: str,
+    spec: dict,
+    seed: int,
+    tmp_path: Path,
+) -> tuple[nn.Module, nn.Module, Gates]:
     torch.manual_seed(seed)
     model = build_model(arch, num_classes=10, stem=stem)
     randomize_bn(model, seed)
@@ -165,8 +178,10 @@ def test_prune_residual_false_keeps_streams(arch: str, tmp_path: Path) -> None:
     for i in range(1, 5):
         layer, layer_pruned = model.get_submodule(f"layer{i}"), pruned.get_submodule(f"layer{i}")
         last = "bn2" if arch == "resnet34" else "bn3"
-        assert (layer_pruned[-1].get_submodule(last).num_features
-                == layer[-1].get_submodule(last).num_features)
+        assert (
+            layer_pruned[-1].get_submodule(last).num_features
+            == layer[-1].get_submodule(last).num_features
+        )
 
 
 def test_stream_groups_couple_residual_adds() -> None:
@@ -174,14 +189,24 @@ def test_stream_groups_couple_residual_adds() -> None:
     groups = {g.name: g for g in get_adapter("resnet50").gate_groups(model, SPEC)}
     assert groups["stem"].modules == ["bn1"]
     assert groups["stream.layer2"].modules == [
-        "layer2.0.bn3", "layer2.0.downsample.1", "layer2.1.bn3", "layer2.2.bn3", "layer2.3.bn3"]
+        "layer2.0.bn3",
+        "layer2.0.downsample.1",
+        "layer2.1.bn3",
+        "layer2.2.bn3",
+        "layer2.3.bn3",
+    ]
     assert "layer2.0.downsample.0" in groups["stream.layer2"].covers
-    basic = {g.name: g for g in get_adapter("resnet18").gate_groups(build_model("resnet18", 10),
-                                                                     SPEC)}
+    basic = {
+        g.name: g for g in get_adapter("resnet18").gate_groups(build_model("resnet18", 10), SPEC)
+    }
     assert basic["stream.layer1"].modules == ["bn1", "layer1.0.bn2", "layer1.1.bn2"]
     assert "stem" not in basic
-    nxt = {g.name: g for g in get_adapter("resnext50_32x4d").gate_groups(
-        build_model("resnext50_32x4d", 10), SPEC)}
+    nxt = {
+        g.name: g
+        for g in get_adapter("resnext50_32x4d").gate_groups(
+            build_model("resnext50_32x4d", 10), SPEC
+        )
+    }
     inner = nxt["layer1.0.inner"]
     assert (inner.units, inner.unit_width, inner.round_units, inner.min_units) == (32, 4, 2, 2)
     assert inner.modules == ["layer1.0.bn1", "layer1.0.bn2"]
@@ -192,8 +217,7 @@ def test_keep_all_export_is_bit_identical() -> None:
     model = build_model("resnext50_32x4d", 10, stem="cifar")
     randomize_bn(model, 0)
     adapter = get_adapter("resnext50_32x4d")
-    everything = {g.name: torch.arange(g.channels)
-                  for g in adapter.gate_groups(model, SPEC)}
+    everything = {g.name: torch.arange(g.channels) for g in adapter.gate_groups(model, SPEC)}
     for keep in ({}, everything):
         exported = adapter.export_pruned(model, keep)
         ref, got = model.state_dict(), exported.state_dict()
@@ -271,7 +295,8 @@ def test_load_pruned_rejects_incomplete_json(tmp_path: Path) -> None:
     (tmp_path / "pruned.json").write_text(json.dumps({"arch": "resnet18"}))
     with pytest.raises(ValueError, match="num_classes"):
         load_pruned(tmp_path / "pruned.json", tmp_path / "none.safetensors")
-    (tmp_path / "pruned.json").write_text(json.dumps(
-        {"arch": "os.system", "num_classes": 1, "stem": "cifar", "channels": {}}))
+    (tmp_path / "pruned.json").write_text(
+        json.dumps({"arch": "os.system", "num_classes": 1, "stem": "cifar", "channels": {}})
+    )
     with pytest.raises(UnsupportedArch):
         load_pruned(tmp_path / "pruned.json", tmp_path / "none.safetensors")

@@ -1,4 +1,5 @@
 """Gates: the one definition of kept, soft/hard/off masks, temperature, saving."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -15,11 +16,18 @@ from hawada.core.recipe import GatesSpec
 SPEC = GatesSpec(round_to=8, min_channels=8, prune_residual=True)
 
 
-def group(units: int = 32, unit_width: int = 1, round_to: int = 8, min_channels: int = 8,
-          name: str = "g") -> GateGroup:
-    return GateGroup.from_channels(name, units * unit_width, unit_width=unit_width,
-                                   modules=["bn"], covers=["conv", "bn"], round_to=round_to,
-                                   min_channels=min_channels)
+def group(
+    units: int = 32, unit_width: int = 1, round_to: int = 8, min_channels: int = 8, name: str = "g"
+) -> GateGroup:
+    return GateGroup.from_channels(
+        name,
+        units * unit_width,
+        unit_width=unit_width,
+        modules=["bn"],
+        covers=["conv", "bn"],
+        round_to=round_to,
+        min_channels=min_channels,
+    )
 
 
 class ConvBN(nn.Module):
@@ -38,8 +46,10 @@ class ConvBN(nn.Module):
         return self.bn(self.conv(x))
 
 
-@pytest.mark.parametrize(("count", "expected"), [
-    (0, 8), (3, 8), (8, 8), (11, 8), (12, 16), (13, 16), (20, 24), (29, 32), (32, 32)])
+@pytest.mark.parametrize(
+    ("count", "expected"),
+    [(0, 8), (3, 8), (8, 8), (11, 8), (12, 16), (13, 16), (20, 24), (29, 32), (32, 32)],
+)
 def test_snap_rounds_to_nearest_with_floor_and_cap(count: int, expected: int) -> None:
     assert snap_units(count, group(32)) == expected
 
@@ -53,10 +63,13 @@ def test_snap_full_width_allowed_and_floor_rounded_up() -> None:
     assert snap_units(0, group(6)) == 6  # smaller than the floor: stays full
 
 
-@pytest.mark.parametrize(("units", "round_to", "min_channels"), [
-    (32, 8, 8), (36, 8, 8), (72, 16, 20), (6, 8, 8), (64, 1, 1), (10, 3, 5)])
-def test_hard_mask_count_follows_snap_units_for_every_count(units: int, round_to: int,
-                                                           min_channels: int) -> None:
+@pytest.mark.parametrize(
+    ("units", "round_to", "min_channels"),
+    [(32, 8, 8), (36, 8, 8), (72, 16, 20), (6, 8, 8), (64, 1, 1), (10, 3, 5)],
+)
+def test_hard_mask_count_follows_snap_units_for_every_count(
+    units: int, round_to: int, min_channels: int
+) -> None:
     g = group(units, round_to=round_to, min_channels=min_channels)
     gates = Gates([g])
     for count in range(units + 1):
@@ -111,8 +124,9 @@ def test_soft_hard_and_off_masks_on_outputs() -> None:
     net = ConvBN(16).eval()
     with torch.no_grad():
         net.bn.bias.normal_()
-    g = GateGroup.from_channels("g", 16, modules=["bn"], covers=["conv", "bn"], round_to=4,
-                                min_channels=4)
+    g = GateGroup.from_channels(
+        "g", 16, modules=["bn"], covers=["conv", "bn"], round_to=4, min_channels=4
+    )
     gates = Gates([g])
     with torch.no_grad():
         gates.logit("g").copy_(torch.linspace(-2, 2, 16))
@@ -192,7 +206,8 @@ def test_logits_roundtrip_through_safetensors(tmp_path: Path) -> None:
     again = Gates(groups)
     again.load_logits(load_file(str(tmp_path / "gates.safetensors")))
     assert {n: k.tolist() for n, k in keep_from_gates(again).items()} == {
-        n: k.tolist() for n, k in keep_from_gates(gates).items()}
+        n: k.tolist() for n, k in keep_from_gates(gates).items()
+    }
     assert "layer1.0.inner" in load_file(str(tmp_path / "gates.safetensors"))
     with pytest.raises(ValueError, match="missing"):
         again.load_logits({})

@@ -8,6 +8,7 @@ Each set-up runs a tiny job to success and checks what a user gets (artifacts wi
 sha256, a loadable plain torchvision model whose parameter count matches the report, events
 in phase order), cancels a long job in training, and fails a job given another arch's weights.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -32,13 +33,25 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 REDIS_URL = os.environ.get("HAWADA_TEST_REDIS_URL", "redis://127.0.0.1:6379")
 PG_URL = os.environ.get("HAWADA_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
-PHASES = ("loading", "baseline", "profiling", "training", "exporting", "finetuning",
-          "evaluating", "packaging")
+PHASES = (
+    "loading",
+    "baseline",
+    "profiling",
+    "training",
+    "exporting",
+    "finetuning",
+    "evaluating",
+    "packaging",
+)
 TINY = {
-    "model": {"arch": "resnet18", "num_classes": 10, "stem": "cifar", "input_size": [3, 16, 16],
-              "normalize": {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}},
-    "data": {"source": "digits", "batch_size": 16, "val_fraction": 0.25, "seed": 0,
-             "limit": 128},
+    "model": {
+        "arch": "resnet18",
+        "num_classes": 10,
+        "stem": "cifar",
+        "input_size": [3, 16, 16],
+        "normalize": {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]},
+    },
+    "data": {"source": "digits", "batch_size": 16, "val_fraction": 0.25, "seed": 0, "limit": 128},
     "target": {"metric": "flops", "ratio": 0.5},
     "train": {"steps": 6, "log_every": 2},
     "finetune": {"epochs": 0},
@@ -70,14 +83,24 @@ class Service:
         self.logs: list[Path] = []
         cli = [sys.executable, "-m", "hawada.cli"]
         addr = ["--host", "127.0.0.1", "--port", str(self.port)]
-        commands = ([cli + ["serve", *addr]] if embedded
-                    else [cli + ["api", *addr], cli + ["worker", "--loglevel", "INFO"]])
+        commands = (
+            [cli + ["serve", *addr]]
+            if embedded
+            else [cli + ["api", *addr], cli + ["worker", "--loglevel", "INFO"]]
+        )
         for i, cmd in enumerate(commands):
             log = var_dir / f"proc{i}.log"
             self.logs.append(log)
-            self.procs.append(subprocess.Popen(
-                cmd, cwd=ROOT, env=env, stdout=open(log, "ab"), stderr=subprocess.STDOUT,
-                start_new_session=True))
+            self.procs.append(
+                subprocess.Popen(
+                    cmd,
+                    cwd=ROOT,
+                    env=env,
+                    stdout=open(log, "ab"),
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            )
         self.client = HawadaClient(self.url)
         self._wait_ready()
 
@@ -96,8 +119,11 @@ class Service:
 
     def tail(self, chars: int = 4000) -> str:
         """The end of every process log (shown when an assertion fails)."""
-        return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-chars:]}"
-                         for p in self.logs if p.exists())
+        return "\n".join(
+            f"--- {p.name}\n{p.read_text(errors='replace')[-chars:]}"
+            for p in self.logs
+            if p.exists()
+        )
 
     def stop(self) -> None:
         """Ctrl-C every process group; kill what does not exit in time."""
@@ -115,8 +141,13 @@ class Service:
 
 def _base_env(var_dir: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("HAWADA_")}
-    env.update(HAWADA_VAR_DIR=str(var_dir), HAWADA_DEVICE="cpu", HAWADA_LEASE_S="6",
-               OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env.update(
+        HAWADA_VAR_DIR=str(var_dir),
+        HAWADA_DEVICE="cpu",
+        HAWADA_LEASE_S="6",
+        OMP_NUM_THREADS="1",
+        PYTHONUNBUFFERED="1",
+    )
     return env
 
 
@@ -134,8 +165,9 @@ def _redis_db() -> tuple[Any, int]:
 
 
 @pytest.fixture(scope="module", params=["embedded", "redis-postgres"])
-def service(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-            ) -> Iterator[Service]:
+def service(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Service]:
     """A running service of the requested kind (module scope: started once per kind)."""
     var_dir = tmp_path_factory.mktemp(request.param)
     env = _base_env(var_dir)
@@ -173,8 +205,9 @@ def _wait(svc: Service, job_id: str, timeout: float = 240.0) -> dict[str, Any]:
         pytest.fail(f"job {job_id} did not finish in {timeout} s\n{svc.tail()}")
 
 
-def test_job_runs_to_success_and_artifacts_load(service: Service, weights: Path,
-                                                tmp_path: Path) -> None:
+def test_job_runs_to_success_and_artifacts_load(
+    service: Service, weights: Path, tmp_path: Path
+) -> None:
     import torch
 
     from hawada.adapters.torchvision import load_pruned
@@ -185,8 +218,14 @@ def test_job_runs_to_success_and_artifacts_load(service: Service, weights: Path,
     assert job["status"] == "succeeded", f"{job.get('error')}\n{service.tail()}"
 
     names = {a["name"] for a in job["artifacts"]}
-    assert {"pruned.json", "pruned.safetensors", "report.json", "keepall.safetensors",
-            "gates.safetensors", "report.html"} <= names
+    assert {
+        "pruned.json",
+        "pruned.safetensors",
+        "report.json",
+        "keepall.safetensors",
+        "gates.safetensors",
+        "report.html",
+    } <= names
     for name in ("pruned.json", "pruned.safetensors", "report.json"):
         path = service.client.download(job["id"], name, tmp_path)
         listed = next(a for a in job["artifacts"] if a["name"] == name)
@@ -203,8 +242,7 @@ def test_job_runs_to_success_and_artifacts_load(service: Service, weights: Path,
     assert out.shape == (4, 10) and torch.isfinite(out).all()
     assert job["metrics"]["pruned"]["params"] == report["pruned"]["params"]
 
-    phases = [e["data"]["phase"] for e in service.client.events(job["id"])
-              if e["kind"] == "phase"]
+    phases = [e["data"]["phase"] for e in service.client.events(job["id"]) if e["kind"] == "phase"]
     assert phases == sorted(phases, key=PHASES.index), phases
     assert set(PHASES) - {"finetuning"} <= set(phases), phases
 
@@ -230,8 +268,9 @@ def test_cancel_while_training_ends_quickly(service: Service, weights: Path) -> 
     assert final["artifacts"] == []
 
 
-def test_weights_of_another_arch_fail_with_weights_mismatch(service: Service,
-                                                            weights: Path) -> None:
+def test_weights_of_another_arch_fail_with_weights_mismatch(
+    service: Service, weights: Path
+) -> None:
     recipe = _recipe(model={"arch": "resnet34"})
     job = _wait(service, service.client.submit(recipe, weights)["id"], timeout=120)
     assert job["status"] == "failed"
@@ -260,8 +299,9 @@ def test_torch_lives_only_in_the_worker_child(service: Service, weights: Path) -
     _wait(service, service.client.submit(_recipe(model={"arch": "resnet34"}), weights)["id"])
     if len(service.procs) == 1:  # embedded: serve (API) -> celery parent -> child
         api_pid = service.procs[0].pid
-        parents = [p for p in _children(api_pid) if "celery" in
-                   Path(f"/proc/{p}/cmdline").read_text()]
+        parents = [
+            p for p in _children(api_pid) if "celery" in Path(f"/proc/{p}/cmdline").read_text()
+        ]
     else:
         api_pid, parents = service.procs[0].pid, [service.procs[1].pid]
     assert len(parents) == 1
@@ -281,8 +321,7 @@ def _kill_tree(pid: int) -> None:
         pass
 
 
-def test_job_of_a_killed_worker_is_requeued_and_completes(tmp_path: Path,
-                                                          weights: Path) -> None:
+def test_job_of_a_killed_worker_is_requeued_and_completes(tmp_path: Path, weights: Path) -> None:
     """Kill API, worker and job process mid-training; a new `serve` finishes the job."""
     var_dir = tmp_path / "var"
     var_dir.mkdir()

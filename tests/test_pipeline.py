@@ -1,4 +1,5 @@
 """run_job end to end on synthetic data: ResNet-18 (cifar stem) at 16x16, a few gate steps."""
+
 from __future__ import annotations
 
 import json
@@ -17,20 +18,33 @@ from hawada.worker.checkpoint import load_checkpoint, save_checkpoint
 from hawada.worker.pipeline import JobContext, run_job
 from hawada.core.recipe import parse_recipe
 
-ARTIFACTS = ("pruned.safetensors", "pruned.json", "keepall.safetensors", "gates.safetensors",
-             "report.json", "report.html")
+ARTIFACTS = (
+    "pruned.safetensors",
+    "pruned.json",
+    "keepall.safetensors",
+    "gates.safetensors",
+    "report.json",
+    "report.html",
+)
 
 
 def _recipe(finetune: float = 0.0, formats: tuple[str, ...] = ("safetensors",)):
-    return parse_recipe({
-        "model": {"arch": "resnet18", "num_classes": 4, "stem": "cifar", "input_size": [3, 16, 16]},
-        "data": {"source": "synthetic", "limit": 48, "batch_size": 8},
-        "target": {"metric": "flops", "ratio": 0.5},
-        "train": {"steps": 5, "log_every": 2},
-        "finetune": {"epochs": finetune},
-        "latency": {"batch_size": 2, "repeats": 3, "warmup": 1},
-        "export": {"formats": list(formats)},
-    })
+    return parse_recipe(
+        {
+            "model": {
+                "arch": "resnet18",
+                "num_classes": 4,
+                "stem": "cifar",
+                "input_size": [3, 16, 16],
+            },
+            "data": {"source": "synthetic", "limit": 48, "batch_size": 8},
+            "target": {"metric": "flops", "ratio": 0.5},
+            "train": {"steps": 5, "log_every": 2},
+            "finetune": {"epochs": finetune},
+            "latency": {"batch_size": 2, "repeats": 3, "warmup": 1},
+            "export": {"formats": list(formats)},
+        }
+    )
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +62,14 @@ def weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _run(weights: Path, out: Path, recipe, events: list[dict] | None = None, **kw) -> dict:
-    ctx = JobContext(recipe=recipe, weights=weights, out_dir=out, device="cpu",
-                     on_event=(events.append if events is not None else (lambda e: None)), **kw)
+    ctx = JobContext(
+        recipe=recipe,
+        weights=weights,
+        out_dir=out,
+        device="cpu",
+        on_event=(events.append if events is not None else (lambda e: None)),
+        **kw,
+    )
     return run_job(ctx)
 
 
@@ -82,8 +102,10 @@ def test_every_artifact_written(plain_job) -> None:
 
 
 def test_phases_announced_in_order(plain_job, finetuned_job) -> None:
-    for (_, report, events), expect in ((plain_job, [p for p in PHASES if p != "finetuning"]),
-                                        (finetuned_job, list(PHASES))):
+    for (_, report, events), expect in (
+        (plain_job, [p for p in PHASES if p != "finetuning"]),
+        (finetuned_job, list(PHASES)),
+    ):
         phases = [e["phase"] for e in events if e["kind"] == "phase"]
         assert phases == expect
         assert list(report["phases"]) == expect
@@ -99,8 +121,15 @@ def test_report_fields_present_and_typed(plain_job) -> None:
         assert isinstance(b["params"], int) and isinstance(b["flops"], int)
         assert isinstance(b["latency_ms"], float) and b["latency_ms"] > 0
         assert b["latency"]["median_ms"] == b["latency_ms"]
-        assert {"p10_ms", "p90_ms", "device", "batch_size", "dtype", "channels_last",
-                "repeats"} <= b["latency"].keys()
+        assert {
+            "p10_ms",
+            "p90_ms",
+            "device",
+            "batch_size",
+            "dtype",
+            "channels_last",
+            "repeats",
+        } <= b["latency"].keys()
         assert b["accuracy"] is None  # synthetic labels are noise: no accuracy is claimed
     t = report["target"]
     assert t["metric"] == "flops" and t["ratio"] == 0.5
@@ -110,7 +139,8 @@ def test_report_fields_present_and_typed(plain_job) -> None:
     for row in report["history"]:
         assert {"step", "loss", "cost_ratio", "multiplier", "temperature"} <= row.keys()
     assert report["speedup"]["flops_ideal"] == pytest.approx(
-        report["baseline"]["flops"] / report["pruned"]["flops"])
+        report["baseline"]["flops"] / report["pruned"]["flops"]
+    )
     assert report["data"]["n_train"] + report["data"]["n_heldout"] == 48
     assert set(report["versions"]) >= {"torch", "torchvision", "hawada"}
     assert report["recipe"]["model"]["arch"] == "resnet18"
@@ -151,8 +181,9 @@ def test_load_pruned_equals_hard_gated_model(plain_job) -> None:
         groups_meta = json.loads(f.metadata()["groups"])
         names = list(f.keys())  # safe_open is not iterable
         gates.load_logits({k: f.get_tensor(k) for k in names})
-    assert {g["name"]: g["kept"] for g in groups_meta} == \
-        {r["name"]: r["kept"] for r in report["layers"]}
+    assert {g["name"]: g["kept"] for g in groups_meta} == {
+        r["name"]: r["kept"] for r in report["layers"]
+    }
     attach(model, gates)
     x = torch.randn(4, 3, 16, 16)
     with torch.no_grad(), gates.using("hard"):
@@ -190,11 +221,20 @@ def test_bad_weights_fail_as_user_error(tmp_path: Path) -> None:
 
 def test_checkpoint_roundtrip(tmp_path: Path) -> None:
     gates = {"logits.a": torch.randn(5)}
-    opt = {"state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.randn(5),
-                         "exp_avg_sq": torch.rand(5)}},
-           "param_groups": [{"lr": 0.05, "params": [0]}]}
-    snap = {"step": 3, "gates": gates, "optimizer": opt, "multiplier": 0.25, "start_ratio": 0.9,
-            "history": [{"step": 2, "loss": 1.0}]}
+    opt = {
+        "state": {
+            0: {"step": torch.tensor(3.0), "exp_avg": torch.randn(5), "exp_avg_sq": torch.rand(5)}
+        },
+        "param_groups": [{"lr": 0.05, "params": [0]}],
+    }
+    snap = {
+        "step": 3,
+        "gates": gates,
+        "optimizer": opt,
+        "multiplier": 0.25,
+        "start_ratio": 0.9,
+        "history": [{"step": 2, "loss": 1.0}],
+    }
     save_checkpoint(tmp_path, snap, "fp")
     back = load_checkpoint(tmp_path, "fp")
     assert back is not None and back["step"] == 3 and back["multiplier"] == 0.25
@@ -206,8 +246,9 @@ def test_checkpoint_roundtrip(tmp_path: Path) -> None:
     assert load_checkpoint(tmp_path / "missing", "fp") is None
 
 
-def test_interrupted_job_resumes_from_checkpoint(plain_job, weights: Path, tmp_path: Path,
-                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+def test_interrupted_job_resumes_from_checkpoint(
+    plain_job, weights: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A job cancelled mid-training resumes from its checkpoint and ends as if never stopped."""
     from hawada.worker import pipeline
 
@@ -220,9 +261,17 @@ def test_interrupted_job_resumes_from_checkpoint(plain_job, weights: Path, tmp_p
             stop["now"] = True
 
     with pytest.raises(JobCancelled):
-        run_job(JobContext(recipe=_recipe(), weights=weights, out_dir=tmp_path / "a", device="cpu",
-                           on_event=on_event, should_cancel=lambda: stop["now"],
-                           checkpoint_dir=ckpt))
+        run_job(
+            JobContext(
+                recipe=_recipe(),
+                weights=weights,
+                out_dir=tmp_path / "a",
+                device="cpu",
+                on_event=on_event,
+                should_cancel=lambda: stop["now"],
+                checkpoint_dir=ckpt,
+            )
+        )
     assert json.loads((ckpt / "train_state.json").read_text())["step"] == 4
     events: list[dict] = []
     report = _run(weights, tmp_path / "b", _recipe(), events, checkpoint_dir=ckpt)
@@ -241,6 +290,7 @@ def test_onnx_without_packages_fails_before_training(weights: Path, tmp_path: Pa
     try:
         import onnx  # noqa: F401
         import onnxscript  # noqa: F401
+
         pytest.skip("onnx is installed here")
     except ImportError:
         pass
@@ -254,8 +304,9 @@ def test_onnx_without_packages_fails_before_training(weights: Path, tmp_path: Pa
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_job_on_gpu_matches_contract(weights: Path, tmp_path: Path) -> None:
-    report = run_job(JobContext(recipe=_recipe(finetune=0.25), weights=weights, out_dir=tmp_path,
-                                device="cuda"))
+    report = run_job(
+        JobContext(recipe=_recipe(finetune=0.25), weights=weights, out_dir=tmp_path, device="cuda")
+    )
     assert report["export_max_abs_diff"] <= 1e-4
     assert report["pruned"]["latency"]["device"] == torch.cuda.get_device_name()
     assert report["target_met"] is (report["pruned"]["flops"] <= report["target"]["value"])
@@ -279,22 +330,42 @@ def test_run_local_reads_recipe_file(weights: Path, tmp_path: Path) -> None:
 def test_report_judges_target_from_measured_numbers() -> None:
     from hawada.core.report import build_report, model_block, target_block
 
-    lat = {"median_ms": 10.0, "p10_ms": 9.0, "p90_ms": 11.0, "device": "cpu", "batch_size": 1,
-           "dtype": "float32", "channels_last": False, "repeats": 5}
+    lat = {
+        "median_ms": 10.0,
+        "p10_ms": 9.0,
+        "p90_ms": 11.0,
+        "device": "cpu",
+        "batch_size": 1,
+        "dtype": "float32",
+        "channels_last": False,
+        "repeats": 5,
+    }
     base = model_block(params=100, flops=1000, accuracy=0.9, latency=lat)
 
     def report(metric: str, flops: int, ms: float, **target) -> dict:
-        pruned = model_block(params=60, flops=flops, accuracy=0.88,
-                             latency={**lat, "median_ms": ms})
+        pruned = model_block(
+            params=60, flops=flops, accuracy=0.88, latency={**lat, "median_ms": ms}
+        )
         value = {"flops": 1000, "params": 100, "latency": 10.0}[metric]
-        return build_report(recipe={}, baseline=base, pruned=pruned,
-                            target=target_block(metric, baseline_value=value, **target),
-                            history=[], layers=[], weights_mapping=None, data={}, phases={},
-                            device="cpu", target_hint="every group at its floor")
+        return build_report(
+            recipe={},
+            baseline=base,
+            pruned=pruned,
+            target=target_block(metric, baseline_value=value, **target),
+            history=[],
+            layers=[],
+            weights_mapping=None,
+            data={},
+            phases={},
+            device="cpu",
+            target_hint="every group at its floor",
+        )
 
     missed = report("flops", 600, 6.0, ratio=0.5)
     assert missed["target_met"] is False
-    assert "600" in missed["target_reason"] and "every group at its floor" in missed["target_reason"]
+    assert (
+        "600" in missed["target_reason"] and "every group at its floor" in missed["target_reason"]
+    )
     assert report("flops", 500, 6.0, ratio=0.5)["target_met"] is True
     # Latency is measured, so a 5% slack absorbs timing noise, and no more.
     assert report("latency", 500, 5.2, latency_ms=5.0)["target_met"] is True
@@ -308,16 +379,27 @@ def test_report_judges_target_from_measured_numbers() -> None:
 def test_latency_target_job_uses_measured_table(weights: Path, tmp_path: Path) -> None:
     from hawada.core.lut import FolderLutCache
 
-    recipe = parse_recipe({
-        "model": {"arch": "resnet18", "num_classes": 4, "stem": "cifar", "input_size": [3, 16, 16]},
-        "data": {"source": "synthetic", "limit": 48, "batch_size": 8},
-        "target": {"metric": "latency", "ratio": 0.6},
-        "train": {"steps": 5}, "finetune": {"epochs": 0},
-        "latency": {"batch_size": 1, "repeats": 5, "warmup": 1},
-    })
+    recipe = parse_recipe(
+        {
+            "model": {
+                "arch": "resnet18",
+                "num_classes": 4,
+                "stem": "cifar",
+                "input_size": [3, 16, 16],
+            },
+            "data": {"source": "synthetic", "limit": 48, "batch_size": 8},
+            "target": {"metric": "latency", "ratio": 0.6},
+            "train": {"steps": 5},
+            "finetune": {"epochs": 0},
+            "latency": {"batch_size": 1, "repeats": 5, "warmup": 1},
+        }
+    )
     cache = FolderLutCache(tmp_path / "lut")
-    report = run_job(JobContext(recipe=recipe, weights=weights, out_dir=tmp_path / "job",
-                                device="cpu", lut_cache=cache))
+    report = run_job(
+        JobContext(
+            recipe=recipe, weights=weights, out_dir=tmp_path / "job", device="cpu", lut_cache=cache
+        )
+    )
     t = report["target"]
     assert t["unit"] == "ms" and t["value"] == pytest.approx(0.6 * report["baseline"]["latency_ms"])
     assert report["lut"]["key"] and cache.get(report["lut"]["key"]) is not None
@@ -332,8 +414,14 @@ def test_onnx_export_matches_pruned_model(weights: Path, tmp_path: Path) -> None
     pytest.importorskip("onnxscript")
     from onnx.reference import ReferenceEvaluator
 
-    run_job(JobContext(recipe=_recipe(formats=("safetensors", "onnx")), weights=weights,
-                       out_dir=tmp_path, device="cpu"))
+    run_job(
+        JobContext(
+            recipe=_recipe(formats=("safetensors", "onnx")),
+            weights=weights,
+            out_dir=tmp_path,
+            device="cpu",
+        )
+    )
     graph = onnx.load(str(tmp_path / "pruned.onnx"))
     onnx.checker.check_model(graph)
     x = torch.randn(3, 3, 16, 16)

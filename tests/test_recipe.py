@@ -1,4 +1,5 @@
 """Recipe schema: built-ins parse, bad input is rejected with the offending field's path."""
+
 from __future__ import annotations
 
 import json
@@ -32,7 +33,10 @@ def test_builtin_recipes_all_parse() -> None:
     assert recipes["resnet"].model.stem == "cifar"
     assert recipes["resnet"].data.source == "fashion-mnist"
     assert (recipes["resnet"].target.metric, recipes["resnet"].target.ratio) == ("flops", 0.5)
-    assert (recipes["resnet-latency"].target.metric, recipes["resnet-latency"].target.ratio) == ("latency", 0.7)
+    assert (recipes["resnet-latency"].target.metric, recipes["resnet-latency"].target.ratio) == (
+        "latency",
+        0.7,
+    )
     assert recipes["demo-digits"].data.source == "digits"
     for recipe in recipes.values():
         assert recipe.family == "resnet"
@@ -48,9 +52,15 @@ def test_minimal_recipe_gets_design_defaults() -> None:
     r = parse_recipe(MINIMAL)
     assert r.model.input_size == (3, 32, 32)
     assert r.model.normalize.mean == (0.485, 0.456, 0.406)
-    assert r.data.source == "fashion-mnist" and r.data.batch_size == 64 and r.data.val_fraction == 0.1
+    assert (
+        r.data.source == "fashion-mnist" and r.data.batch_size == 64 and r.data.val_fraction == 0.1
+    )
     assert r.target.metric == "flops" and r.target.ratio == 0.5 and r.target.latency_ms is None
-    assert r.gates.round_to == 8 and r.gates.temperature.start == 1.0 and r.gates.temperature.end == 0.05
+    assert (
+        r.gates.round_to == 8
+        and r.gates.temperature.start == 1.0
+        and r.gates.temperature.end == 0.05
+    )
     assert r.train.steps == 300 and r.train.kd.alpha == 1.0 and r.train.log_every == 10
     assert r.finetune.epochs == 1.0 and r.latency.warmup == 10 and r.latency.device == "auto"
     assert r.export.formats == ["safetensors"]
@@ -58,7 +68,9 @@ def test_minimal_recipe_gets_design_defaults() -> None:
 
 def test_yaml_and_json_text_and_bytes_give_the_same_recipe() -> None:
     as_json = json.dumps({**MINIMAL, "target": {"metric": "params", "ratio": 0.3}})
-    as_yaml = "model:\n  arch: resnet18\n  num_classes: 10\ntarget:\n  metric: params\n  ratio: 0.3\n"
+    as_yaml = (
+        "model:\n  arch: resnet18\n  num_classes: 10\ntarget:\n  metric: params\n  ratio: 0.3\n"
+    )
     a, b, c = parse_recipe(as_json), parse_recipe(as_yaml), parse_recipe(as_yaml.encode())
     assert recipe_to_dict(a) == recipe_to_dict(b) == recipe_to_dict(c)
     assert recipe_hash(a) == recipe_hash(b)
@@ -127,7 +139,14 @@ def test_out_of_range_values_name_their_path(block: dict, path: str) -> None:
         ({"arch": "resnet18", "num_classes": 10, "input_size": [3, 4, 32]}, "model.input_size"),
         ({"arch": "resnet18", "num_classes": 10, "input_size": [3, 32, 2048]}, "model.input_size"),
         ({"arch": "resnet18", "num_classes": 10, "stem": "deep"}, "model.stem"),
-        ({"arch": "resnet18", "num_classes": 10, "normalize": {"mean": [0, 0, 0], "std": [1, 0, 1]}}, "model.normalize.std"),
+        (
+            {
+                "arch": "resnet18",
+                "num_classes": 10,
+                "normalize": {"mean": [0, 0, 0], "std": [1, 0, 1]},
+            },
+            "model.normalize.std",
+        ),
         ({"num_classes": 10}, "model.arch"),
     ],
 )
@@ -139,8 +158,10 @@ def test_bad_model_block(model: dict, path: str) -> None:
 
 @pytest.mark.parametrize(
     ("arch", "says"),
-    [("vgg16", "is not supported: no HawAda adapter for the vgg family"),
-     ("resnet9000", "unknown architecture")],
+    [
+        ("vgg16", "is not supported: no HawAda adapter for the vgg family"),
+        ("resnet9000", "unknown architecture"),
+    ],
 )
 def test_unsupported_arch_lists_supported_names(arch: str, says: str) -> None:
     with pytest.raises(RecipeError) as info:

@@ -1,4 +1,5 @@
 """Gate training, fine-tuning and BN recalibration on tiny models (CPU, a few seconds)."""
+
 from __future__ import annotations
 
 import pytest
@@ -22,12 +23,13 @@ from hawada.core.train import (
 
 
 def _recipe(**over):
-    spec = {"model": {"arch": "resnet18", "num_classes": 4, "stem": "cifar",
-                      "input_size": [3, 16, 16]},
-            "data": {"source": "synthetic", "limit": 48, "batch_size": 8},
-            "target": {"metric": "flops", "ratio": 0.5},
-            "train": {"steps": 3, "log_every": 1},
-            "finetune": {"epochs": 0.25, "lr": 0.01}}
+    spec = {
+        "model": {"arch": "resnet18", "num_classes": 4, "stem": "cifar", "input_size": [3, 16, 16]},
+        "data": {"source": "synthetic", "limit": 48, "batch_size": 8},
+        "target": {"metric": "flops", "ratio": 0.5},
+        "train": {"steps": 3, "log_every": 1},
+        "finetune": {"epochs": 0.25, "lr": 0.01},
+    }
     for key, value in over.items():
         spec[key] = {**spec.get(key, {}), **value}
     return parse_recipe(spec)
@@ -56,12 +58,17 @@ def _tiny_setup(width: int = 32, hw: int = 8):
     with torch.no_grad():  # trained-looking BN scales, so importance differs per channel
         for bn in (model.bn1, model.bn2):
             bn.weight.uniform_(0.2, 2.0)
-    groups = [GateGroup.from_channels(n, width, modules=[bn], covers=[conv, bn], round_to=4,
-                                      min_channels=4)
-              for n, conv, bn in (("g1", "conv1", "bn1"), ("g2", "conv2", "bn2"))]
-    layers = [LayerSpec("conv1", "conv", None, "g1", 3, width, 1, False, (3, 3), (hw, hw)),
-              LayerSpec("conv2", "conv", "g1", "g2", width, width, 1, False, (3, 3), (hw, hw)),
-              LayerSpec("fc", "linear", "g2", None, width, 4, 1, False, (1, 1), (1, 1))]
+    groups = [
+        GateGroup.from_channels(
+            n, width, modules=[bn], covers=[conv, bn], round_to=4, min_channels=4
+        )
+        for n, conv, bn in (("g1", "conv1", "bn1"), ("g2", "conv2", "bn2"))
+    ]
+    layers = [
+        LayerSpec("conv1", "conv", None, "g1", 3, width, 1, False, (3, 3), (hw, hw)),
+        LayerSpec("conv2", "conv", "g1", "g2", width, width, 1, False, (3, 3), (hw, hw)),
+        LayerSpec("fc", "linear", "g2", None, width, 4, 1, False, (1, 1), (1, 1)),
+    ]
     gates = Gates(groups)
     attach(model, gates)
     return model, gates, FlopsCost(layers)
@@ -88,8 +95,9 @@ def test_only_gates_train_base_bit_identical() -> None:
     logits_before = {k: v.clone() for k, v in gates.named_logits().items()}
     handle = attach(model, gates)
     rows: list[dict] = []
-    history = train_gates(model, gates, cost, load_data(recipe), recipe, device="cpu",
-                          on_step=rows.append)
+    history = train_gates(
+        model, gates, cost, load_data(recipe), recipe, device="cpu", on_step=rows.append
+    )
     handle.remove()
     after = model.state_dict()
     assert before.keys() == after.keys()
@@ -107,8 +115,12 @@ def test_only_gates_train_base_bit_identical() -> None:
 @pytest.mark.parametrize("ratio", [0.5, 0.3])
 def test_cost_lands_near_target(ratio: float) -> None:
     model, gates, cost = _tiny_setup()
-    recipe = _recipe(model={"input_size": [3, 8, 8]}, data={"limit": 256, "batch_size": 32},
-                     target={"ratio": ratio}, train={"steps": 200, "log_every": 10})
+    recipe = _recipe(
+        model={"input_size": [3, 8, 8]},
+        data={"limit": 256, "batch_size": 32},
+        target={"ratio": ratio},
+        train={"steps": 200, "log_every": 10},
+    )
     history = train_gates(model, gates, cost, load_data(recipe), recipe, device="cpu")
     assert history[-1]["cost_ratio"] == pytest.approx(ratio, abs=0.05)
     kept = {n: float(len(k)) for n, k in keep_from_gates(gates).items()}
@@ -127,8 +139,16 @@ def test_cancellation_raises_job_cancelled() -> None:
 
     rows: list[dict] = []
     with pytest.raises(JobCancelled):
-        train_gates(model, gates, cost, load_data(recipe), recipe, device="cpu",
-                    on_step=rows.append, should_stop=should_stop)
+        train_gates(
+            model,
+            gates,
+            cost,
+            load_data(recipe),
+            recipe,
+            device="cpu",
+            on_step=rows.append,
+            should_stop=should_stop,
+        )
     assert [r["step"] for r in rows] == [1, 2]
 
 
@@ -146,15 +166,33 @@ def test_resume_continues_exactly() -> None:
         return bool(saved)
 
     with pytest.raises(JobCancelled):
-        train_gates(model2, gates2, cost2, data, recipe, device="cpu",
-                    should_stop=stop_after_checkpoint, on_checkpoint=saved.append,
-                    checkpoint_every_steps=4, checkpoint_every_s=1e9)
+        train_gates(
+            model2,
+            gates2,
+            cost2,
+            data,
+            recipe,
+            device="cpu",
+            should_stop=stop_after_checkpoint,
+            on_checkpoint=saved.append,
+            checkpoint_every_steps=4,
+            checkpoint_every_s=1e9,
+        )
     state = saved[0]
     assert state["step"] == 4
     model3, gates3, cost3 = _tiny_setup()
     rows: list[dict] = []
-    resumed = train_gates(model3, gates3, cost3, data, recipe, device="cpu", on_step=rows.append,
-                          start_step=state["step"], state=state)
+    resumed = train_gates(
+        model3,
+        gates3,
+        cost3,
+        data,
+        recipe,
+        device="cpu",
+        on_step=rows.append,
+        start_step=state["step"],
+        state=state,
+    )
     assert [r["step"] for r in rows] == [5, 6, 7, 8]
     assert [r["step"] for r in resumed] == [r["step"] for r in full]
     for name, logits in gates3.named_logits().items():
@@ -185,12 +223,15 @@ def test_finetune_moves_student_not_teacher_and_recalibrates_bn() -> None:
 
 
 def test_train_classifier_learns_separable_data() -> None:
-    recipe = _recipe(model={"input_size": [3, 8, 8], "num_classes": 10},
-                     data={"source": "digits", "limit": 400, "batch_size": 32})
+    recipe = _recipe(
+        model={"input_size": [3, 8, 8], "num_classes": 10},
+        data={"source": "digits", "limit": 400, "batch_size": 32},
+    )
     data = load_data(recipe)
     torch.manual_seed(0)
     model = Tiny(classes=10)
     history = train_classifier(model, data, steps=60, lr=0.1, device="cpu", batch_size=32)
     assert history[-1]["loss"] < history[0]["loss"]
     from hawada.core.evaluate import accuracy
+
     assert accuracy(model, data.heldout_batches(64), "cpu") > 0.5

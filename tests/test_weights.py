@@ -1,4 +1,5 @@
 """Safe weight loading: round trips, wrapper/timm layouts, refusals that never execute code."""
+
 from __future__ import annotations
 
 import os
@@ -55,7 +56,9 @@ def test_pt_roundtrip(tmp_path: Path, source: torch.nn.Module, suffix: str) -> N
     assert _same_outputs(source, target)
 
 
-def test_checkpoint_dict_with_metadata_is_unwrapped(tmp_path: Path, source: torch.nn.Module) -> None:
+def test_checkpoint_dict_with_metadata_is_unwrapped(
+    tmp_path: Path, source: torch.nn.Module
+) -> None:
     path = tmp_path / "ckpt.pt"
     torch.save({"epoch": 3, "lr": 0.1, "state_dict": source.state_dict()}, path)
     target = resnet18(num_classes=10)
@@ -74,7 +77,9 @@ def test_wrapper_prefixes_stripped(tmp_path: Path, source: torch.nn.Module, pref
     assert summary.to_dict()["counts"]["renamed"] == len(source.state_dict())
 
 
-def test_timm_layout_head_fc_and_missing_num_batches_tracked(tmp_path: Path, source: torch.nn.Module) -> None:
+def test_timm_layout_head_fc_and_missing_num_batches_tracked(
+    tmp_path: Path, source: torch.nn.Module
+) -> None:
     sd = {}
     for k, v in source.state_dict().items():
         if k.endswith("num_batches_tracked"):
@@ -135,7 +140,11 @@ def test_map_state_dict_reports_without_loading(source: torch.nn.Module) -> None
     assert summary.mismatched == [("fc.bias", (10,), (3,))]
     assert "fc.bias" not in tensors and not summary.ok
     d = summary.to_dict()
-    assert d["counts"]["mismatched"] == 1 and d["mismatched"][0] == {"key": "fc.bias", "expected": [10], "got": [3]}
+    assert d["counts"]["mismatched"] == 1 and d["mismatched"][0] == {
+        "key": "fc.bias",
+        "expected": [10],
+        "got": [3],
+    }
 
 
 class _Evil:

@@ -3,6 +3,7 @@ cancellation seen through the lease thread, artifacts stored with checksums, rea
 
 The engine is replaced by small stand-in functions here (the integration tests run the real
 one); what is asserted is the job's state in the database and the files on disk."""
+
 from __future__ import annotations
 
 import hashlib
@@ -33,9 +34,15 @@ def settings(tmp_path: Path) -> Settings:
 
 def _new_job(s: Settings, **kw: Any) -> str:
     with session_scope(s.database_url) as session:
-        job = jobs.create_job(session, owner="alice", recipe={"model": {"arch": "resnet18"}},
-                              recipe_hash="0" * 64, weights_path="/nonexistent.safetensors",
-                              max_attempts=s.max_attempts, **kw)
+        job = jobs.create_job(
+            session,
+            owner="alice",
+            recipe={"model": {"arch": "resnet18"}},
+            recipe_hash="0" * 64,
+            weights_path="/nonexistent.safetensors",
+            max_attempts=s.max_attempts,
+            **kw,
+        )
         return job.id
 
 
@@ -57,8 +64,10 @@ def _fake_pipeline(monkeypatch: pytest.MonkeyPatch, body: Any) -> None:
 
 
 def test_importing_the_worker_does_not_import_torch() -> None:
-    code = ("import sys, hawada.worker.app, hawada.worker.tasks, hawada.worker.runner, hawada.worker.lut_cache;"
-            "sys.exit('torch' in sys.modules)")
+    code = (
+        "import sys, hawada.worker.app, hawada.worker.tasks, hawada.worker.runner, hawada.worker.lut_cache;"
+        "sys.exit('torch' in sys.modules)"
+    )
     import subprocess
 
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
@@ -83,8 +92,9 @@ def test_claim_is_exclusive(settings: Settings) -> None:
     assert _job(settings, job_id).status == "running"
 
 
-def test_success_stores_artifacts_and_metrics(settings: Settings,
-                                              monkeypatch: pytest.MonkeyPatch) -> None:
+def test_success_stores_artifacts_and_metrics(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
     payload = b'{"arch": "resnet18"}'
 
     def body(work: Path, sink: Any, cancel: threading.Event) -> dict[str, Any]:
@@ -94,9 +104,12 @@ def test_success_stores_artifacts_and_metrics(settings: Settings,
         sink({"kind": "progress", "phase": "training", "progress": 1.0, "step": 50})
         (work / "pruned.json").write_bytes(payload)
         (work / "scratch.tmp").write_bytes(b"not an artifact")
-        return {"baseline": {"params": 100, "flops": 1000, "latency_ms": 2.0, "accuracy": 0.9},
-                "pruned": {"params": 50, "flops": 480, "latency_ms": 1.2, "accuracy": 0.88},
-                "target_met": True, "speedup": {"measured": 1.67}}
+        return {
+            "baseline": {"params": 100, "flops": 1000, "latency_ms": 2.0, "accuracy": 0.9},
+            "pruned": {"params": 50, "flops": 480, "latency_ms": 1.2, "accuracy": 0.88},
+            "target_met": True,
+            "speedup": {"measured": 1.67},
+        }
 
     _fake_pipeline(monkeypatch, body)
     job_id = _new_job(settings)
@@ -117,8 +130,9 @@ def test_success_stores_artifacts_and_metrics(settings: Settings,
     assert not (Path(settings.var_dir) / "checkpoints" / job_id).exists()
 
 
-def test_user_error_is_recorded_with_its_code(settings: Settings,
-                                             monkeypatch: pytest.MonkeyPatch) -> None:
+def test_user_error_is_recorded_with_its_code(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
     def body(work: Path, sink: Any, cancel: threading.Event) -> dict[str, Any]:
         raise WeightsError("missing keys: fc.weight", code="weights_mismatch")
 
@@ -130,8 +144,9 @@ def test_user_error_is_recorded_with_its_code(settings: Settings,
     assert "fc.weight" in job.error_message
 
 
-def test_crash_is_failed_internal_with_traceback_event(settings: Settings,
-                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+def test_crash_is_failed_internal_with_traceback_event(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
     def body(work: Path, sink: Any, cancel: threading.Event) -> dict[str, Any]:
         raise ZeroDivisionError("boom")
 
@@ -143,8 +158,9 @@ def test_crash_is_failed_internal_with_traceback_event(settings: Settings,
     assert any("Traceback" in e.get("message", "") for e in _events(settings, job_id))
 
 
-def test_cancel_request_reaches_the_running_job(settings: Settings,
-                                                monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cancel_request_reaches_the_running_job(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
     started = threading.Event()
 
     def body(work: Path, sink: Any, cancel: threading.Event) -> dict[str, Any]:
@@ -171,8 +187,9 @@ def test_cancel_request_reaches_the_running_job(settings: Settings,
     assert _job(settings, job_id).status == "cancelled"
 
 
-def test_lease_is_renewed_while_running(settings: Settings,
-                                        monkeypatch: pytest.MonkeyPatch) -> None:
+def test_lease_is_renewed_while_running(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
     seen: list[Any] = []
 
     def body(work: Path, sink: Any, cancel: threading.Event) -> dict[str, Any]:
@@ -220,8 +237,9 @@ def test_lut_cache_round_trip(settings: Settings) -> None:
     assert cache.get("cpu|resnet18|16") == b"\x01table"
 
 
-def test_job_progress_is_overall_and_monotone(settings: Settings,
-                                              monkeypatch: pytest.MonkeyPatch) -> None:
+def test_job_progress_is_overall_and_monotone(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
     seen: list[float] = []
 
     def body(work: Path, sink: Any, cancel: threading.Event) -> dict[str, Any]:
@@ -243,8 +261,9 @@ def test_job_progress_is_overall_and_monotone(settings: Settings,
     assert _job(settings, body.job_id).progress == 1.0  # type: ignore[attr-defined]
 
 
-def test_soft_time_limit_fails_with_time_limit(settings: Settings,
-                                               monkeypatch: pytest.MonkeyPatch) -> None:
+def test_soft_time_limit_fails_with_time_limit(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from celery.exceptions import SoftTimeLimitExceeded
 
     def body(work: Path, sink: Any, cancel: threading.Event) -> dict[str, Any]:

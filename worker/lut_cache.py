@@ -1,5 +1,6 @@
 """A `hawada.core.lut.LutCache` backed by the database, so every worker on the same kind of device
 reuses one measured latency table instead of profiling again."""
+
 from __future__ import annotations
 
 from hawada.store.db import session_scope

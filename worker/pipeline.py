@@ -108,9 +108,7 @@ class _Phases:
         self.on_event({"kind": "log", "message": message})
 
 
-def _progress_emitter(
-    ctx: JobContext, phase: str, log_every: int
-) -> Callable[[HistoryRow], None]:
+def _progress_emitter(ctx: JobContext, phase: str, log_every: int) -> Callable[[HistoryRow], None]:
     """on_step callback turning train rows into throttled progress events."""
     last = [0.0]
 

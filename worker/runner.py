@@ -4,6 +4,7 @@ database, store its artifacts and record how it ended.
 Torch is imported only inside :func:`execute` (through ``hawada.worker.pipeline``), so the Celery
 parent process, which imports this module for the reaper, never loads it.
 """
+
 from __future__ import annotations
 
 import logging
@@ -33,8 +34,16 @@ log = logging.getLogger("hawada.worker")
 PROGRESS_EVERY_S = 1.0
 # Share of a typical job's time per phase (lifecycle order): the job's `progress` is overall
 # and monotone, while each progress event keeps the engine's within-phase fraction.
-PHASE_SHARE = {"loading": 0.03, "baseline": 0.05, "profiling": 0.07, "training": 0.60,
-               "exporting": 0.03, "finetuning": 0.15, "evaluating": 0.05, "packaging": 0.02}
+PHASE_SHARE = {
+    "loading": 0.03,
+    "baseline": 0.05,
+    "profiling": 0.07,
+    "training": 0.60,
+    "exporting": 0.03,
+    "finetuning": 0.15,
+    "evaluating": 0.05,
+    "packaging": 0.02,
+}
 assert tuple(PHASE_SHARE) == PHASES, "PHASE_SHARE must list the lifecycle's phases in order"
 
 
@@ -78,8 +87,11 @@ class LeaseKeeper(threading.Thread):
                 return
             job = jobs.load_job(session, self.job_id)
         # False means "stop": either a cancel was asked or the job is no longer ours.
-        if job is None or job.worker_id != self.owner or job.status not in (
-                "running", "cancelling"):
+        if (
+            job is None
+            or job.worker_id != self.owner
+            or job.status not in ("running", "cancelling")
+        ):
             self.lost.set()
         self.cancel.set()
 
@@ -111,8 +123,7 @@ class EventSink:
     """The pipeline's ``on_event``: phase and log events are stored at once, progress
     events at most every ``PROGRESS_EVERY_S`` (so the DB sees about one write a second)."""
 
-    def __init__(self, url: str, job_id: str, clock: Callable[[], float] = time.monotonic
-                 ) -> None:
+    def __init__(self, url: str, job_id: str, clock: Callable[[], float] = time.monotonic) -> None:
         self.url, self.job_id, self._clock = url, job_id, clock
         self._last_progress = float("-inf")
         self.phase: str | None = None
@@ -131,12 +142,20 @@ class EventSink:
         with session_scope(self.url) as session:
             jobs.add_event(session, self.job_id, kind, _jsonable(event))
             if kind == "phase":
-                jobs.set_progress(session, self.job_id, phase=self.phase,
-                                  progress=overall_progress(self.phase, 0.0))
+                jobs.set_progress(
+                    session,
+                    self.job_id,
+                    phase=self.phase,
+                    progress=overall_progress(self.phase, 0.0),
+                )
             elif kind == "progress":
                 phase = event.get("phase", self.phase)
-                jobs.set_progress(session, self.job_id, phase=phase, progress=overall_progress(
-                    phase, float(event.get("progress", 0.0))))
+                jobs.set_progress(
+                    session,
+                    self.job_id,
+                    phase=phase,
+                    progress=overall_progress(phase, float(event.get("progress", 0.0))),
+                )
 
 
 def _jsonable(value: Any) -> Any:
@@ -190,8 +209,14 @@ def execute(job_id: str, settings: Settings | None = None) -> str | None:
         if job is None:
             log.info("job %s not claimable (taken, terminal or deleted)", job_id)
             return None
-        spec = {"recipe": job.recipe, "weights": job.weights_path, "model_id": job.model_id,
-                "owner": job.owner, "dataset": job.dataset_path, "attempt": job.attempts}
+        spec = {
+            "recipe": job.recipe,
+            "weights": job.weights_path,
+            "model_id": job.model_id,
+            "owner": job.owner,
+            "dataset": job.dataset_path,
+            "attempt": job.attempts,
+        }
 
     lease = LeaseKeeper(url, job_id, me, settings.lease_s)
     lease.start()
@@ -221,8 +246,11 @@ def execute(job_id: str, settings: Settings | None = None) -> str | None:
         message = f"job exceeded the time limit of {settings.job_time_limit_s:.0f} s"
     except BaseException as exc:  # noqa: BLE001 - record it, then let Celery see fatal ones
         status, code, message = "failed", "internal", f"{type(exc).__name__}: {exc}"
-        _safe(lambda: sink({"kind": "log", "level": "error",
-                            "message": traceback.format_exc(limit=20)}))
+        _safe(
+            lambda: sink(
+                {"kind": "log", "level": "error", "message": traceback.format_exc(limit=20)}
+            )
+        )
         if not isinstance(exc, Exception):
             _finish(url, job_id, status, code, message, None)
             raise
@@ -248,8 +276,9 @@ def _safe(fn: Callable[[], Any]) -> None:
         log.exception("could not record an event")
 
 
-def _finish(url: str, job_id: str, status: str, code: str, message: str,
-            metrics: dict[str, Any] | None) -> None:
+def _finish(
+    url: str, job_id: str, status: str, code: str, message: str, metrics: dict[str, Any] | None
+) -> None:
     with session_scope(url) as session:
         if status == "succeeded":
             jobs.finish_job(session, job_id, "succeeded", metrics=metrics)
@@ -267,8 +296,14 @@ def _resolve_weights(settings: Settings, spec: dict[str, Any]) -> Path:
     return Path(model.path)
 
 
-def _run_pipeline(settings: Settings, spec: dict[str, Any], work: Path, checkpoint_dir: Path,
-                  sink: EventSink, cancel: threading.Event) -> dict[str, Any]:
+def _run_pipeline(
+    settings: Settings,
+    spec: dict[str, Any],
+    work: Path,
+    checkpoint_dir: Path,
+    sink: EventSink,
+    cancel: threading.Event,
+) -> dict[str, Any]:
     """Build the engine's JobContext and run it (the only place torch gets imported)."""
     from hawada.core.recipe import parse_recipe
     from hawada.worker.lut_cache import StoreLutCache
@@ -293,8 +328,9 @@ def _run_pipeline(settings: Settings, spec: dict[str, Any], work: Path, checkpoi
 
 
 # -- reaper -------------------------------------------------------------------------------
-def reap_once(settings: Settings | None = None,
-              send: Callable[[str], Any] | None = None) -> list[str]:
+def reap_once(
+    settings: Settings | None = None, send: Callable[[str], Any] | None = None
+) -> list[str]:
     """Re-queue jobs whose lease lapsed (failing those out of attempts) and re-send them."""
     settings = settings or get_settings()
     with session_scope(settings.database_url) as session:
@@ -306,6 +342,7 @@ def reap_once(settings: Settings | None = None,
 
             def send(job_id: str) -> Any:
                 return celery_app.send_task(TASK_NAME, args=[job_id])
+
         for job_id in requeued:
             send(job_id)
         log.warning("re-queued %d job(s) with lapsed leases: %s", len(requeued), requeued)

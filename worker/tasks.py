@@ -4,6 +4,7 @@ The task body defers to ``hawada.worker.runner.execute`` which imports torch laz
 prefork pool the task runs in a child process, so the parent (broker connection, reaper)
 stays torch- and CUDA-free.
 """
+
 from __future__ import annotations
 
 from typing import Any

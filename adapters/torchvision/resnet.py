@@ -8,6 +8,7 @@ bn2 into one group "layerN.M.inner" whose unit is a whole conv group, so `groups
 after export. Bottleneck nets have a free "stem" group (its output feeds layer1's downsample,
 not an add).
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
@@ -145,8 +146,9 @@ def _topology(model: nn.Module) -> _Topology:
     def add_member(group: _GroupDef, conv: str, bn: str, in_group: str | None) -> None:
         channels = model.get_submodule(bn).num_features
         if channels != group.channels:
-            raise ValueError(f"{bn}: {channels} channels, its group {group.name} has "
-                             f"{group.channels}")
+            raise ValueError(
+                f"{bn}: {channels} channels, its group {group.name} has {group.channels}"
+            )
         group.modules.append(bn)
         group.covers += [conv, bn]
         convs.append(_ConvNode(conv, bn, in_group, group.name))
@@ -165,8 +167,7 @@ def _topology(model: nn.Module) -> _Topology:
             p = f"layer{stage}.{index}"
             block_in = current
             if block.downsample is not None:
-                stream = _GroupDef(f"stream.layer{stage}", True,
-                                   block.downsample[1].num_features)
+                stream = _GroupDef(f"stream.layer{stage}", True, block.downsample[1].num_features)
                 groups[stream.name] = stream
             if isinstance(block, BasicBlock):
                 inner = _GroupDef(f"{p}.inner1", False, block.bn1.num_features)
@@ -233,8 +234,13 @@ class ResNetAdapter:
         prune_residual = gates_spec.prune_residual
         return [
             GateGroup.from_channels(
-                g.name, g.channels, unit_width=g.unit_width, modules=g.modules,
-                covers=g.covers, round_to=round_to, min_channels=min_channels,
+                g.name,
+                g.channels,
+                unit_width=g.unit_width,
+                modules=g.modules,
+                covers=g.covers,
+                round_to=round_to,
+                min_channels=min_channels,
             )
             for g in _topology(model).groups.values()
             if prune_residual or not g.stream
@@ -252,20 +258,42 @@ class ResNetAdapter:
         for node in topo.convs:
             conv = model.get_submodule(node.conv)
             (in_h, in_w), (out_h, out_w) = shapes[node.conv]
-            specs.append(LayerSpec(
-                name=node.conv, kind="conv", in_group=node.in_group, out_group=node.out_group,
-                in_channels=conv.in_channels, out_channels=conv.out_channels,
-                groups=conv.groups, tied_groups=node.tied, kernel=tuple(conv.kernel_size),
-                out_hw=(out_h, out_w), in_hw=(in_h, in_w), stride=tuple(conv.stride),
-                padding=tuple(conv.padding), dilation=tuple(conv.dilation),
-                bias=conv.bias is not None, norm=node.bn,
-            ))
+            specs.append(
+                LayerSpec(
+                    name=node.conv,
+                    kind="conv",
+                    in_group=node.in_group,
+                    out_group=node.out_group,
+                    in_channels=conv.in_channels,
+                    out_channels=conv.out_channels,
+                    groups=conv.groups,
+                    tied_groups=node.tied,
+                    kernel=tuple(conv.kernel_size),
+                    out_hw=(out_h, out_w),
+                    in_hw=(in_h, in_w),
+                    stride=tuple(conv.stride),
+                    padding=tuple(conv.padding),
+                    dilation=tuple(conv.dilation),
+                    bias=conv.bias is not None,
+                    norm=node.bn,
+                )
+            )
         fc = model.fc
-        specs.append(LayerSpec(
-            name=FC, kind="linear", in_group=topo.fc_group, out_group=None,
-            in_channels=fc.in_features, out_channels=fc.out_features, groups=1,
-            tied_groups=False, kernel=(1, 1), out_hw=(1, 1), bias=fc.bias is not None,
-        ))
+        specs.append(
+            LayerSpec(
+                name=FC,
+                kind="linear",
+                in_group=topo.fc_group,
+                out_group=None,
+                in_channels=fc.in_features,
+                out_channels=fc.out_features,
+                groups=1,
+                tied_groups=False,
+                kernel=(1, 1),
+                out_hw=(1, 1),
+                bias=fc.bias is not None,
+            )
+        )
         return specs
 
     def export_pruned(self, model: nn.Module, keep: Mapping[str, Tensor]) -> nn.Module:
@@ -350,15 +378,27 @@ class ResNetAdapter:
                 g = groups.get(node.conv, conv.groups)
                 if out % g or in_ % g:
                     raise ValueError(f"{node.conv}: {in_}->{out} channels, groups={g}")
-                new.set_submodule(node.conv, nn.Conv2d(
-                    in_, out, conv.kernel_size, stride=conv.stride, padding=conv.padding,
-                    dilation=conv.dilation, groups=g, bias=conv.bias is not None))
+                new.set_submodule(
+                    node.conv,
+                    nn.Conv2d(
+                        in_,
+                        out,
+                        conv.kernel_size,
+                        stride=conv.stride,
+                        padding=conv.padding,
+                        dilation=conv.dilation,
+                        groups=g,
+                        bias=conv.bias is not None,
+                    ),
+                )
                 if channels.get(node.bn, out) != out:
-                    raise ValueError(f"{node.bn}: {channels[node.bn]} channels after a "
-                                     f"{out}-channel conv")
+                    raise ValueError(
+                        f"{node.bn}: {channels[node.bn]} channels after a {out}-channel conv"
+                    )
                 new.set_submodule(node.bn, nn.BatchNorm2d(out))
-            new.fc = nn.Linear(width(producer[topo.fc_group]),
-                               channels.get(FC, base.fc.out_features))
+            new.fc = nn.Linear(
+                width(producer[topo.fc_group]), channels.get(FC, base.fc.out_features)
+            )
         return new
 
 
@@ -371,29 +411,40 @@ def _checked_keep(topo: _Topology, keep: Mapping[str, Tensor]) -> dict[str, Tens
         group = topo.groups[name]
         idx = torch.as_tensor(idx).reshape(-1).to(torch.long).cpu()
         n = idx.numel()
-        if n == 0 or int(idx[0]) < 0 or int(idx[-1]) >= group.channels or (
-                n > 1 and not bool((idx[1:] > idx[:-1]).all())):
-            raise ValueError(f"keep[{name}] must be sorted unique indices in [0, "
-                             f"{group.channels}), non-empty")
+        if (
+            n == 0
+            or int(idx[0]) < 0
+            or int(idx[-1]) >= group.channels
+            or (n > 1 and not bool((idx[1:] > idx[:-1]).all()))
+        ):
+            raise ValueError(
+                f"keep[{name}] must be sorted unique indices in [0, {group.channels}), non-empty"
+            )
         w = group.unit_width
         if w > 1:
             blocks = idx.view(-1, w) if n % w == 0 else None
-            if blocks is None or bool((blocks[:, 0] % w).any()) or not torch.equal(
-                    blocks - blocks[:, :1], torch.arange(w).expand_as(blocks)):
+            if (
+                blocks is None
+                or bool((blocks[:, 0] % w).any())
+                or not torch.equal(blocks - blocks[:, :1], torch.arange(w).expand_as(blocks))
+            ):
                 raise ValueError(f"keep[{name}] must keep whole units of {w} channels")
         out[name] = idx
     return out
 
 
-def _io_shapes(model: nn.Module, input_size: Sequence[int]
-               ) -> dict[str, tuple[tuple[int, int], tuple[int, int]]]:
+def _io_shapes(
+    model: nn.Module, input_size: Sequence[int]
+) -> dict[str, tuple[tuple[int, int], tuple[int, int]]]:
     """Input and output H, W of every conv from one no-grad eval forward at batch 1."""
     shapes: dict[str, tuple[tuple[int, int], tuple[int, int]]] = {}
     handles = []
     for name, module in model.named_modules():
         if isinstance(module, nn.Conv2d):
+
             def hook(_m, inputs, output, name=name):
                 shapes[name] = (tuple(inputs[0].shape[-2:]), tuple(output.shape[-2:]))
+
             handles.append(module.register_forward_hook(hook))
     ref = next(model.parameters())
     was_training = model.training

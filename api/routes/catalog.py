@@ -26,7 +26,5 @@ def list_recipes() -> RecipeList:
 def list_architectures() -> ArchitectureList:
     """Architectures a recipe's `model.arch` may name, with their adapter family."""
     return ArchitectureList(
-        items=[
-            ArchitecturePublic(name=n, family=f) for n, f in supported_architectures().items()
-        ]
+        items=[ArchitecturePublic(name=n, family=f) for n, f in supported_architectures().items()]
     )

@@ -92,9 +92,7 @@ def _time_point(
     return min(times) if dev.type == "cpu" else summarize(times)[0]
 
 
-def _entry_tensors(
-    shape: LayerShape, dev: torch.device, dtype: torch.dtype
-) -> _Tensors:
+def _entry_tensors(shape: LayerShape, dev: torch.device, dtype: torch.dtype) -> _Tensors:
     """Full-width weight, BN tensors and input of one signature; grid points slice them."""
     gen = torch.Generator(device="cpu").manual_seed(0)
     if shape.kind == "linear":
@@ -240,5 +238,3 @@ def build_lut(
         build_seconds=time.perf_counter() - t0,
         meta=meta,
     )
-
-

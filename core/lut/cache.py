@@ -26,6 +26,7 @@ from hawada.core.lut.calibration import calibrate
 from hawada.core.lut.table import LUT_VERSION, LatencyTable, layer_shape
 from hawada.core.recipe import LatencySpec
 
+
 class LutCache(Protocol):
     """Where built tables are kept between jobs (a folder for `hawada run`, the DB in the worker)."""
 

@@ -153,5 +153,3 @@ def calibrate(
     runs = [[float(measure_widths(w)) for w in configs] for _ in range(max(1, passes))]
     samples = [(float(cost.raw(w)), min(r[i] for r in runs)) for i, w in enumerate(configs)]
     return fit_calibration(table, samples)
-
-

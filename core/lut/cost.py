@@ -15,6 +15,7 @@ from torch import Tensor
 from hawada.core.layers import LayerSpec, Width, group_widths
 from hawada.core.lut.table import LatencyTable, LutEntry, layer_shape
 
+
 class LatencyCost:
     """``CostModel`` over a LatencyTable: ms = scale * sum_layers interp(cin, cout) + offset.
 
@@ -170,5 +171,3 @@ class LatencyCost:
     def baseline(self) -> float:
         """Predicted ms of the unpruned model."""
         return float(self.cost({}))
-
-

@@ -203,5 +203,3 @@ class LatencyTable:
             )
         except (AttributeError, KeyError, TypeError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ValueError(f"not a latency table: {e}") from e
-
-
