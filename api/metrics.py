@@ -19,9 +19,9 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from hawada.lifecycle import JOB_STATES, TERMINAL_STATES
 from hawada.store.db import session_scope
 from hawada.store.jobs import count_by_status
-from hawada.lifecycle import JOB_STATES, TERMINAL_STATES
 from hawada.store.models import Job, JobEvent
 
 PHASE_BUCKETS = (0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 7200, 21600)

@@ -18,7 +18,6 @@ from hawada.api.deps import OBJECT_ID, public_job
 from hawada.api.errors import ApiError, invalid_field
 from hawada.api.schemas import JobCreateJson, JobPublic
 from hawada.api.uploads import check_dataset, check_weights, save_capped, weights_format
-from hawada.settings import Settings
 from hawada.core.paths import resolve_within
 from hawada.core.recipe import (
     MAX_RECIPE_BYTES,
@@ -27,6 +26,7 @@ from hawada.core.recipe import (
     recipe_hash,
     recipe_to_dict,
 )
+from hawada.settings import Settings
 from hawada.store import jobs as repo
 from hawada.store.artifacts import ArtifactStore
 from hawada.store.db import session_scope

@@ -3,8 +3,8 @@
     python bench/engine.py [--quick] [--threads 2] [--limit N] [--out DIR]
 
 1. trains a baseline on the train split (`hawada.worker.baseline.train_baseline`, modest steps);
-2. runs the whole job in-process (`hawada.worker.pipeline.run_job`): gate training with distillation and
-   the FLOPs penalty, export, one fine-tune epoch, evaluation, packaging;
+2. runs the whole job in-process (`hawada.worker.pipeline.run_job`): gate training with
+   distillation and the FLOPs penalty, export, one fine-tune epoch, evaluation, packaging;
 3. measures the gate-training step time against a plain forward+backward+SGD step of the same
    model at the same batch (same number of timed steps after warm-up, interleaved rounds,
    medians): the overhead of gates + teacher pass + cost penalty. Goal <= 1.15.
@@ -33,15 +33,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hawada.adapters.torchvision import get_adapter, load_pruned
-from hawada.worker.baseline import save_weights, train_baseline
 from hawada.core.cost import make_cost_model
 from hawada.core.data import load_data
-from hawada.core.gates import Gates, attach
 from hawada.core.device import device_name
+from hawada.core.gates import Gates, attach
 from hawada.core.latency import measure_latency
-from hawada.worker.pipeline import JobContext, run_job
 from hawada.core.recipe import parse_recipe
 from hawada.core.train import train_classifier, train_gates
+from hawada.worker.baseline import save_weights, train_baseline
+from hawada.worker.pipeline import JobContext, run_job
 
 # Sized for a 2-core host shared with other work (about 4 s per ResNet-18 step at 32x32, batch
 # 32): the full run takes roughly 40 minutes there; --limit scales the data.

@@ -1,4 +1,4 @@
-"""Latency benchmark: LUT build time, predicted vs measured latency, latency- vs FLOPs-targeted cuts.
+"""Latency benchmark: LUT build time, predicted vs measured latency, latency- vs FLOPs-targets.
 
     python bench/latency.py [--device cpu|cuda] [--batch N] [--configs 20] [--quick]
 
@@ -37,8 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hawada.adapters.torchvision import build_model, get_adapter
 from hawada.core.budget import fit_to_budget
 from hawada.core.cost import FlopsCost
-from hawada.core.gates import Gates
 from hawada.core.device import device_name, resolve_device
+from hawada.core.gates import Gates
 from hawada.core.latency import measure_latency
 from hawada.core.lut import LatencyCost, WidthMeasurer, build_lut, calibrate
 from hawada.core.recipe import GatesSpec, LatencySpec
@@ -122,8 +122,8 @@ def main() -> None:
     ]
     measured = [min(p[i] for p in passes) for i in range(n_configs)]
     predicted = [float(cost.cost(w)) for w in configs]
-    errors = [abs(p - m) / m * 100 for p, m in zip(predicted, measured)]
-    errors_1 = [abs(p - m) / m * 100 for p, m in zip(predicted, passes[0])]
+    errors = [abs(p - m) / m * 100 for p, m in zip(predicted, measured, strict=True)]
+    errors_1 = [abs(p - m) / m * 100 for p, m in zip(predicted, passes[0], strict=True)]
 
     def robust(m: torch.nn.Module) -> float:
         return min(
@@ -158,7 +158,8 @@ def main() -> None:
                         for m in (p_lat, p_fl, model)
                     ]
                     for _ in range(args.passes)
-                ]
+                ],
+                strict=True,
             )
         )
         rows.append(
@@ -186,7 +187,8 @@ def main() -> None:
         f"(round_to {args.round_to}, <= {table.meta['max_points_per_axis']} points/axis) |"
     )
     print(
-        f"| calibration (5 whole-model timings) | {calib_s:.1f} s, scale {scale:.3f}, offset {offset:.3f} ms |"
+        f"| calibration (5 whole-model timings) | {calib_s:.1f} s, "
+        f"scale {scale:.3f}, offset {offset:.3f} ms |"
     )
     print(f"| baseline latency | {base_ms:.2f} ms |")
     print(
@@ -197,9 +199,8 @@ def main() -> None:
         f"| same, single-pass medians | median abs error {statistics.median(errors_1):.1f}%, "
         f"max {max(errors_1):.1f}% |"
     )
-    print(
-        f"| host load average (1/5/15 min) at the end | {' '.join(f'{v:.2f}' for v in os.getloadavg())} |"
-    )
+    load = " ".join(f"{v:.2f}" for v in os.getloadavg())
+    print(f"| host load average (1/5/15 min) at the end | {load} |")
     print(
         "\n| target (latency ratio) | met | FLOPs kept | measured speedup | FLOPs-ideal speedup "
         "| FLOPs-targeted job at same FLOPs: FLOPs kept | its measured speedup | measured rounds |"
@@ -207,7 +208,8 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(
-            f"| {r[0]} | {r[1]} | {r[2]:.3f} | {r[3]:.2f}x | {r[4]:.2f}x | {r[5]:.3f} | {r[6]:.2f}x | {r[7]} |"
+            f"| {r[0]} | {r[1]} | {r[2]:.3f} | {r[3]:.2f}x | {r[4]:.2f}x | {r[5]:.3f} "
+            f"| {r[6]:.2f}x | {r[7]} |"
         )
 
 

@@ -16,11 +16,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from engine import step_time_ratio  # noqa: E402
+from engine import step_time_ratio
 
-from hawada.adapters.torchvision import build_model  # noqa: E402
-from hawada.core.data import load_data  # noqa: E402
-from hawada.core.recipe import parse_recipe  # noqa: E402
+from hawada.adapters.torchvision import build_model
+from hawada.core.data import load_data
+from hawada.core.recipe import parse_recipe
 
 
 def main() -> None:

@@ -8,7 +8,7 @@ recipes, archs. HTTP only (`HawadaClient`); no torch, no service dependencies.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, NoReturn, Optional
+from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.table import Table
@@ -19,7 +19,7 @@ from hawada.lifecycle import TERMINAL_STATES
 
 Url = Annotated[str, typer.Option("--url", envvar="HAWADA_URL", help="API base URL.")]
 ApiKey = Annotated[
-    Optional[str],  # noqa: UP045 - typer reads the annotation at run time
+    str | None,
     typer.Option("--api-key", envvar="HAWADA_API_KEY", help="Bearer key when auth is on."),
 ]
 DEFAULT_URL = "http://127.0.0.1:8000"
@@ -61,10 +61,10 @@ def _print_outcome(job: dict[str, Any]) -> None:
 
 def submit(
     recipe: Annotated[str, typer.Option(help="Recipe file (YAML/JSON).")],
-    weights: Annotated[Optional[Path], typer.Option(help="Weights file.")] = None,
-    dataset: Annotated[Optional[Path], typer.Option(help="Dataset file.")] = None,
-    model_id: Annotated[Optional[str], typer.Option(help="Uploaded model id.")] = None,
-    idempotency_key: Annotated[Optional[str], typer.Option()] = None,
+    weights: Annotated[Path | None, typer.Option(help="Weights file.")] = None,
+    dataset: Annotated[Path | None, typer.Option(help="Dataset file.")] = None,
+    model_id: Annotated[str | None, typer.Option(help="Uploaded model id.")] = None,
+    idempotency_key: Annotated[str | None, typer.Option()] = None,
     watch: Annotated[bool, typer.Option(help="Follow progress until done.")] = False,
     url: Url = DEFAULT_URL,
     api_key: ApiKey = None,
@@ -108,9 +108,9 @@ def status(
 
 
 def list_jobs(
-    status: Annotated[Optional[str], typer.Option(help="Filter by status.")] = None,
+    status: Annotated[str | None, typer.Option(help="Filter by status.")] = None,
     limit: Annotated[int, typer.Option(help="Page size.")] = 20,
-    cursor: Annotated[Optional[str], typer.Option(help="Next-page cursor.")] = None,
+    cursor: Annotated[str | None, typer.Option(help="Next-page cursor.")] = None,
     url: Url = DEFAULT_URL,
     api_key: ApiKey = None,
 ) -> None:
@@ -163,7 +163,7 @@ def cancel(job_id: str, url: Url = DEFAULT_URL, api_key: ApiKey = None) -> None:
 def download(
     job_id: str,
     out: Annotated[Path, typer.Option(help="Destination folder.")] = Path("."),
-    name: Annotated[Optional[list[str]], typer.Option(help="Artifact name(s).")] = None,
+    name: Annotated[list[str] | None, typer.Option(help="Artifact name(s).")] = None,
     url: Url = DEFAULT_URL,
     api_key: ApiKey = None,
 ) -> None:
@@ -175,7 +175,7 @@ def download(
                 paths = [client.download(job_id, n, out / n) for n in name]
             else:
                 paths = client.download_all(job_id, out)
-        except Exception as exc:  # noqa: BLE001 - report any failure to the user
+        except Exception as exc:
             fail(exc)
     for path in paths:
         console.print(f"{path}  {path.stat().st_size:,} B  sha256 ok")

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import httpx
 
@@ -150,21 +151,15 @@ class HawadaClient:
             return self._request("POST", "/v1/jobs", json=body, headers=headers)
         if weights is None:
             raise ValueError("pass weights (a file) or model_id")
-        handles: list[BinaryIO] = []
-        try:
+        with contextlib.ExitStack() as stack:
             wpath = Path(weights)
-            handles.append(open(wpath, "rb"))
-            files: dict[str, Any] = {"weights": (wpath.name, handles[-1])}
+            files: dict[str, Any] = {"weights": (wpath.name, stack.enter_context(wpath.open("rb")))}
             if dataset is not None:
                 dpath = Path(dataset)
-                handles.append(open(dpath, "rb"))
-                files["dataset"] = (dpath.name, handles[-1])
+                files["dataset"] = (dpath.name, stack.enter_context(dpath.open("rb")))
             return self._request(
                 "POST", "/v1/jobs", data={"recipe": text}, files=files, headers=headers
             )
-        finally:
-            for fh in handles:
-                fh.close()
 
     def get(self, job_id: str) -> dict[str, Any]:
         """One job: status, phase, progress, error, metrics, artifacts."""
@@ -216,8 +211,8 @@ class HawadaClient:
     ) -> dict[str, Any]:
         """Block until the job is terminal and return it."""
         job: dict[str, Any] = {}
-        for job, _ in self.watch(job_id, poll_s=poll_s, timeout=timeout):
-            pass
+        for polled, _ in self.watch(job_id, poll_s=poll_s, timeout=timeout):
+            job = polled
         return job
 
     def cancel(self, job_id: str) -> dict[str, Any]:

@@ -87,7 +87,7 @@ def ladder(group: GateGroup) -> list[int]:
     r = max(1, int(group.round_units))
     floor = -(-int(group.min_units) // r) * r
     steps = list(range(floor, int(group.units), r)) if floor < group.units else []
-    return steps + [int(group.units)]
+    return [*steps, int(group.units)]
 
 
 class _State:
@@ -241,14 +241,15 @@ def fit_to_budget(
 
     ``gates``: ``core.gates.Gates`` (its logits decide the removal order; ``groups`` defaults
     to ``gates.groups``). ``cost_fn``: a CostModel (its ``metric`` picks the defaults below) or
-    a plain ``widths -> cost`` function (treated as an analytic cost). ``measure(keep) -> ms`` enables the measured loop of at most
-    ``max_rounds`` re-measurements. ``fill`` spends slack under the target on the most important
-    units. ``plateau_tol`` is the relative cost increase still counted as "equal" by the
-    staircase rule (default 0.5% for latency — timing noise — and 0 otherwise). ``margin``: the
-    fit aims this fraction under the target (default 2% for latency, so that the independent
-    final measurement of the job also lands under it; 0 otherwise); ``met`` is judged against
-    the target itself. The gates' logits are updated so ``kept_units`` agrees with the result. The returned
-    BudgetResult is a Mapping group -> kept channel indices with ``met``/``reason``/costs.
+    a plain ``widths -> cost`` function (treated as an analytic cost). ``measure(keep) -> ms``
+    enables the measured loop of at most ``max_rounds`` re-measurements. ``fill`` spends slack
+    under the target on the most important units. ``plateau_tol`` is the relative cost
+    increase still counted as "equal" by the staircase rule (default 0.5% for latency — timing
+    noise — and 0 otherwise). ``margin``: the fit aims this fraction under the target (default
+    2% for latency, so that the independent final measurement of the job also lands under it;
+    0 otherwise); ``met`` is judged against the target itself. The gates' logits are updated so
+    ``kept_units`` agrees with the result. The returned BudgetResult is a Mapping group -> kept
+    channel indices with ``met``/``reason``/costs.
     """
     groups = list(groups) if groups is not None else list(gates.groups.values())
     # The metric sets the defaults below; a bare function counts as an analytic cost.

@@ -248,8 +248,9 @@ def _fashion_mnist(directory: Path) -> tuple[np.ndarray, np.ndarray]:
         if images is None or labels is None:
             if split == "train":
                 raise DataError(
-                    f"Fashion-MNIST not found in {directory}: expected train-images-idx3-ubyte[.gz] "
-                    "and train-labels-idx1-ubyte[.gz] (set data.path to their folder)"
+                    f"Fashion-MNIST not found in {directory}: expected "
+                    "train-images-idx3-ubyte[.gz] and train-labels-idx1-ubyte[.gz] "
+                    "(set data.path to their folder)"
                 )
             continue
         x, y = _read_idx(images), _read_idx(labels)
@@ -304,9 +305,8 @@ def _npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
         with zipfile.ZipFile(path) as zf:
             names = set(zf.namelist())
             if not {"x.npy", "y.npy"} <= names:
-                raise DataError(
-                    f"{path.name} must hold arrays 'x' and 'y' (has {sorted(n.removesuffix('.npy') for n in names)})"
-                )
+                has = sorted(n.removesuffix(".npy") for n in names)
+                raise DataError(f"{path.name} must hold arrays 'x' and 'y' (has {has})")
             # Check declared sizes before inflating anything.
             (x_shape, x_dtype), (y_shape, _) = _npy_header(zf, "x.npy"), _npy_header(zf, "y.npy")
     except (zipfile.BadZipFile, ValueError, OSError) as exc:
@@ -326,7 +326,8 @@ def _npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
         )
     if y.ndim != 1 or len(y) != len(x):
         raise DataError(
-            f"{path.name}: y must be 1-D with one label per image (x has {len(x)}, y shape {y.shape})"
+            f"{path.name}: y must be 1-D with one label per image "
+            f"(x has {len(x)}, y shape {y.shape})"
         )
     if not np.issubdtype(y.dtype, np.integer):
         raise DataError(f"{path.name}: y must hold integers, got {y.dtype}")
@@ -446,7 +447,8 @@ def load_data(
 
     if data_classes > recipe.model.num_classes:
         raise DataError(
-            f"the dataset has {data_classes} classes but model.num_classes is {recipe.model.num_classes}"
+            f"the dataset has {data_classes} classes but model.num_classes is "
+            f"{recipe.model.num_classes}"
         )
     train_idx, heldout_idx = _split(len(images), spec.val_fraction, generator)
     return DataBundle(

@@ -79,12 +79,12 @@ def time_callable(
         torch.cuda.synchronize(device)
         starts = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
         ends = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
-        for s, e in zip(starts, ends):
+        for s, e in zip(starts, ends, strict=True):
             s.record()
             fn()
             e.record()
         torch.cuda.synchronize(device)
-        return [s.elapsed_time(e) for s, e in zip(starts, ends)]
+        return [s.elapsed_time(e) for s, e in zip(starts, ends, strict=True)]
     if clock not in ("wall", "cpu"):
         raise ValueError(f"clock must be 'wall' or 'cpu', got {clock!r}")
     now = perf_counter_ns if clock == "wall" else process_time_ns
@@ -109,10 +109,7 @@ def _placed_like(
             and not p.is_contiguous(memory_format=torch.channels_last)
         ):
             return False
-    for b in model.buffers():
-        if b.device != device:
-            return False
-    return True
+    return all(b.device == device for b in model.buffers())
 
 
 def prepare_model(
@@ -163,8 +160,9 @@ def measure_latency(
     """Median/p10/p90 forward latency of ``model`` at the recipe's latency settings.
 
     ``input_size`` is (C, H, W); ``spec`` is the recipe's ``latency`` block (batch_size, dtype,
-    repeats, warmup, channels_last; its defaults are the recipe schema's). The model is timed in eval mode under inference_mode; its
-    parameters, dtype, device and train/eval flag are unchanged afterwards. ``clock="cpu"``
+    repeats, warmup, channels_last; its defaults are the recipe schema's). The model is timed in
+    eval mode under inference_mode; its parameters, dtype, device and train/eval flag are
+    unchanged afterwards. ``clock="cpu"``
     (CPU only, benchmarks on shared hosts) times process CPU time instead of wall time.
     """
     dev = resolve_device(device)

@@ -282,7 +282,7 @@ class Recipe(_Block):
 class _NoAliasLoader(yaml.SafeLoader):
     """safe_load without anchors/aliases: aliases let 1 KiB of YAML expand to gigabytes."""
 
-    def compose_node(self, parent: Any, index: Any) -> Any:  # noqa: D102
+    def compose_node(self, parent: Any, index: Any) -> Any:
         if self.check_event(yaml.AliasEvent):
             event = self.peek_event()
             raise yaml.composer.ComposerError(
@@ -339,7 +339,7 @@ def _load_text(text: str) -> Any:
     except RecursionError:
         raise _too_deep() from None
     try:
-        return yaml.load(text, Loader=_NoAliasLoader)  # noqa: S506 - SafeLoader subclass
+        return yaml.load(text, Loader=_NoAliasLoader)
     except yaml.YAMLError as exc:
         detail = " ".join(str(exc).split())  # one line: messages end up in JSON errors
         raise RecipeError(

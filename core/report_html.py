@@ -71,7 +71,8 @@ def _line_plot(title: str, xs: Sequence[float], series: Mapping[str, Sequence[fl
     ]
     for i, (name, ys) in enumerate(series.items()):
         colour = _COLOURS[i % len(_COLOURS)]
-        coords = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in zip(xs, ys) if y is not None)
+        points = [(x, y) for x, y in zip(xs, ys, strict=True) if y is not None]
+        coords = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in points)
         parts.append(
             f'<polyline fill="none" stroke="{colour}" stroke-width="1.5" points="{coords}"/>'
         )
@@ -172,7 +173,8 @@ def render_report_html(report: Mapping[str, Any]) -> str:
 <html lang="en"><head><meta charset="utf-8"><title>HawAda report</title>
 <style>
 body{{font-family:system-ui,sans-serif;margin:2em;color:#222}}
-table{{border-collapse:collapse;margin:1em 0}}th,td{{border:1px solid #ccc;padding:4px 8px;text-align:right}}
+table{{border-collapse:collapse;margin:1em 0}}
+th,td{{border:1px solid #ccc;padding:4px 8px;text-align:right}}
 th{{text-align:left;background:#f6f6f6}}figure{{display:inline-block;margin:0.5em}}
 .ok{{color:#2ca02c}}.bad{{color:#d62728}}
 </style></head><body>

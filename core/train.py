@@ -122,7 +122,7 @@ class _WidthReader:
         flat = torch.cat([self.gates.logit(n) for n in self.names])
         probs = torch.sigmoid(flat / temperature)
         units = torch.zeros_like(self.unit_width).index_add(0, self.segment, probs)
-        return dict(zip(self.names, (units * self.unit_width).unbind()))
+        return dict(zip(self.names, (units * self.unit_width).unbind(), strict=True))
 
 
 def init_gate_logits(
@@ -413,7 +413,7 @@ def recalibrate_bn(
                 x, _y = next(it)
                 model(x.to(device, non_blocking=True))
     finally:
-        for m, mom in zip(norms, saved):
+        for m, mom in zip(norms, saved, strict=True):
             m.momentum = mom
         model.train(was_training)
 

@@ -19,7 +19,7 @@ INPUT = (3, 16, 16)
 GATES_SPEC = GatesSpec(round_to=16, min_channels=16, prune_residual=True)
 
 
-@pytest.fixture()
+@pytest.fixture
 def resnet18():
     torch.manual_seed(0)
     model = build_model("resnet18", num_classes=10, stem="cifar").eval()
@@ -115,7 +115,10 @@ def test_staircase_grows_back_over_a_plateau() -> None:
 
 def test_target_below_the_floor_is_reported() -> None:
     gates = _two_groups(min_channels=16)
-    cost = lambda w: float(w.get("a", 64.0)) + float(w.get("b", 64.0))
+
+    def cost(w: Mapping[str, float]) -> float:
+        return float(w.get("a", 64.0)) + float(w.get("b", 64.0))
+
     assert cost_floor(list(gates.groups.values()), cost) == 32.0
     result = fit_to_budget(gates, cost, 10.0)
     assert not result.met and "minimum" in result.reason
@@ -124,7 +127,9 @@ def test_target_below_the_floor_is_reported() -> None:
 
 def test_measured_latency_drives_further_cuts() -> None:
     gates = _two_groups()
-    cost = lambda w: float(w.get("a", 64.0)) + float(w.get("b", 64.0))
+
+    def cost(w: Mapping[str, float]) -> float:
+        return float(w.get("a", 64.0)) + float(w.get("b", 64.0))
 
     def measure(keep: Mapping[str, torch.Tensor]) -> float:
         # the real model is 30% slower than predicted
@@ -138,7 +143,10 @@ def test_measured_latency_drives_further_cuts() -> None:
 
 def test_measured_loop_gives_up_with_a_reason() -> None:
     gates = _two_groups()
-    cost = lambda w: float(w.get("a", 64.0)) + float(w.get("b", 64.0))
+
+    def cost(w: Mapping[str, float]) -> float:
+        return float(w.get("a", 64.0)) + float(w.get("b", 64.0))
+
     result = fit_to_budget(gates, cost, 100.0, measure=lambda keep: 500.0, max_rounds=3)
     assert not result.met and result.measured == 500.0
     assert result.reason and "over the target" in result.reason

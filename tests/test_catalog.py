@@ -54,7 +54,7 @@ def test_catalogue_keeps_unknown_per_arch_fields_for_later_growth() -> None:
     }
     (entry,) = parse_catalogue(json.dumps(doc)).values()
     assert entry.details == {"groups": {"x": 1}}
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="catalogue"):
         parse_catalogue(json.dumps({**doc, "format": "other"}))
 
 

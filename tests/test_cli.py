@@ -63,7 +63,7 @@ class _Server:
         self.thread.join(10)
 
 
-@pytest.fixture()
+@pytest.fixture
 def cfg(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Settings]:
     """Embedded settings under tmp_path, also visible to CLI code through the environment."""
     for key in (
@@ -81,14 +81,14 @@ def cfg(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Settings]:
     reset_settings()
 
 
-@pytest.fixture()
+@pytest.fixture
 def server(cfg: Settings) -> Iterator[_Server]:
     srv = _Server(cfg)
     yield srv
     srv.stop()
 
 
-@pytest.fixture()
+@pytest.fixture
 def recipe_file(tmp_path: Path) -> Path:
     path = tmp_path / "recipe.yaml"
     path.write_text((ROOT / "recipes" / "demo-digits.yaml").read_text())
@@ -142,9 +142,8 @@ def test_errors_carry_the_api_code(server: _Server, recipe_file: Path, tmp_path:
     assert res.exit_code == 1 and "not_found" in res.output
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: {arch: resnet18}\ntarget: {ratio: 7}\n")
-    with HawadaClient(server.url) as hc:
-        with pytest.raises(HawadaAPIError) as err:
-            hc.submit(bad, _tiny_safetensors(tmp_path / "w.safetensors"))
+    with HawadaClient(server.url) as hc, pytest.raises(HawadaAPIError) as err:
+        hc.submit(bad, _tiny_safetensors(tmp_path / "w.safetensors"))
     assert err.value.status in (400, 422) and "target.ratio" in err.value.message
 
 
@@ -253,7 +252,9 @@ def test_run_writes_artifacts_in_process(cfg: Settings, tmp_path: Path) -> None:
 
 def test_http_error_without_json_body_is_still_an_api_error() -> None:
     transport = httpx.MockTransport(lambda req: httpx.Response(502, text="Bad Gateway"))
-    with HawadaClient("http://proxy.invalid", transport=transport) as hc:
-        with pytest.raises(HawadaAPIError) as err:
-            hc.get("x")
+    with (
+        HawadaClient("http://proxy.invalid", transport=transport) as hc,
+        pytest.raises(HawadaAPIError) as err,
+    ):
+        hc.get("x")
     assert err.value.status == 502 and "Bad Gateway" in err.value.message

@@ -9,8 +9,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from hawada.adapters.torchvision import build_model, get_adapter
 from hawada.core.cost import FlopsCost, ParamsCost, make_cost_model
-from hawada.core.layers import LayerSpec
 from hawada.core.gates import Gates, keep_from_gates
+from hawada.core.layers import LayerSpec
 from hawada.core.recipe import GatesSpec
 
 SPEC = GatesSpec(round_to=8, min_channels=8, prune_residual=True)

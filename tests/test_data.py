@@ -239,7 +239,7 @@ def test_bad_npz_rejected(tmp_path: Path, arrays: dict, match: str) -> None:
 def test_garbage_and_missing_npz(tmp_path: Path) -> None:
     path = tmp_path / "junk.npz"
     path.write_bytes(b"not a zip at all")
-    with pytest.raises(DataError, match="not a valid .npz"):
+    with pytest.raises(DataError, match=r"not a valid \.npz"):
         load_data(_recipe({"source": "npz", "path": str(path)}))
     with pytest.raises(DataError, match="not found"):
         load_data(_recipe({"source": "npz", "path": str(tmp_path / "nope.npz")}))

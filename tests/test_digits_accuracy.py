@@ -1,8 +1,8 @@
 """Issue acceptance: on real data (sklearn digits) a ResNet-18 compressed to 50% FLOPs keeps its
 held-out accuracy within 5 points of the baseline, with pruned FLOPs at most 55% of baseline.
 
-Everything runs through the public path: `hawada.worker.baseline` trains the input weights on the train
-split only, `run_job` compresses them and the numbers are read from the job's report. About a
+Everything runs through the public path: `hawada.worker.baseline` trains the input weights on the
+train split only, `run_job` compresses them and the numbers are read from the job's report. About a
 minute on one CPU core.
 """
 
@@ -13,11 +13,11 @@ from pathlib import Path
 import torch
 
 from hawada.adapters.torchvision import load_pruned
-from hawada.worker.baseline import save_weights, train_baseline
 from hawada.core.data import load_data
 from hawada.core.evaluate import accuracy
-from hawada.worker.pipeline import JobContext, run_job
 from hawada.core.recipe import parse_recipe
+from hawada.worker.baseline import save_weights, train_baseline
+from hawada.worker.pipeline import JobContext, run_job
 
 RECIPE = {
     "model": {

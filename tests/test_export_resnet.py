@@ -23,9 +23,9 @@ from hawada.adapters.torchvision import (
     list_architectures,
     load_pruned,
 )
+from hawada.core.architectures import supported_architectures
 from hawada.core.errors import UnsupportedArch
 from hawada.core.gates import Gates, attach, keep_from_gates
-from hawada.core.architectures import supported_architectures
 from hawada.core.recipe import GatesSpec, parse_recipe
 
 ALL_ARCHS = list_architectures()  # the registry: every registered architecture is exported
@@ -164,7 +164,7 @@ def test_hard_gated_equals_exported_and_reloaded(arch: str, tmp_path: Path) -> N
 
 @pytest.mark.parametrize("arch", ["resnet18", "resnet50", "resnext50_32x4d"])
 def test_cifar_stem(arch: str, tmp_path: Path) -> None:
-    model, pruned, _ = export_and_compare(arch, "cifar", SPEC, seed=11, tmp_path=tmp_path)
+    _, pruned, _ = export_and_compare(arch, "cifar", SPEC, seed=11, tmp_path=tmp_path)
     assert isinstance(pruned.maxpool, nn.Identity)
     assert pruned.conv1.kernel_size == (3, 3) and pruned.conv1.stride == (1, 1)
 

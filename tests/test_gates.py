@@ -175,11 +175,16 @@ def test_mode_off_is_exactly_the_original_resnet() -> None:
 
 def test_mode_validation_and_restore() -> None:
     gates = Gates([group()])
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="gate mode"):
         gates.mode = "half"
-    with pytest.raises(RuntimeError), gates.using("hard"):
-        assert gates.mode == "hard"
-        raise RuntimeError
+
+    def fail_inside() -> None:
+        with gates.using("hard"):
+            assert gates.mode == "hard"
+            raise RuntimeError("inside")
+
+    with pytest.raises(RuntimeError, match="inside"):
+        fail_inside()
     assert gates.mode == "soft"
 
 

@@ -11,6 +11,7 @@ in phase order), cancels a long job in training, and fails a job given another a
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -84,23 +85,24 @@ class Service:
         cli = [sys.executable, "-m", "hawada.cli"]
         addr = ["--host", "127.0.0.1", "--port", str(self.port)]
         commands = (
-            [cli + ["serve", *addr]]
+            [[*cli, "serve", *addr]]
             if embedded
-            else [cli + ["api", *addr], cli + ["worker", "--loglevel", "INFO"]]
+            else [[*cli, "api", *addr], [*cli, "worker", "--loglevel", "INFO"]]
         )
         for i, cmd in enumerate(commands):
             log = var_dir / f"proc{i}.log"
             self.logs.append(log)
-            self.procs.append(
-                subprocess.Popen(
-                    cmd,
-                    cwd=ROOT,
-                    env=env,
-                    stdout=open(log, "ab"),
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
+            with open(log, "ab") as out:  # the child keeps its own copy of the handle
+                self.procs.append(
+                    subprocess.Popen(
+                        cmd,
+                        cwd=ROOT,
+                        env=env,
+                        stdout=out,
+                        stderr=subprocess.STDOUT,
+                        start_new_session=True,
+                    )
                 )
-            )
         self.client = HawadaClient(self.url)
         self._wait_ready()
 
@@ -281,10 +283,8 @@ def test_weights_of_another_arch_fail_with_weights_mismatch(
 def _children(pid: int) -> list[int]:
     out: list[int] = []
     for task in Path(f"/proc/{pid}/task").glob("*"):
-        try:
+        with contextlib.suppress(OSError):
             out += [int(c) for c in (task / "children").read_text().split()]
-        except OSError:
-            pass
     return out
 
 
@@ -315,10 +315,8 @@ def test_torch_lives_only_in_the_worker_child(service: Service, weights: Path) -
 def _kill_tree(pid: int) -> None:
     for child in _children(pid):
         _kill_tree(child)
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
 
 
 def test_job_of_a_killed_worker_is_requeued_and_completes(tmp_path: Path, weights: Path) -> None:

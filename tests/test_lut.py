@@ -154,7 +154,7 @@ def test_table_roundtrips_through_bytes(resnet18, table: LatencyTable) -> None:
     assert LatencyCost(layers, again).baseline() == pytest.approx(
         LatencyCost(layers, table).baseline()
     )
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="not a latency table"):
         LatencyTable.from_bytes(b"\x80\x04not json")
 
 
@@ -198,7 +198,7 @@ def test_grid_shrinks_to_the_time_budget(resnet18) -> None:
 
 def test_folder_cache_refuses_keys_that_are_not_hashes(tmp_path) -> None:
     cache = FolderLutCache(tmp_path)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="invalid latency table key"):
         cache.put("../../etc/passwd", b"x")
     assert cache.get("0" * 40) is None
 

@@ -13,10 +13,10 @@ from safetensors.torch import load_file, save_file
 from hawada.adapters.torchvision import build_model, get_adapter, load_pruned
 from hawada.core.errors import HawadaError, JobCancelled, WeightsError
 from hawada.core.gates import Gates, attach
+from hawada.core.recipe import parse_recipe
 from hawada.lifecycle import PHASES
 from hawada.worker.checkpoint import load_checkpoint, save_checkpoint
 from hawada.worker.pipeline import JobContext, run_job
-from hawada.core.recipe import parse_recipe
 
 ARTIFACTS = (
     "pruned.safetensors",
@@ -280,7 +280,7 @@ def test_interrupted_job_resumes_from_checkpoint(
     assert steps[0] == 5
     expected = plain_job[1]["history"]
     assert [r["step"] for r in report["history"]] == [r["step"] for r in expected]
-    for got, want in zip(report["history"], expected):
+    for got, want in zip(report["history"], expected, strict=True):
         assert got["loss"] == pytest.approx(want["loss"], rel=1e-4, abs=1e-6)
     assert [r["kept"] for r in report["layers"]] == [r["kept"] for r in plain_job[1]["layers"]]
     assert not (ckpt / "train_state.json").exists()  # a finished job leaves no checkpoint
@@ -315,8 +315,8 @@ def test_job_on_gpu_matches_contract(weights: Path, tmp_path: Path) -> None:
 
 
 def test_run_local_reads_recipe_file(weights: Path, tmp_path: Path) -> None:
-    from hawada.worker.pipeline import run_local
     from hawada.core.recipe import recipe_to_dict
+    from hawada.worker.pipeline import run_local
 
     recipe_path = tmp_path / "r.json"
     recipe_path.write_text(json.dumps(recipe_to_dict(_recipe())))

@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from hawada.core.errors import HawadaError
 from hawada.core.architectures import supported_architectures
+from hawada.core.errors import HawadaError
 from hawada.core.recipe import (
     MAX_RECIPE_BYTES,
     Recipe,
@@ -247,7 +247,10 @@ def test_parse_accepts_a_recipe_instance() -> None:
 
 
 def test_recipe_module_does_not_import_torch() -> None:
-    code = "import sys, hawada.core.recipe; hawada.core.recipe.builtin_recipes(); print('torch' in sys.modules)"
+    code = (
+        "import sys, hawada.core.recipe; hawada.core.recipe.builtin_recipes(); "
+        "print('torch' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 

@@ -267,10 +267,10 @@ def test_artifact_store_atomic_write_and_validation(tmp_path: Path) -> None:
     with store.open(job_id, "report.html") as fh:
         assert fh.read() == b"<p>"
     for bad_name in ("../x", "notes.txt", "a/report.json"):
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match="unknown artifact name"):
             store.path(job_id, bad_name)
     for bad_id in ("../../etc", "A" * 32, "a" * 31):
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match="invalid job id"):
             store.path(bad_id, "report.json")
     assert sorted(p.name for p in store.job_dir(job_id).iterdir()) == [
         "pruned.safetensors",
@@ -283,7 +283,7 @@ def test_artifact_store_atomic_write_and_validation(tmp_path: Path) -> None:
 
 def test_save_upload_cap_leaves_nothing(tmp_path: Path) -> None:
     store = ArtifactStore(tmp_path)
-    path, size, sha = store.save_upload("weights", io.BytesIO(b"abc"), max_bytes=3, suffix=".pt")
+    path, size, _ = store.save_upload("weights", io.BytesIO(b"abc"), max_bytes=3, suffix=".pt")
     assert path.read_bytes() == b"abc" and size == 3 and path.suffix == ".pt"
     assert store.is_upload(path)
     with pytest.raises(UploadTooLarge):

@@ -8,10 +8,10 @@ from torch import nn
 
 from hawada.adapters.torchvision import build_model, get_adapter
 from hawada.core.cost import FlopsCost, make_cost_model
-from hawada.core.layers import LayerSpec
 from hawada.core.data import load_data
 from hawada.core.errors import JobCancelled
 from hawada.core.gates import GateGroup, Gates, attach, keep_from_gates
+from hawada.core.layers import LayerSpec
 from hawada.core.recipe import parse_recipe
 from hawada.core.train import (
     finetune,

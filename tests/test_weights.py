@@ -151,7 +151,7 @@ class _Evil:
     def __init__(self, marker: Path) -> None:
         self.marker = marker
 
-    def __reduce__(self):  # noqa: D105
+    def __reduce__(self):
         return (os.system, (f"touch {self.marker}",))
 
 

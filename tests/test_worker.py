@@ -17,15 +17,15 @@ from typing import Any
 import pytest
 from sqlalchemy import update
 
-from hawada.settings import Settings
 from hawada.core.errors import JobCancelled, WeightsError
+from hawada.settings import Settings
 from hawada.store import jobs
 from hawada.store.db import init_db, session_scope
 from hawada.store.models import Job, utcnow
 from hawada.worker import runner
 
 
-@pytest.fixture()
+@pytest.fixture
 def settings(tmp_path: Path) -> Settings:
     s = Settings(var_dir=tmp_path, lease_s=0.9, max_attempts=2)
     init_db(s.database_url)
@@ -65,8 +65,8 @@ def _fake_pipeline(monkeypatch: pytest.MonkeyPatch, body: Any) -> None:
 
 def test_importing_the_worker_does_not_import_torch() -> None:
     code = (
-        "import sys, hawada.worker.app, hawada.worker.tasks, hawada.worker.runner, hawada.worker.lut_cache;"
-        "sys.exit('torch' in sys.modules)"
+        "import sys, hawada.worker.app, hawada.worker.tasks, hawada.worker.runner, "
+        "hawada.worker.lut_cache; sys.exit('torch' in sys.modules)"
     )
     import subprocess
 

@@ -21,6 +21,6 @@ class StoreLutCache:
 
     def put(self, key: str, blob: bytes) -> None:
         """Store a freshly measured table; a concurrent insert of the same key is harmless."""
-        # The key already encodes the device and shapes (hawada.core.lut); no separate metadata here.
+        # The key already encodes the device and shapes (hawada.core.lut): no separate metadata.
         with session_scope(self.database_url) as session:
             put_latency_table(session, key, bytes(blob))

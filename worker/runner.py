@@ -21,9 +21,9 @@ from typing import Any
 
 from celery.exceptions import SoftTimeLimitExceeded
 
-from hawada.settings import Settings, get_settings
 from hawada.core.errors import HawadaError, JobCancelled
 from hawada.lifecycle import PHASES
+from hawada.settings import Settings, get_settings
 from hawada.store import jobs, uploaded_models
 from hawada.store.artifacts import ARTIFACT_NAMES, ArtifactStore
 from hawada.store.db import session_scope
@@ -109,7 +109,7 @@ class LeaseKeeper(threading.Thread):
                     with session_scope(self.url) as session:
                         if jobs.is_cancel_requested(session, self.job_id):
                             self.cancel.set()
-            except Exception:  # noqa: BLE001 - a DB hiccup must not kill the job; retry
+            except Exception:
                 log.exception("lease renewal for %s failed; retrying", self.job_id)
 
     def stop(self) -> None:
@@ -244,7 +244,7 @@ def execute(job_id: str, settings: Settings | None = None) -> str | None:
     except SoftTimeLimitExceeded:
         status, code = "failed", "time_limit"
         message = f"job exceeded the time limit of {settings.job_time_limit_s:.0f} s"
-    except BaseException as exc:  # noqa: BLE001 - record it, then let Celery see fatal ones
+    except BaseException as exc:
         status, code, message = "failed", "internal", f"{type(exc).__name__}: {exc}"
         _safe(
             lambda: sink(
@@ -272,7 +272,7 @@ class _LeaseLost(Exception):
 def _safe(fn: Callable[[], Any]) -> None:
     try:
         fn()
-    except Exception:  # noqa: BLE001 - best effort while already failing
+    except Exception:
         log.exception("could not record an event")
 
 
@@ -362,7 +362,7 @@ class Reaper(threading.Thread):
         while True:
             try:
                 reap_once(self.settings)
-            except Exception:  # noqa: BLE001 - keep reaping after a transient DB error
+            except Exception:
                 log.exception("reaper round failed")
             if self._halt.wait(self.interval_s):
                 return

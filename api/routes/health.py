@@ -70,7 +70,7 @@ def readyz(settings: SettingsDep) -> JSONResponse:
             },
             status_code=503,
         )
-    return JSONResponse({"status": "ok", "checks": {name: "ok" for name in checks}})
+    return JSONResponse({"status": "ok", "checks": dict.fromkeys(checks, "ok")})
 
 
 @router.get("/metrics", response_class=Response)

@@ -14,8 +14,8 @@ from hawada.api.errors import ApiError, invalid_field
 from hawada.api.routes.jobs import ERRORS
 from hawada.api.schemas import ModelPublic
 from hawada.api.uploads import check_weights, save_capped, weights_format
-from hawada.settings import Settings
 from hawada.core.architectures import supported_architectures
+from hawada.settings import Settings
 from hawada.store.artifacts import ArtifactStore
 from hawada.store.db import session_scope
 from hawada.store.jobs import new_id

@@ -28,7 +28,7 @@ from hawada.core.recipe import LatencySpec
 
 
 class LutCache(Protocol):
-    """Where built tables are kept between jobs (a folder for `hawada run`, the DB in the worker)."""
+    """Where built tables live between jobs (a folder for `hawada run`, the DB in the worker)."""
 
     def get(self, key: str) -> bytes | None:
         """The stored table bytes for `key`, or None."""
@@ -73,7 +73,8 @@ def lut_key(
     key_parts: Mapping[str, Any] | None = None,
     max_points_per_axis: int | None = None,
 ) -> str:
-    """Cache key: hash of device name, caller's parts (arch, input size), latency settings, shapes."""
+    """Cache key: hash of the device name, the caller's parts (arch, input size), the latency
+    settings and the layer shapes."""
     dev = resolve_device(device)
     batch = spec.batch_size
     doc = {

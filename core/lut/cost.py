@@ -64,7 +64,7 @@ class LatencyCost:
         in_slot = torch.tensor(
             [
                 gidx[la.in_group] if (la.in_group is not None and not t) else const
-                for la, t in zip(layers, tied)
+                for la, t in zip(layers, tied, strict=True)
             ]
         )
         out_slot = torch.tensor(
@@ -87,7 +87,7 @@ class LatencyCost:
 
     @staticmethod
     def _padded(e: LutEntry) -> tuple[list[float], list[float], list[list[float]]]:
-        """A one-point (fixed) axis becomes two equal points: zero slope, same interpolation code."""
+        """A one-point (fixed) axis becomes two equal points: zero slope, same interpolation."""
         ci, co = [float(v) for v in e.cin], [float(v) for v in e.cout]
         ms = [list(r) for r in e.ms]
         if len(ci) == 1:

@@ -108,7 +108,7 @@ def axis_values(full: int, step: int, max_points: int) -> list[int]:
     When there are more than ``max_points`` the smallest and the full width are always kept and
     the rest are spread evenly over the ladder (interpolation covers the gaps).
     """
-    ladder = list(range(step, full, step)) + [full]
+    ladder = [*range(step, full, step), full]
     if len(ladder) <= max_points:
         return ladder
     n = max(2, max_points)
