@@ -32,8 +32,13 @@ test: install
 test-fast: install
 	$(PY) -m pytest -q -m "not slow"
 
+## lint: ruff (lint + format check), mypy (strict on core/ and adapters/), import contracts
+# mypy and import-linter run on the mapped hawada layout (.ci/pkgview.py explains why).
 lint: install
-	$(PY) -m compileall -q core adapters worker api store client bench
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+	$(PY) .ci/pkgview.py -- $(PY) -m mypy -p hawada
+	$(PY) .ci/pkgview.py -- $(VENV)/bin/lint-imports
 
 clean-var:
 	rm -rf var/demo

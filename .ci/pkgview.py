@@ -61,8 +61,11 @@ def main(argv: list[str]) -> int:
         print(__doc__, file=sys.stderr)
         return 2
     command = argv[argv.index("--") + 1 :]
+    if command and not os.path.isabs(command[0]) and (ROOT / command[0]).exists():
+        command[0] = str(ROOT / command[0])  # e.g. .venv/bin/python: the command runs in VIEW
     back = build_view()
     env = dict(os.environ)
+    env.setdefault("MYPY_CACHE_DIR", str(ROOT / ".mypy_cache"))  # the view is rebuilt each run
     for var in ("PYTHONPATH", "MYPYPATH"):
         env[var] = os.pathsep.join(filter(None, [str(VIEW), env.get(var)]))
     proc = subprocess.run(command, cwd=VIEW, env=env, capture_output=True, text=True)

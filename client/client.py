@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import hashlib
 import json
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import httpx
 
@@ -176,14 +177,15 @@ class HawadaClient:
         }
         return self._request("GET", "/v1/jobs", params=params)
 
-    def events(self, job_id: str, after: int = 0) -> list[dict[str, Any]]:
+    def events(self, job_id: str, after: int = 0) -> builtins.list[dict[str, Any]]:
         """Events of a job with sequence number above ``after``."""
         body = self._request("GET", f"/v1/jobs/{job_id}/events", params={"after": after})
-        return body.get("items", body.get("events", [])) if isinstance(body, dict) else body
+        items = body.get("items", body.get("events", [])) if isinstance(body, dict) else body
+        return cast("builtins.list[dict[str, Any]]", items)
 
     def watch(
         self, job_id: str, *, poll_s: float = 1.0, timeout: float | None = None
-    ) -> Iterator[tuple[dict[str, Any], list[dict[str, Any]]]]:
+    ) -> Iterator[tuple[dict[str, Any], builtins.list[dict[str, Any]]]]:
         """Poll until the job is terminal, yielding ``(job, new_events)`` each round.
 
         Polling (rather than holding an SSE stream) survives proxies and API restarts.
@@ -253,7 +255,7 @@ class HawadaClient:
         tmp.replace(dest)
         return dest
 
-    def download_all(self, job_id: str, dest_dir: str | Path) -> list[Path]:
+    def download_all(self, job_id: str, dest_dir: str | Path) -> builtins.list[Path]:
         """Download every artifact of a job into ``dest_dir`` (checksums verified)."""
         folder = Path(dest_dir)
         folder.mkdir(parents=True, exist_ok=True)

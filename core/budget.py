@@ -22,6 +22,7 @@ The result is written back to the gates (kept logits > 0, removed < 0) so ``Gate
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -148,7 +149,7 @@ def _cut_candidates(st: _State, banned: set[str]) -> Iterator[tuple[float, str, 
 
 
 def _cut_to(
-    st: _State, goal: float, banned: set[str] = frozenset(), at_least_one: bool = False
+    st: _State, goal: float, banned: AbstractSet[str] = frozenset(), at_least_one: bool = False
 ) -> list[tuple[str, int]]:
     """Greedy cuts until the predicted cost is <= goal; returns the (group, old units) undo log."""
     undo: list[tuple[str, int]] = []

@@ -17,6 +17,11 @@ from hawada.core.layers import CostModel, LayerSpec, Width, group_widths
 from hawada.core.lut.cost import LatencyCost
 from hawada.core.lut.table import LatencyTable
 
+#: One factor of a cost term: a gate group's width, or (None, constant).
+_Factor = tuple[str | None, float]
+#: coefficient * in factor * out factor.
+_Term = tuple[float, _Factor, _Factor]
+
 
 class _BilinearCost:
     """cost = sum_t coef_t * v[in_t] * v[out_t], v = [group widths..., 1]."""
@@ -52,15 +57,16 @@ class _BilinearCost:
         self._baseline = float(self.cost({}))
 
     @staticmethod
-    def _terms(spec: LayerSpec) -> list[tuple[float, tuple, tuple]]:
+    def _terms(spec: LayerSpec) -> list[_Term]:
         raise NotImplementedError
 
     def _buffers(self, device: torch.device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         # Constant tensors are moved once per device, not once per step.
         if device not in self._on:
-            self._on[device] = tuple(
+            coef, ins, outs, full = (
                 t.to(device) for t in (self._coef, self._in, self._out, self._full)
             )
+            self._on[device] = (coef, ins, outs, full)
         return self._on[device]
 
     def _slot_index(self, device: torch.device, names: tuple[str, ...]) -> Tensor:
@@ -79,10 +85,10 @@ class _BilinearCost:
                 [float(widths[g]) for g in fixed], dtype=torch.float64, device=device
             )
             v = v.index_put((self._slot_index(device, fixed),), values)
-        learned = tuple(g for g, w in widths.items() if isinstance(w, Tensor))
+        learned = {g: w for g, w in widths.items() if isinstance(w, Tensor)}
         if learned:
-            values = torch.stack([widths[g].reshape(()) for g in learned]).to(torch.float64)
-            v = v.index_put((self._slot_index(device, learned),), values)
+            values = torch.stack([w.reshape(()) for w in learned.values()]).to(torch.float64)
+            v = v.index_put((self._slot_index(device, tuple(learned)),), values)
         return v
 
     def cost(self, widths: Mapping[str, Width]) -> Tensor:
@@ -102,7 +108,7 @@ class _BilinearCost:
         return self._baseline
 
 
-def _conv_in_factor(spec: LayerSpec) -> tuple[float, tuple]:
+def _conv_in_factor(spec: LayerSpec) -> tuple[float, _Factor]:
     """(coefficient part, input factor) of cin/groups for a conv."""
     if spec.tied_groups:
         # Groups shrink with the gate: in-channels per group is a constant.
@@ -116,7 +122,7 @@ class FlopsCost(_BilinearCost):
     metric = "flops"
 
     @staticmethod
-    def _terms(spec: LayerSpec) -> list[tuple[float, tuple, tuple]]:
+    def _terms(spec: LayerSpec) -> list[_Term]:
         out = (spec.out_group, float(spec.out_channels))
         if spec.kind == "linear":
             return [(2.0, (spec.in_group, float(spec.in_channels)), out)]
@@ -131,9 +137,9 @@ class ParamsCost(_BilinearCost):
     metric = "params"
 
     @staticmethod
-    def _terms(spec: LayerSpec) -> list[tuple[float, tuple, tuple]]:
+    def _terms(spec: LayerSpec) -> list[_Term]:
         out = (spec.out_group, float(spec.out_channels))
-        one = (None, 1.0)
+        one: _Factor = (None, 1.0)
         if spec.kind == "linear":
             weight = (1.0, (spec.in_group, float(spec.in_channels)), out)
         else:

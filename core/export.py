@@ -7,6 +7,8 @@ device first so no throw-away initialisation runs for weights that are overwritt
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -55,7 +57,8 @@ def slice_conv(
     in_channels = weight.shape[1] * new_groups
     if out_channels % new_groups:
         raise ValueError(f"{out_channels} output channels not divisible by groups={new_groups}")
-    new = type(conv)(
+    make: Callable[..., _ConvNd] = type(conv)  # Conv1d/2d/3d share this signature
+    new = make(
         in_channels,
         out_channels,
         conv.kernel_size,
@@ -89,9 +92,12 @@ def slice_bn(bn: _BatchNorm, idx: Tensor | None) -> _BatchNorm:
         dtype=None if ref is None else ref.dtype,
     )
     if bn.affine:
+        assert bn.weight is not None and bn.bias is not None  # affine norms have both
         new.weight = _param(_take(bn.weight, 0, idx))
         new.bias = _param(_take(bn.bias, 0, idx))
     if bn.track_running_stats:
+        assert bn.running_mean is not None and bn.running_var is not None
+        assert bn.num_batches_tracked is not None
         new.running_mean = _take(bn.running_mean, 0, idx)
         new.running_var = _take(bn.running_var, 0, idx)
         new.num_batches_tracked = bn.num_batches_tracked.detach().clone()

@@ -15,7 +15,7 @@ import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 from torch import Tensor, nn
@@ -158,7 +158,7 @@ class Gates(nn.Module):
 
     def logit(self, g: str | GateGroup) -> nn.Parameter:
         """The trainable logits of group `g` (one per unit)."""
-        return self.logits[_key(self._group(g).name)]
+        return cast(nn.Parameter, self.logits[_key(self._group(g).name)])
 
     def probs(self, g: str | GateGroup) -> Tensor:
         """Keep probability per unit: sigmoid(logit / temperature)."""
@@ -265,8 +265,11 @@ def attach(model: nn.Module, gates: Gates) -> GateHandle:
     return GateHandle(handles)
 
 
-def _make_hook(gates: Gates, group: str) -> Callable[[nn.Module, tuple, Tensor], Tensor | None]:
-    def hook(_module: nn.Module, _inputs: tuple, output: Tensor) -> Tensor | None:
+Hook = Callable[[nn.Module, tuple[Tensor, ...], Tensor], Tensor | None]
+
+
+def _make_hook(gates: Gates, group: str) -> Hook:
+    def hook(_module: nn.Module, _inputs: tuple[Tensor, ...], output: Tensor) -> Tensor | None:
         mask = gates.channel_mask(group)
         if mask is None:
             return None  # mode off: leave the output untouched (bit-exact teacher)

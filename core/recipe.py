@@ -242,10 +242,14 @@ class LatencySpec(_Block):
 ExportFormat = Literal["safetensors", "onnx", "pt2"]
 
 
+def _safetensors_only() -> list[ExportFormat]:
+    return ["safetensors"]
+
+
 class ExportSpec(_Block):
     """Which files the pruned model is written as; safetensors is always among them."""
 
-    formats: list[ExportFormat] = Field(default_factory=lambda: ["safetensors"], max_length=8)
+    formats: list[ExportFormat] = Field(default_factory=_safetensors_only, max_length=8)
 
     @field_validator("formats")
     @classmethod
@@ -284,7 +288,7 @@ class _NoAliasLoader(yaml.SafeLoader):
 
     def compose_node(self, parent: Any, index: Any) -> Any:
         if self.check_event(yaml.AliasEvent):
-            event = self.peek_event()
+            event = self.peek_event()  # type: ignore[no-untyped-call]  # PyYAML is unannotated
             raise yaml.composer.ComposerError(
                 None, None, "YAML aliases are not allowed in recipes", event.start_mark
             )

@@ -35,28 +35,11 @@ def versions() -> dict[str, str | None]:
     return out
 
 
-def latency_dict(stats: Any) -> dict[str, Any] | None:
-    """A LatencyStats (or a dict of its fields) as a plain dict; None stays None."""
-    if stats is None:
-        return None
-    if isinstance(stats, Mapping):
-        return dict(stats)
-    fields = (
-        "median_ms",
-        "p10_ms",
-        "p90_ms",
-        "device",
-        "batch_size",
-        "dtype",
-        "channels_last",
-        "repeats",
-    )
-    return {f: getattr(stats, f) for f in fields if hasattr(stats, f)}
-
-
-def model_block(*, params: int, flops: int, accuracy: float | None, latency: Any) -> dict[str, Any]:
-    """One `baseline` / `pruned` block of the report."""
-    lat = latency_dict(latency)
+def model_block(
+    *, params: int, flops: int, accuracy: float | None, latency: Mapping[str, Any] | None
+) -> dict[str, Any]:
+    """One `baseline` / `pruned` block of the report; `latency` is `LatencyStats.to_dict()`."""
+    lat = None if latency is None else dict(latency)
     return {
         "params": int(params),
         "flops": int(flops),

@@ -61,7 +61,7 @@ def temperature_at(step: int, steps: int, start: float, end: float) -> float:
     """Geometric anneal: `start` at step 0, `end` at the last step (steps - 1)."""
     if steps <= 1 or start == end:
         return end if steps <= 1 else start
-    return start * (end / start) ** (step / (steps - 1))
+    return float(start * (end / start) ** (step / (steps - 1)))
 
 
 def target_at(
@@ -193,7 +193,11 @@ def train_gates(
     kd_t = float(tr.kd.temperature)
     t_start = float(recipe.gates.temperature.start)
     t_end = float(recipe.gates.temperature.end)
-    target = float(recipe.target.ratio if target_ratio is None else target_ratio)
+    if target_ratio is None:
+        if recipe.target.ratio is None:
+            raise ValueError("a latency_ms target needs target_ratio (the pipeline converts it)")
+        target_ratio = recipe.target.ratio
+    target = float(target_ratio)
 
     model.requires_grad_(False)
     model.eval()
@@ -237,7 +241,7 @@ def train_gates(
         gates.temperature = temperature
         x, y = next(batches)
         x = x.to(device, non_blocking=True)
-        y = y.to(device, non_blocking=True) if labelled else None
+        labels = y.to(device, non_blocking=True) if labelled else None
 
         with torch.no_grad(), gates.using("off"):
             teacher = model(x)
@@ -247,7 +251,7 @@ def train_gates(
         if start_ratio is None:
             start_ratio = float(ratio.item())  # once per run: where the target schedule starts
         tgt = target_at(step, steps, target, start_ratio)
-        objective, kd, ce = _distill_objective(student, teacher, y, alpha, kd_t)
+        objective, kd, ce = _distill_objective(student, teacher, labels, alpha, kd_t)
         gap = ratio - tgt
         # Augmented Lagrangian; the multiplier is a constant within the step. The sqrt(units)
         # scale gives the penalty's gradient (over all logits) a norm of order one, like the
@@ -343,10 +347,10 @@ def finetune(
             _cosine_lr(opt, float(ft.lr), step, steps)
             x, y = next(batches)
             x = x.to(device, non_blocking=True)
-            y = y.to(device, non_blocking=True) if labelled else None
+            labels = y.to(device, non_blocking=True) if labelled else None
             with torch.no_grad():
                 t_logits = teacher(x)
-            loss, kd, ce = _distill_objective(student(x), t_logits, y, alpha, kd_t)
+            loss, kd, ce = _distill_objective(student(x), t_logits, labels, alpha, kd_t)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

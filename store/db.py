@@ -6,9 +6,9 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import CursorResult, Engine, Result, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -136,3 +136,8 @@ def dispose_engines() -> None:
             engine.dispose()
         _engines.clear()
         _sessionmakers.clear()
+
+
+def rowcount_result(result: Result[Any]) -> CursorResult[Any]:
+    """The result of an UPDATE/DELETE, typed as what it is (a cursor result with `rowcount`)."""
+    return cast(CursorResult[Any], result)

@@ -19,6 +19,7 @@ from sqlalchemy import and_, delete, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from hawada.lifecycle import TERMINAL_STATES
+from hawada.store.db import rowcount_result
 from hawada.store.models import Artifact, Job, JobEvent, utcnow
 
 # A running job found with a lapsed lease is failed with this code once attempts run out.
@@ -160,18 +161,20 @@ def claim_job(session: Session, job_id: str, worker_id: str, lease_s: float) -> 
             Job.attempts < Job.max_attempts,
         ),
     )
-    result = session.execute(
-        update(Job)
-        .where(Job.id == job_id, claimable, Job.cancel_requested.is_(False))
-        .values(
-            status="running",
-            attempts=Job.attempts + 1,
-            worker_id=worker_id,
-            lease_expires_at=now + timedelta(seconds=lease_s),
-            started_at=func.coalesce(Job.started_at, now),
-            updated_at=now,
+    result = rowcount_result(
+        session.execute(
+            update(Job)
+            .where(Job.id == job_id, claimable, Job.cancel_requested.is_(False))
+            .values(
+                status="running",
+                attempts=Job.attempts + 1,
+                worker_id=worker_id,
+                lease_expires_at=now + timedelta(seconds=lease_s),
+                started_at=func.coalesce(Job.started_at, now),
+                updated_at=now,
+            )
+            .execution_options(synchronize_session=False)
         )
-        .execution_options(synchronize_session=False)
     )
     session.commit()
     return result.rowcount == 1
@@ -275,11 +278,13 @@ def finish_job(
         values["error_message"] = str(error.get("message", ""))
     if metrics is not None:
         values["metrics"] = dict(metrics)
-    result = session.execute(
-        update(Job)
-        .where(Job.id == job_id, Job.status.not_in(TERMINAL_STATES))
-        .values(**values)
-        .execution_options(synchronize_session=False)
+    result = rowcount_result(
+        session.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.status.not_in(TERMINAL_STATES))
+            .values(**values)
+            .execution_options(synchronize_session=False)
+        )
     )
     session.commit()
     return result.rowcount == 1
@@ -357,8 +362,13 @@ def requeue_expired(session: Session, now: datetime | None = None) -> list[str]:
                 "error_message": f"worker lost after {attempts} attempt(s)",
             }
         values.update(worker_id=None, lease_expires_at=None, updated_at=now)
-        result = session.execute(
-            update(Job).where(guard).values(**values).execution_options(synchronize_session=False)
+        result = rowcount_result(
+            session.execute(
+                update(Job)
+                .where(guard)
+                .values(**values)
+                .execution_options(synchronize_session=False)
+            )
         )
         session.commit()
         if result.rowcount == 1:

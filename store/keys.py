@@ -8,6 +8,7 @@ import secrets
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
+from hawada.store.db import rowcount_result
 from hawada.store.models import ApiKey, utcnow
 
 KEY_PREFIX = "hwd_"
@@ -56,14 +57,16 @@ def list_keys(session: Session, owner: str | None = None) -> list[ApiKey]:
 
 def revoke_key(session: Session, key_id_or_prefix: str) -> bool:
     """Revoke a key by its id or its displayed prefix; False when no live key matched."""
-    result = session.execute(
-        update(ApiKey)
-        .where(
-            (ApiKey.id == key_id_or_prefix) | (ApiKey.prefix == key_id_or_prefix),
-            ApiKey.revoked_at.is_(None),
+    result = rowcount_result(
+        session.execute(
+            update(ApiKey)
+            .where(
+                (ApiKey.id == key_id_or_prefix) | (ApiKey.prefix == key_id_or_prefix),
+                ApiKey.revoked_at.is_(None),
+            )
+            .values(revoked_at=utcnow())
+            .execution_options(synchronize_session=False)
         )
-        .values(revoked_at=utcnow())
-        .execution_options(synchronize_session=False)
     )
     session.commit()
     return result.rowcount > 0

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+from collections.abc import Set as AbstractSet
 from pathlib import Path
 from typing import Any
 
@@ -85,7 +86,7 @@ def write_artifacts(
         export_graphs(out, pruned, recipe, formats)
 
 
-def export_graphs(out: Path, pruned: nn.Module, recipe: Recipe, formats: set[str]) -> None:
+def export_graphs(out: Path, pruned: nn.Module, recipe: Recipe, formats: AbstractSet[str]) -> None:
     """pruned.pt2 / pruned.onnx traced on CPU with a dynamic batch dimension.
 
     Runs last in the job, so moving the pruned model to the CPU in place costs nothing later.

@@ -12,7 +12,7 @@ from pathlib import Path
 from safetensors.torch import load_file
 from torch import nn
 
-from hawada.adapters.torchvision.registry import get_adapter
+from hawada.adapters.torchvision.registry import get_adapter, tag_model
 
 _REQUIRED = ("arch", "num_classes", "stem", "channels")
 
@@ -33,6 +33,5 @@ def load_pruned(json_path: str | Path, weights_path: str | Path) -> nn.Module:
     unset = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
     if unset:
         raise ValueError(f"{weights_path}: no values for {unset[:5]}")
-    model.hawada_arch = config["arch"]
-    model.hawada_stem = config["stem"]
+    tag_model(model, config["arch"], config["stem"])
     return model.eval()

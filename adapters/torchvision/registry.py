@@ -140,9 +140,13 @@ def build_model(arch: str, num_classes: int, stem: str = "imagenet") -> nn.Modul
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
     model = entry.builder(num_classes=int(num_classes))
     get_adapter(arch).apply_stem(model, stem)
-    model.hawada_arch = arch
-    model.hawada_stem = stem
+    tag_model(model, arch, stem)
     return model
+
+
+def tag_model(model: nn.Module, arch: str, stem: str) -> None:
+    """Record arch and stem on `model` as plain attributes (not in its state dict)."""
+    vars(model).update(hawada_arch=arch, hawada_stem=stem)
 
 
 def build_skeleton(arch: str, num_classes: int, stem: str) -> nn.Module:

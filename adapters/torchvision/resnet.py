@@ -11,12 +11,14 @@ not an add).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.utils.hooks import RemovableHandle
 from torchvision import models as tvm
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
@@ -33,69 +35,91 @@ from hawada.core.recipe import GatesSpec, Recipe
 
 FAMILY = "resnet"
 FC = "fc"
+M = TypeVar("M", bound=nn.Module)
+
+
+def _sub(model: nn.Module, name: str, kind: type[M]) -> M:
+    """Submodule `name` of `model`, checked to be a `kind` (so its attributes are typed)."""
+    module = model.get_submodule(name)
+    if not isinstance(module, kind):
+        raise TypeError(f"{name}: expected {kind.__name__}, got {type(module).__name__}")
+    return module
+
+
+def _as_resnet(model: nn.Module) -> ResNet:
+    if not isinstance(model, ResNet):
+        raise TypeError(f"ResNet adapter needs torchvision.models.ResNet, got {type(model)}")
+    return model
 
 
 # --- the architectures of the family (no pretrained weights are ever downloaded) -------------
 
 
+def _build(builder: Callable[..., Any], num_classes: int) -> ResNet:
+    model = builder(weights=None, num_classes=num_classes)
+    if not isinstance(model, ResNet):  # torchvision's builders are untyped (decorated)
+        raise TypeError(f"{builder.__name__} built a {type(model).__name__}, not a ResNet")
+    return model
+
+
 @register_arch("resnet18", family=FAMILY)
 def resnet18(*, num_classes: int) -> ResNet:
     """torchvision ResNet-18."""
-    return tvm.resnet18(weights=None, num_classes=num_classes)
+    return _build(tvm.resnet18, num_classes)
 
 
 @register_arch("resnet34", family=FAMILY)
 def resnet34(*, num_classes: int) -> ResNet:
     """torchvision ResNet-34."""
-    return tvm.resnet34(weights=None, num_classes=num_classes)
+    return _build(tvm.resnet34, num_classes)
 
 
 @register_arch("resnet50", family=FAMILY)
 def resnet50(*, num_classes: int) -> ResNet:
     """torchvision ResNet-50."""
-    return tvm.resnet50(weights=None, num_classes=num_classes)
+    return _build(tvm.resnet50, num_classes)
 
 
 @register_arch("resnet101", family=FAMILY)
 def resnet101(*, num_classes: int) -> ResNet:
     """torchvision ResNet-101."""
-    return tvm.resnet101(weights=None, num_classes=num_classes)
+    return _build(tvm.resnet101, num_classes)
 
 
 @register_arch("resnet152", family=FAMILY)
 def resnet152(*, num_classes: int) -> ResNet:
     """torchvision ResNet-152."""
-    return tvm.resnet152(weights=None, num_classes=num_classes)
+    return _build(tvm.resnet152, num_classes)
 
 
 @register_arch("wide_resnet50_2", family=FAMILY)
 def wide_resnet50_2(*, num_classes: int) -> ResNet:
     """torchvision Wide ResNet-50-2."""
-    return tvm.wide_resnet50_2(weights=None, num_classes=num_classes)
+    return _build(tvm.wide_resnet50_2, num_classes)
 
 
 @register_arch("wide_resnet101_2", family=FAMILY)
 def wide_resnet101_2(*, num_classes: int) -> ResNet:
     """torchvision Wide ResNet-101-2."""
-    return tvm.wide_resnet101_2(weights=None, num_classes=num_classes)
+    return _build(tvm.wide_resnet101_2, num_classes)
 
 
 @register_arch("resnext50_32x4d", family=FAMILY)
 def resnext50_32x4d(*, num_classes: int) -> ResNet:
     """torchvision ResNeXt-50 32x4d."""
-    return tvm.resnext50_32x4d(weights=None, num_classes=num_classes)
+    return _build(tvm.resnext50_32x4d, num_classes)
 
 
 @register_arch("resnext101_32x8d", family=FAMILY)
 def resnext101_32x8d(*, num_classes: int) -> ResNet:
     """torchvision ResNeXt-101 32x8d."""
-    return tvm.resnext101_32x8d(weights=None, num_classes=num_classes)
+    return _build(tvm.resnext101_32x8d, num_classes)
 
 
 @register_arch("resnext101_64x4d", family=FAMILY)
 def resnext101_64x4d(*, num_classes: int) -> ResNet:
     """torchvision ResNeXt-101 64x4d."""
-    return tvm.resnext101_64x4d(weights=None, num_classes=num_classes)
+    return _build(tvm.resnext101_64x4d, num_classes)
 
 
 # --- coupling groups derived from the block structure ----------------------------------------
@@ -136,15 +160,14 @@ class _Topology:
         return first
 
 
-def _topology(model: nn.Module) -> _Topology:
+def _topology(module: nn.Module) -> _Topology:
     """Walk a torchvision ResNet and derive its coupling groups and conv wiring."""
-    if not isinstance(model, ResNet):
-        raise TypeError(f"ResNet adapter needs torchvision.models.ResNet, got {type(model)}")
+    model = _as_resnet(module)
     convs: list[_ConvNode] = []
     groups: dict[str, _GroupDef] = {}
 
     def add_member(group: _GroupDef, conv: str, bn: str, in_group: str | None) -> None:
-        channels = model.get_submodule(bn).num_features
+        channels = _sub(model, bn, _BatchNorm).num_features
         if channels != group.channels:
             raise ValueError(
                 f"{bn}: {channels} channels, its group {group.name} has {group.channels}"
@@ -154,27 +177,34 @@ def _topology(model: nn.Module) -> _Topology:
         convs.append(_ConvNode(conv, bn, in_group, group.name))
 
     # BasicBlock nets add the stem output to layer1's blocks: one stream from conv1 on.
-    merged = model.layer1[0].downsample is None
-    stem = _GroupDef("stream.layer1" if merged else "stem", merged, model.bn1.num_features)
+    first = model.layer1[0]
+    merged = isinstance(first, (BasicBlock, Bottleneck)) and first.downsample is None
+    stem_width = _sub(model, "bn1", _BatchNorm).num_features
+    stem = _GroupDef("stream.layer1" if merged else "stem", merged, stem_width)
     groups[stem.name] = stem
     add_member(stem, "conv1", "bn1", None)
     current = stem  # the group feeding the next block
 
     for stage in range(1, 5):
-        layer = model.get_submodule(f"layer{stage}")
+        layer = _sub(model, f"layer{stage}", nn.Sequential)
         stream = current
         for index, block in enumerate(layer):
             p = f"layer{stage}.{index}"
             block_in = current
+            if not isinstance(block, (BasicBlock, Bottleneck)):
+                raise TypeError(f"{p}: unsupported block type {type(block).__name__}")
             if block.downsample is not None:
-                stream = _GroupDef(f"stream.layer{stage}", True, block.downsample[1].num_features)
+                width = _sub(model, f"{p}.downsample.1", _BatchNorm).num_features
+                stream = _GroupDef(f"stream.layer{stage}", True, width)
                 groups[stream.name] = stream
             if isinstance(block, BasicBlock):
-                inner = _GroupDef(f"{p}.inner1", False, block.bn1.num_features)
+                inner = _GroupDef(
+                    f"{p}.inner1", False, _sub(model, f"{p}.bn1", _BatchNorm).num_features
+                )
                 groups[inner.name] = inner
                 add_member(inner, f"{p}.conv1", f"{p}.bn1", block_in.name)
                 add_member(stream, f"{p}.conv2", f"{p}.bn2", inner.name)
-            elif isinstance(block, Bottleneck):
+            else:
                 width, conv_groups = block.conv2.out_channels, block.conv2.groups
                 if conv_groups > 1:
                     if block.conv2.in_channels != width:
@@ -186,7 +216,8 @@ def _topology(model: nn.Module) -> _Topology:
                     convs[-1].tied = True
                     last_in = inner.name
                 else:
-                    inner1 = _GroupDef(f"{p}.inner1", False, block.bn1.num_features)
+                    bn1 = _sub(model, f"{p}.bn1", _BatchNorm)
+                    inner1 = _GroupDef(f"{p}.inner1", False, bn1.num_features)
                     inner2 = _GroupDef(f"{p}.inner2", False, width)
                     groups[inner1.name] = inner1
                     groups[inner2.name] = inner2
@@ -194,8 +225,6 @@ def _topology(model: nn.Module) -> _Topology:
                     add_member(inner2, f"{p}.conv2", f"{p}.bn2", inner1.name)
                     last_in = inner2.name
                 add_member(stream, f"{p}.conv3", f"{p}.bn3", last_in)
-            else:
-                raise TypeError(f"{p}: unsupported block type {type(block).__name__}")
             if block.downsample is not None:
                 add_member(stream, f"{p}.downsample.0", f"{p}.downsample.1", block_in.name)
             current = stream
@@ -212,8 +241,7 @@ class ResNetAdapter:
         """`cifar`: a 3x3 stride-1 first conv and no max-pool (the class stays `ResNet`)."""
         if stem != "cifar":
             return
-        if not isinstance(model, ResNet):
-            raise TypeError(f"ResNet adapter needs torchvision.models.ResNet, got {type(model)}")
+        model = _as_resnet(model)
         conv1 = nn.Conv2d(
             3,
             model.conv1.out_channels,
@@ -226,7 +254,7 @@ class ResNetAdapter:
         # Same init torchvision applies to every conv of a fresh ResNet.
         nn.init.kaiming_normal_(conv1.weight, mode="fan_out", nonlinearity="relu")
         model.conv1 = conv1
-        model.maxpool = nn.Identity()
+        model.maxpool = nn.Identity()  # type: ignore[assignment]  # torchvision types it MaxPool2d
 
     def gate_groups(self, model: nn.Module, gates_spec: GatesSpec) -> list[GateGroup]:
         """Coupling groups; stream groups only when `gates_spec.prune_residual` is true."""
@@ -256,7 +284,7 @@ class ResNetAdapter:
         shapes = _io_shapes(model, input_size)
         specs = []
         for node in topo.convs:
-            conv = model.get_submodule(node.conv)
+            conv = _sub(model, node.conv, nn.Conv2d)
             (in_h, in_w), (out_h, out_w) = shapes[node.conv]
             specs.append(
                 LayerSpec(
@@ -268,17 +296,17 @@ class ResNetAdapter:
                     out_channels=conv.out_channels,
                     groups=conv.groups,
                     tied_groups=node.tied,
-                    kernel=tuple(conv.kernel_size),
+                    kernel=_pair(conv.kernel_size),
                     out_hw=(out_h, out_w),
                     in_hw=(in_h, in_w),
-                    stride=tuple(conv.stride),
-                    padding=tuple(conv.padding),
-                    dilation=tuple(conv.dilation),
+                    stride=_pair(conv.stride),
+                    padding=_pair(conv.padding),
+                    dilation=_pair(conv.dilation),
                     bias=conv.bias is not None,
                     norm=node.bn,
                 )
             )
-        fc = model.fc
+        fc = _as_resnet(model).fc
         specs.append(
             LayerSpec(
                 name=FC,
@@ -304,21 +332,22 @@ class ResNetAdapter:
         """
         arch, stem = model_meta(model)
         topo = _topology(model)
-        keep = _checked_keep(topo, keep)
-        new = build_skeleton(arch, model.fc.out_features, stem)
+        checked = _checked_keep(topo, keep)
+        fc = _as_resnet(model).fc
+        new = _as_resnet(build_skeleton(arch, fc.out_features, stem))
         for node in topo.convs:
-            conv = model.get_submodule(node.conv)
-            out_idx = keep.get(node.out_group)
+            conv = _sub(model, node.conv, nn.Conv2d)
+            out_idx = checked.get(node.out_group)
             if node.tied:
                 groups = None
                 if out_idx is not None:
                     groups = int(out_idx.numel()) // topo.groups[node.out_group].unit_width
                 new.set_submodule(node.conv, slice_conv(conv, out_idx, None, groups=groups))
             else:
-                in_idx = None if node.in_group is None else keep.get(node.in_group)
+                in_idx = None if node.in_group is None else checked.get(node.in_group)
                 new.set_submodule(node.conv, slice_conv(conv, out_idx, in_idx))
-            new.set_submodule(node.bn, slice_bn(model.get_submodule(node.bn), out_idx))
-        new.fc = slice_linear(model.fc, keep.get(topo.fc_group))
+            new.set_submodule(node.bn, slice_bn(_sub(model, node.bn, _BatchNorm), out_idx))
+        new.fc = slice_linear(fc, checked.get(topo.fc_group))
         _check_materialised(new)
         return new.train(model.training)
 
@@ -332,19 +361,21 @@ class ResNetAdapter:
         """
         arch, stem = model_meta(model)
         topo = _topology(model)
-        keep = _checked_keep(topo, keep)
+        checked = _checked_keep(topo, keep)
+        num_classes = _as_resnet(model).fc.out_features
         channels: dict[str, int] = {}
         conv_groups: dict[str, int] = {}
         for node in topo.convs:
-            conv = model.get_submodule(node.conv)
-            width = len(keep[node.out_group]) if node.out_group in keep else conv.out_channels
+            conv = _sub(model, node.conv, nn.Conv2d)
+            kept = checked.get(node.out_group)
+            width = len(kept) if kept is not None else conv.out_channels
             channels[node.conv] = channels[node.bn] = int(width)
             if node.tied and width != conv.out_channels:
                 conv_groups[node.conv] = width // topo.groups[node.out_group].unit_width
-        channels[FC] = int(model.fc.out_features)
+        channels[FC] = int(num_classes)
         return {
             "arch": arch,
-            "num_classes": int(model.fc.out_features),
+            "num_classes": int(num_classes),
             "stem": stem,
             "input_size": list(recipe.model.input_size),
             "normalize": recipe.model.normalize.model_dump(),
@@ -367,12 +398,12 @@ class ResNetAdapter:
         producer = topo.producer()
 
         def width(conv_name: str) -> int:
-            return channels.get(conv_name, base.get_submodule(conv_name).out_channels)
+            return channels.get(conv_name, _sub(base, conv_name, nn.Conv2d).out_channels)
 
-        new = build_skeleton(config["arch"], int(config["num_classes"]), config["stem"])
+        new = _as_resnet(build_skeleton(config["arch"], int(config["num_classes"]), config["stem"]))
         with torch.device("meta"):
             for node in topo.convs:
-                conv = base.get_submodule(node.conv)
+                conv = _sub(base, node.conv, nn.Conv2d)
                 out = width(node.conv)
                 in_ = conv.in_channels if node.in_group is None else width(producer[node.in_group])
                 g = groups.get(node.conv, conv.groups)
@@ -383,10 +414,10 @@ class ResNetAdapter:
                     nn.Conv2d(
                         in_,
                         out,
-                        conv.kernel_size,
-                        stride=conv.stride,
-                        padding=conv.padding,
-                        dilation=conv.dilation,
+                        _pair(conv.kernel_size),
+                        stride=_pair(conv.stride),
+                        padding=_pair(conv.padding),
+                        dilation=_pair(conv.dilation),
                         groups=g,
                         bias=conv.bias is not None,
                     ),
@@ -397,7 +428,8 @@ class ResNetAdapter:
                     )
                 new.set_submodule(node.bn, nn.BatchNorm2d(out))
             new.fc = nn.Linear(
-                width(producer[topo.fc_group]), channels.get(FC, base.fc.out_features)
+                width(producer[topo.fc_group]),
+                channels.get(FC, _as_resnet(base).fc.out_features),
             )
         return new
 
@@ -438,14 +470,18 @@ def _io_shapes(
 ) -> dict[str, tuple[tuple[int, int], tuple[int, int]]]:
     """Input and output H, W of every conv from one no-grad eval forward at batch 1."""
     shapes: dict[str, tuple[tuple[int, int], tuple[int, int]]] = {}
-    handles = []
+    handles: list[RemovableHandle] = []
+
+    def recorder(name: str) -> Callable[[nn.Module, tuple[Tensor, ...], Tensor], None]:
+        def hook(_m: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+            (ih, iw), (oh, ow) = inputs[0].shape[-2:], output.shape[-2:]
+            shapes[name] = ((int(ih), int(iw)), (int(oh), int(ow)))
+
+        return hook
+
     for name, module in model.named_modules():
         if isinstance(module, nn.Conv2d):
-
-            def hook(_m, inputs, output, name=name):
-                shapes[name] = (tuple(inputs[0].shape[-2:]), tuple(output.shape[-2:]))
-
-            handles.append(module.register_forward_hook(hook))
+            handles.append(module.register_forward_hook(recorder(name)))
     ref = next(model.parameters())
     was_training = model.training
     try:
@@ -463,3 +499,12 @@ def _check_materialised(model: nn.Module) -> None:
     meta = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
     if meta:
         raise RuntimeError(f"export left tensors unset: {meta[:5]}")
+
+
+def _pair(value: int | tuple[int, ...] | str) -> tuple[int, int]:
+    """A conv's kernel/stride/padding/dilation as (h, w) (torch stores tuples; ints allowed)."""
+    if isinstance(value, int):
+        return (value, value)
+    if isinstance(value, str) or len(value) != 2:
+        raise ValueError(f"expected an (h, w) pair, got {value!r}")
+    return (int(value[0]), int(value[1]))

@@ -110,18 +110,16 @@ class LatencyCost:
             vals = [float(widths.get(g, self.full_widths[g])) for g in self.groups] + [0.0]
             return torch.tensor(vals, dtype=torch.float64, device=device)
         full = b["full"]
-        w = torch.stack(
-            [
-                widths[g].to(device, torch.float64).reshape(())
-                if isinstance(widths.get(g), Tensor)
-                else (
-                    torch.tensor(float(widths[g]), dtype=torch.float64, device=device)
-                    if g in widths
-                    else full[i]
-                )
-                for i, g in enumerate(self.groups)
-            ]
-        )
+
+        def one(i: int, g: str) -> Tensor:
+            value = widths.get(g)
+            if isinstance(value, Tensor):
+                return value.to(device, torch.float64).reshape(())
+            if value is None:
+                return full[i]
+            return torch.tensor(float(value), dtype=torch.float64, device=device)
+
+        w = torch.stack([one(i, g) for i, g in enumerate(self.groups)])
         return torch.cat([w, w.new_zeros(1)])
 
     @staticmethod
