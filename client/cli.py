@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from hawada.client.client import HawadaAPIError, HawadaClient
@@ -32,9 +33,9 @@ def _client(url: str, api_key: str | None) -> HawadaClient:
 def fail(exc: Exception) -> NoReturn:
     """Print an API error the way a user wants to read it and exit non-zero."""
     if isinstance(exc, HawadaAPIError):
-        console.print(f"[red]error[/red] {exc.code} ({exc.status}): {exc.message}")
+        console.print(f"[red]error[/red] {exc.code} ({exc.status}): {escape(exc.message)}")
     else:
-        console.print(f"[red]error[/red] {exc}")
+        console.print(f"[red]error[/red] {escape(str(exc))}")
     raise typer.Exit(1)
 
 
@@ -54,7 +55,8 @@ def _print_outcome(job: dict[str, Any]) -> None:
     colour = {"succeeded": "green", "failed": "red", "cancelled": "yellow"}.get(status, "white")
     console.print(f"job {job['id']}: [{colour}]{status}[/{colour}]")
     if job.get("error"):
-        console.print(f"  {job['error'].get('code')}: {job['error'].get('message')}")
+        error = job["error"]
+        console.print(f"  {escape(str(error.get('code')))}: {escape(str(error.get('message')))}")
     if job.get("metrics"):
         console.print_json(data=job["metrics"])
 

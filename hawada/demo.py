@@ -18,6 +18,8 @@ import sys
 import time
 from pathlib import Path
 
+from rich.markup import escape
+
 from hawada.client.cli import watch_job
 from hawada.client.client import HawadaClient
 from hawada.console import before_after_table, console
@@ -139,7 +141,7 @@ def main() -> int:
             console.print(f"submitted job [bold]{job['id']}[/bold]")
             job = watch_job(client, job["id"], poll_s=0.5)
             if job["status"] != "succeeded":
-                console.print(f"[red]job {job['status']}[/red]: {job.get('error')}")
+                console.print(f"[red]job {job['status']}[/red]: {escape(str(job.get('error')))}")
                 return 1
             result = var_dir / "result"
             paths = client.download_all(job["id"], result)

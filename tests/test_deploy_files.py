@@ -74,32 +74,3 @@ def test_api_and_worker_commands_exist(compose: dict) -> None:
 
     names = {c.name or c.callback.__name__ for c in app.registered_commands}
     assert {"api", "worker", "serve"} <= names
-
-
-def test_wheel_ships_recipes_and_migrations(tmp_path: Path) -> None:
-    """The API image installs the project non-editable: recipes and migrations must be inside."""
-    import subprocess
-    import sys
-    import zipfile
-
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "wheel",
-            "--no-deps",
-            "--no-build-isolation",
-            "-q",
-            "-w",
-            str(tmp_path),
-            str(ROOT),
-        ],
-        check=True,
-        capture_output=True,
-    )
-    (wheel,) = tmp_path.glob("hawada-*.whl")
-    names = set(zipfile.ZipFile(wheel).namelist())
-    assert {f"hawada/recipes/{p.name}" for p in (ROOT / "recipes").glob("*.yaml")} <= names
-    assert "hawada/store/alembic.ini" in names
-    assert any(n.startswith("hawada/store/migrations/versions/") for n in names)

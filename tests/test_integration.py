@@ -16,9 +16,6 @@ import hashlib
 import json
 import os
 import signal
-import socket
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -26,8 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-from hawada.client.client import HawadaClient
+from services import Service, base_env, tiny_recipe
 
 pytestmark = pytest.mark.slow
 
@@ -44,113 +40,6 @@ PHASES = (
     "evaluating",
     "packaging",
 )
-TINY = {
-    "model": {
-        "arch": "resnet18",
-        "num_classes": 10,
-        "stem": "cifar",
-        "input_size": [3, 16, 16],
-        "normalize": {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]},
-    },
-    "data": {"source": "digits", "batch_size": 16, "val_fraction": 0.25, "seed": 0, "limit": 128},
-    "target": {"metric": "flops", "ratio": 0.5},
-    "train": {"steps": 6, "log_every": 2},
-    "finetune": {"epochs": 0},
-    "latency": {"batch_size": 2, "repeats": 2, "warmup": 1},
-}
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _recipe(**overrides: dict[str, Any]) -> dict[str, Any]:
-    recipe = json.loads(json.dumps(TINY))
-    for section, values in overrides.items():
-        recipe[section] = {**recipe.get(section, {}), **values}
-    return recipe
-
-
-class Service:
-    """API + worker subprocesses sharing one environment; logs kept for failure messages."""
-
-    def __init__(self, env: dict[str, str], var_dir: Path, embedded: bool) -> None:
-        self.var_dir = var_dir
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.procs: list[subprocess.Popen] = []
-        self.logs: list[Path] = []
-        cli = [sys.executable, "-m", "hawada.cli"]
-        addr = ["--host", "127.0.0.1", "--port", str(self.port)]
-        commands = (
-            [[*cli, "serve", *addr]]
-            if embedded
-            else [[*cli, "api", *addr], [*cli, "worker", "--loglevel", "INFO"]]
-        )
-        for i, cmd in enumerate(commands):
-            log = var_dir / f"proc{i}.log"
-            self.logs.append(log)
-            with open(log, "ab") as out:  # the child keeps its own copy of the handle
-                self.procs.append(
-                    subprocess.Popen(
-                        cmd,
-                        cwd=ROOT,
-                        env=env,
-                        stdout=out,
-                        stderr=subprocess.STDOUT,
-                        start_new_session=True,
-                    )
-                )
-        self.client = HawadaClient(self.url)
-        self._wait_ready()
-
-    def _wait_ready(self, timeout: float = 90.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for proc in self.procs:
-                if proc.poll() is not None:
-                    self.stop()
-                    raise RuntimeError(f"service exited early:\n{self.tail()}")
-            if self.client.ready():
-                return
-            time.sleep(0.3)
-        self.stop()
-        raise TimeoutError(f"service not ready:\n{self.tail()}")
-
-    def tail(self, chars: int = 4000) -> str:
-        """The end of every process log (shown when an assertion fails)."""
-        return "\n".join(
-            f"--- {p.name}\n{p.read_text(errors='replace')[-chars:]}"
-            for p in self.logs
-            if p.exists()
-        )
-
-    def stop(self) -> None:
-        """Ctrl-C every process group; kill what does not exit in time."""
-        self.client.close()
-        for proc in self.procs:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGINT)
-        for proc in self.procs:
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-
-
-def _base_env(var_dir: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HAWADA_")}
-    env.update(
-        HAWADA_VAR_DIR=str(var_dir),
-        HAWADA_DEVICE="cpu",
-        HAWADA_LEASE_S="6",
-        OMP_NUM_THREADS="1",
-        PYTHONUNBUFFERED="1",
-    )
-    return env
 
 
 def _redis_db() -> tuple[Any, int]:
@@ -172,7 +61,7 @@ def service(
 ) -> Iterator[Service]:
     """A running service of the requested kind (module scope: started once per kind)."""
     var_dir = tmp_path_factory.mktemp(request.param)
-    env = _base_env(var_dir)
+    env = base_env(var_dir)
     conn = None
     if request.param == "redis-postgres":
         conn, index = _redis_db()
@@ -214,7 +103,7 @@ def test_job_runs_to_success_and_artifacts_load(
 
     from hawada.adapters.torchvision import load_pruned
 
-    job = service.client.submit(_recipe(), weights, idempotency_key=uuid.uuid4().hex)
+    job = service.client.submit(tiny_recipe(), weights, idempotency_key=uuid.uuid4().hex)
     assert job["status"] == "queued"
     job = _wait(service, job["id"])
     assert job["status"] == "succeeded", f"{job.get('error')}\n{service.tail()}"
@@ -250,7 +139,7 @@ def test_job_runs_to_success_and_artifacts_load(
 
 
 def test_cancel_while_training_ends_quickly(service: Service, weights: Path) -> None:
-    job = service.client.submit(_recipe(train={"steps": 100000, "log_every": 1}), weights)
+    job = service.client.submit(tiny_recipe(train={"steps": 100000, "log_every": 1}), weights)
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
         current = service.client.get(job["id"])
@@ -273,7 +162,7 @@ def test_cancel_while_training_ends_quickly(service: Service, weights: Path) -> 
 def test_weights_of_another_arch_fail_with_weights_mismatch(
     service: Service, weights: Path
 ) -> None:
-    recipe = _recipe(model={"arch": "resnet34"})
+    recipe = tiny_recipe(model={"arch": "resnet34"})
     job = _wait(service, service.client.submit(recipe, weights)["id"], timeout=120)
     assert job["status"] == "failed"
     assert job["error"]["code"] == "weights_mismatch", job["error"]
@@ -296,7 +185,7 @@ def _loads_torch(pid: int) -> bool:
 def test_torch_lives_only_in_the_worker_child(service: Service, weights: Path) -> None:
     """The API and the Celery parent never load torch; the child that ran jobs does."""
     # Make sure at least one job has run in this service's worker child.
-    _wait(service, service.client.submit(_recipe(model={"arch": "resnet34"}), weights)["id"])
+    _wait(service, service.client.submit(tiny_recipe(model={"arch": "resnet34"}), weights)["id"])
     if len(service.procs) == 1:  # embedded: serve (API) -> celery parent -> child
         api_pid = service.procs[0].pid
         parents = [
@@ -323,11 +212,11 @@ def test_job_of_a_killed_worker_is_requeued_and_completes(tmp_path: Path, weight
     """Kill API, worker and job process mid-training; a new `serve` finishes the job."""
     var_dir = tmp_path / "var"
     var_dir.mkdir()
-    env = _base_env(var_dir)
+    env = base_env(var_dir)
     env["HAWADA_LEASE_S"] = "3"
     svc = Service(env, var_dir, embedded=True)
     try:
-        job_id = svc.client.submit(_recipe(train={"steps": 40, "log_every": 1}), weights)["id"]
+        job_id = svc.client.submit(tiny_recipe(train={"steps": 40, "log_every": 1}), weights)["id"]
         deadline = time.monotonic() + 180
         while svc.client.get(job_id)["phase"] != "training":
             assert time.monotonic() < deadline, svc.tail()

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import IO, Annotated, Any
 
 import typer
+from rich.markup import escape
 
 from hawada.console import ProgressView, before_after_table, console
 from hawada.extras import MissingExtra, require
@@ -32,7 +33,7 @@ def _require(*extras: str, what: str) -> None:
     try:
         require(*extras, what=what)
     except MissingExtra as exc:
-        console.print(f"[red]error[/red] {exc}", soft_wrap=True)
+        console.print(f"[red]error[/red] {escape(str(exc))}", soft_wrap=True)
         raise typer.Exit(2) from None
 
 
@@ -164,7 +165,7 @@ def run(
     try:
         parsed = parse_recipe(recipe.read_text())
     except RecipeError as exc:
-        console.print(f"[red]error[/red] {exc}")
+        console.print(f"[red]error[/red] {escape(str(exc))}")
         raise typer.Exit(1) from None
     with ProgressView(local=True) as view:
         try:
@@ -172,7 +173,7 @@ def run(
                 parsed, weights, out, dataset=dataset, device=device, on_event=view.on_event
             )
         except HawadaError as exc:
-            console.print(f"[red]failed[/red] {exc.code}: {exc.message}")
+            console.print(f"[red]failed[/red] {exc.code}: {escape(exc.message)}")
             raise typer.Exit(1) from None
     console.print(before_after_table(report))
     console.print(f"artifacts in [bold]{out}[/bold]")
@@ -235,7 +236,7 @@ def keys_revoke(key_id: str) -> None:
     with _session() as session:
         revoked = keys.revoke_key(session, key_id)
     if not revoked:
-        console.print(f"[red]error[/red] no live key {key_id}")
+        console.print(f"[red]error[/red] no live key {escape(key_id)}")
         raise typer.Exit(1)
     console.print(f"revoked {key_id}")
 
