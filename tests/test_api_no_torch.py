@@ -1,4 +1,4 @@
-"""The API process must never import torch (DESIGN.md): checked in a clean interpreter."""
+"""The API process must never import torch (docs/internals.md): checked in a clean interpreter."""
 
 from __future__ import annotations
 

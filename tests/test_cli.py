@@ -258,3 +258,18 @@ def test_http_error_without_json_body_is_still_an_api_error() -> None:
     ):
         hc.get("x")
     assert err.value.status == 502 and "Bad Gateway" in err.value.message
+
+
+def test_unreachable_service_is_one_line_and_exit_code_2(tmp_path: Path) -> None:
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.run(
+        [sys.executable, "-m", "hawada.cli", "status", "abc", "--url", f"http://127.0.0.1:{port}"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 2
+    assert f"cannot reach http://127.0.0.1:{port}/v1/jobs/abc" in proc.stdout
+    assert "Traceback" not in proc.stdout + proc.stderr

@@ -1,6 +1,6 @@
 """ResNet family adapter (resnet18..152, wide_resnet50/101_2, resnext50/101).
 
-Coupling groups (DESIGN.md): channels joined by a residual add form one stream group per stage
+Coupling groups: channels joined by a residual add form one stream group per stage
 ("stream.layerN": the stage's downsample BN plus every block's last BN; for BasicBlock nets
 layer1 has no downsample and its stream also covers the stem). Block-inner channels are free
 ("layerN.M.inner1", "layerN.M.inner2"), except that a grouped 3x3 conv (ResNeXt) ties bn1 and
