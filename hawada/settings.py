@@ -1,6 +1,8 @@
-"""Service settings: one pydantic-settings class read from `HAWADA_*` environment variables.
+"""Service settings: the one pydantic-settings class, read from `HAWADA_*` environment variables.
 
-No torch here: the API process imports this module.
+Used by the API, the store and the worker (and `hawada run` for its LUT folder); never by
+`hawada.core` or `hawada.adapters`, which take what they need as parameters. No torch here: the
+API process imports this module.
 """
 
 from __future__ import annotations

@@ -107,6 +107,54 @@ def test_base_requirements_are_the_client_only(wheel: Path) -> None:
     assert "torch" in engine and "torch" not in service
 
 
+NON_EDITABLE_CHECK = """
+import json, sys, tempfile
+from pathlib import Path
+import hawada
+from hawada.core.architectures import supported_architectures
+from hawada.core.recipe import builtin_recipes
+from hawada.store.db import MIGRATIONS_DIR, init_db
+
+url = "sqlite:///" + str(Path(tempfile.mkdtemp()) / "h.db")
+init_db(url)  # Alembic runs from the migrations shipped in the wheel
+print(json.dumps({"file": hawada.__file__, "archs": list(supported_architectures()),
+                  "recipes": sorted(builtin_recipes()), "migrations": MIGRATIONS_DIR.is_dir()}))
+"""
+
+
+def test_non_editable_install_finds_its_data(wheel: Path, tmp_path: Path) -> None:
+    """Installed from the wheel (not the checkout), the catalogue, recipes and migrations load."""
+    target = tmp_path / "site"
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--no-deps",
+            "--target",
+            str(target),
+            str(wheel),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    env = {**os.environ, "PYTHONPATH": str(target)}
+    proc = subprocess.run(
+        [sys.executable, "-c", NON_EDITABLE_CHECK],
+        cwd=tmp_path,  # not the repository: its hawada/ folder must not shadow the install
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    found = json.loads(proc.stdout)
+    assert Path(found["file"]).is_relative_to(target)
+    assert found["archs"] == list(supported_architectures())
+    assert "demo-digits" in found["recipes"] and found["migrations"] is True
+
+
 def test_no_module_imports_a_bare_layer_name() -> None:
     """Everything imports `hawada.<layer>`: a bare `import core` only works from a checkout."""
     offenders = []
