@@ -1,45 +1,164 @@
-"""Python client for the HawAda HTTP API (httpx only, no torch)."""
+"""Python client for the HawAda HTTP API (httpx only, no torch).
+
+Two clients with the same methods: :class:`HawadaClient` (blocking) and
+:class:`AsyncHawadaClient` (``async``/``await``, for notebooks and asyncio services)::
+
+    from hawada import HawadaClient
+
+    with HawadaClient("http://127.0.0.1:8000") as hc:
+        job = hc.submit("recipes/demo-digits.yaml", "baseline.safetensors",
+                        wait=True, progress=print)
+        if job["status"] == "succeeded":
+            hc.download_all(job["id"], "result/")
+
+Every failure is one of three exceptions, all subclasses of :class:`HawadaClientError`:
+:class:`HawadaConnectionError` (nothing answered at ``base_url``), :class:`HawadaAPIError`
+(the API refused the request; ``status``, ``code``, ``message``, ``details``) and
+:class:`ChecksumError` (a download did not match its listed sha256). A file argument that
+does not exist raises ``FileNotFoundError("file not found: PATH")`` before anything is sent.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import builtins
 import contextlib
 import hashlib
+import inspect
 import json
+import os
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, cast
+from typing import IO, Any, TypeAlias, cast
 
 import httpx
 
 from hawada.lifecycle import TERMINAL_STATES
 
+#: A recipe: a mapping, a path (``str`` or ``os.PathLike``), recipe text as ``bytes``, a file
+#: object, or YAML/JSON text in a ``str`` (a ``str`` is text when it has a newline, starts
+#: with ``{`` or holds ``": "``; otherwise it is a path).
+RecipeInput: TypeAlias = "Mapping[str, Any] | str | os.PathLike[str] | bytes | IO[Any]"
+#: A file to upload: a path (``str`` or ``os.PathLike``), its content as ``bytes``, or a
+#: binary file object (its ``name``, when it has one, gives the upload's file name).
+FileInput: TypeAlias = "str | os.PathLike[str] | bytes | bytearray | IO[bytes]"
+#: Called with every event of a job while waiting (see docs/events.md).
+ProgressCallback: TypeAlias = Callable[[dict[str, Any]], Any]
 
-class HawadaAPIError(Exception):
-    """An error answer from the API, carrying its ``{code, message}`` and HTTP status."""
+#: Server-Sent Events: how long to wait for a byte before reconnecting (the API sends a
+#: keep-alive comment every 15 s on an idle stream).
+SSE_READ_TIMEOUT_S = 45.0
+#: Reconnect attempts of one event stream before giving up with HawadaConnectionError.
+SSE_RECONNECTS = 5
 
-    def __init__(self, status: int, code: str, message: str) -> None:
+
+# -- errors ---------------------------------------------------------------------------------
+class HawadaClientError(Exception):
+    """Base class of every error the client raises on purpose."""
+
+
+class HawadaConnectionError(HawadaClientError):
+    """Nothing usable answered at the service URL (refused, DNS, timeout, dropped stream).
+
+    ``url`` is the address that was tried, ``reason`` what the transport said.
+    """
+
+    def __init__(self, url: str, reason: str) -> None:
+        super().__init__(f"cannot reach {url}: {reason}")
+        self.url = url
+        self.reason = reason
+
+
+class HawadaAPIError(HawadaClientError):
+    """An error answer from the API: its HTTP ``status``, its ``code`` and ``message``
+    (``{"error": {"code", "message", "details"}}``) and ``details`` (a list, e.g. one entry per
+    invalid recipe field with its ``path``; empty when the API gave none)."""
+
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        details: builtins.list[Any] | None = None,
+    ) -> None:
         super().__init__(f"{status} {code}: {message}")
         self.status = status
         self.code = code
         self.message = message
+        self.details = list(details or [])
 
 
-class ChecksumError(Exception):
-    """A downloaded artifact's sha256 differs from the one the job lists."""
+class ChecksumError(HawadaClientError):
+    """A downloaded artifact's sha256 differs from the one the job lists (nothing is kept)."""
 
 
-def _recipe_text(recipe: str | Path | Mapping[str, Any]) -> str:
-    """Recipe as text: a mapping becomes JSON, a path is read, other text is sent as is."""
+# -- inputs ---------------------------------------------------------------------------------
+def _looks_like_text(value: str) -> bool:
+    return "\n" in value or value.lstrip().startswith("{") or ": " in value
+
+
+def _read_path(path: str | os.PathLike[str]) -> bytes:
+    p = Path(path)
+    try:
+        return p.read_bytes()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"file not found: {p}") from None
+    except IsADirectoryError:
+        raise FileNotFoundError(f"not a file: {p}") from None
+
+
+def recipe_text(recipe: RecipeInput) -> str:
+    """The recipe as the text the API receives (a mapping becomes JSON).
+
+    A ``str`` with a newline, a leading ``{`` or a ``": "`` is recipe text; any other ``str``
+    is a path, and a missing path raises ``FileNotFoundError`` (it is never sent as text).
+    """
     if isinstance(recipe, Mapping):
         return json.dumps(dict(recipe))
-    if isinstance(recipe, Path):
-        return recipe.read_text()
-    # A short single-line string that names an existing file is a path, anything else is text.
-    if "\n" not in recipe and len(recipe) < 4096 and Path(recipe).is_file():
-        return Path(recipe).read_text()
-    return recipe
+    if isinstance(recipe, (bytes, bytearray)):
+        return bytes(recipe).decode("utf-8")
+    if isinstance(recipe, str) and _looks_like_text(recipe):
+        return recipe
+    if isinstance(recipe, (str, os.PathLike)):
+        return _read_path(recipe).decode("utf-8")
+    if hasattr(recipe, "read"):
+        content = recipe.read()
+        return content.decode("utf-8") if isinstance(content, bytes) else str(content)
+    raise TypeError(f"a recipe is a mapping, a path, bytes or a file, not {type(recipe).__name__}")
+
+
+def _sniff_weights_name(head: bytes) -> str:
+    # torch.save writes a zip archive; anything else is offered to the API as safetensors.
+    return "weights.pt" if head.startswith(b"PK\x03\x04") else "weights.safetensors"
+
+
+def _file_part(
+    value: FileInput, stack: contextlib.ExitStack, default_name: str | None
+) -> tuple[str, Any]:
+    """(file name, content or open file) for one multipart file."""
+    if isinstance(value, (str, os.PathLike)):
+        path = Path(value)
+        try:
+            return path.name, stack.enter_context(path.open("rb"))
+        except FileNotFoundError:
+            raise FileNotFoundError(f"file not found: {path}") from None
+        except IsADirectoryError:
+            raise FileNotFoundError(f"not a file: {path}") from None
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        data = bytes(value)
+        return default_name or _sniff_weights_name(data[:4]), data
+    if hasattr(value, "read"):
+        name = getattr(value, "name", None)
+        if isinstance(name, str) and name and not name.startswith("<"):
+            return Path(name).name, value
+        if default_name is None and hasattr(value, "peek"):
+            return _sniff_weights_name(value.peek(4)[:4]), value
+        if default_name is None:
+            data = value.read()
+            return _sniff_weights_name(data[:4]), data
+        return default_name, value
+    raise TypeError(f"a file is a path, bytes or a binary file, not {type(value).__name__}")
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -51,10 +170,162 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-class HawadaClient:
-    """Thin typed wrapper over the ``/v1`` routes; every method returns the decoded JSON.
+# -- responses ------------------------------------------------------------------------------
+def api_error(resp: httpx.Response) -> HawadaAPIError:
+    """The :class:`HawadaAPIError` for an error response (read it first when streamed)."""
+    code, message, details = "http_error", resp.text[:500] or resp.reason_phrase, None
+    try:
+        err = resp.json().get("error", {})
+        code, message = err.get("code", code), err.get("message", message)
+        details = err.get("details")
+    except (ValueError, AttributeError):
+        pass  # not our JSON error envelope (a proxy page, another service): keep the raw text
+    return HawadaAPIError(resp.status_code, code, message, details)
 
-    Errors come back as :class:`HawadaAPIError` with the API's ``code`` and ``message``.
+
+def _decode(resp: httpx.Response) -> Any:
+    if not resp.is_success:
+        raise api_error(resp)
+    if resp.status_code == 204 or not resp.content:
+        return None
+    return resp.json()
+
+
+def _items(body: Any) -> builtins.list[dict[str, Any]]:
+    items = body.get("items", body.get("events", [])) if isinstance(body, dict) else body
+    return cast("builtins.list[dict[str, Any]]", items or [])
+
+
+class _SSEParser:
+    """Server-Sent Events, line by line: ``feed(line)`` returns an event at each blank line.
+
+    Events come out in the shape of ``GET /v1/jobs/{id}/events`` items:
+    ``{"seq", "kind", "created_at", "data"}``; the stream's ``end`` event is ``{"kind": "end"}``.
+    """
+
+    def __init__(self) -> None:
+        self._event: str = "message"
+        self._data: builtins.list[str] = []
+        self._id: str | None = None
+
+    def feed(self, line: str) -> dict[str, Any] | None:
+        if line == "":
+            if not self._data and self._event == "message":
+                return None
+            out = self._build()
+            self._event, self._data, self._id = "message", [], None
+            return out
+        if line.startswith(":"):
+            return None  # a comment (keep-alive)
+        field, _, value = line.partition(":")
+        value = value.removeprefix(" ")
+        if field == "event":
+            self._event = value
+        elif field == "data":
+            self._data.append(value)
+        elif field == "id":
+            self._id = value
+        return None
+
+    def _build(self) -> dict[str, Any]:
+        if self._event == "end":
+            return {"kind": "end"}
+        try:
+            payload = json.loads("\n".join(self._data)) if self._data else {}
+        except ValueError:
+            payload = {"message": "\n".join(self._data)}
+        seq = payload.pop("seq", None)
+        if seq is None and self._id is not None and self._id.isdigit():
+            seq = int(self._id)
+        created = payload.pop("created_at", None)
+        return {"seq": seq, "kind": self._event, "created_at": created, "data": payload}
+
+
+class _NoEventStream(Exception):
+    """The server answered the stream request with something else (an old API, a proxy)."""
+
+
+def _is_event_stream(resp: httpx.Response) -> bool:
+    return resp.headers.get("content-type", "").split(";")[0].strip() == "text/event-stream"
+
+
+def _stream_timeout(base: httpx.Timeout, deadline: float | None) -> httpx.Timeout:
+    read = SSE_READ_TIMEOUT_S
+    if deadline is not None:
+        read = max(0.1, min(read, deadline - time.monotonic()))
+    return httpx.Timeout(base.connect, read=read, write=base.write, pool=base.pool)
+
+
+class _Retry:
+    """Reconnection bookkeeping of one event stream.
+
+    A refused connection before any event arrived means the service is not there: give up at
+    once. Later drops (an API restart, a proxy timeout) reconnect where the stream left off, up
+    to ``SSE_RECONNECTS`` times in a row, then polling takes over.
+    """
+
+    def __init__(self, job_id: str, timeout: float | None, deadline: float | None) -> None:
+        self.job_id, self.timeout, self.deadline = job_id, timeout, deadline
+        self.failures, self.seen = 0, False
+
+    def left(self) -> bool:
+        return self.failures <= SSE_RECONNECTS
+
+    def ok(self) -> None:
+        self.failures, self.seen = 0, True
+
+    def failed(self, exc: httpx.TransportError | None) -> bool:
+        """Count a failure; True when ``exc`` should be raised as unreachable."""
+        if self.deadline is not None and time.monotonic() >= self.deadline:
+            raise TimeoutError(f"job {self.job_id} still running after {self.timeout} s")
+        self.failures += 1
+        return isinstance(exc, httpx.ConnectError) and not self.seen
+
+    def backoff(self) -> float:
+        return 0.0 if self.failures == 0 else min(2.0, 0.1 * 2**self.failures)
+
+
+def _submit_parts(
+    recipe: RecipeInput,
+    weights: FileInput | None,
+    dataset: FileInput | None,
+    model_id: str | None,
+    stack: contextlib.ExitStack,
+) -> dict[str, Any]:
+    """The request keywords of ``POST /v1/jobs`` (files opened on ``stack``)."""
+    text = recipe_text(recipe)
+    if model_id is not None:
+        if weights is not None or dataset is not None:
+            raise ValueError("a model_id submit is JSON only: pass no weights or dataset file")
+        return {"json": {"recipe": text, "model_id": model_id}}
+    if weights is None:
+        raise ValueError("pass weights (a path, bytes or a file) or model_id")
+    files = {"weights": _file_part(weights, stack, None)}
+    if dataset is not None:
+        files["dataset"] = _file_part(dataset, stack, "dataset.npz")
+    return {"data": {"recipe": text}, "files": files}
+
+
+def _check_progress(progress: ProgressCallback | None, wait: bool) -> None:
+    if progress is not None and not wait:
+        raise ValueError("progress= needs wait=True (it is called while waiting)")
+
+
+# -- the blocking client --------------------------------------------------------------------
+class HawadaClient:
+    """Blocking client for the ``/v1`` API; every method returns the decoded JSON.
+
+    Example::
+
+        from hawada import HawadaClient
+
+        with HawadaClient("http://127.0.0.1:8000", api_key=None) as hc:
+            job = hc.submit("recipe.yaml", "weights.safetensors")   # queued
+            job = hc.wait(job["id"], progress=lambda e: print(e["kind"], e["data"]))
+            print(job["status"], job["metrics"])
+
+    ``base_url`` is the service's address; ``api_key`` the Bearer key when the service requires
+    one; ``timeout`` the seconds for one request (not for a job: see :meth:`wait`).
     """
 
     def __init__(
@@ -82,51 +353,49 @@ class HawadaClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    @staticmethod
-    def _raise_for(resp: httpx.Response) -> None:
-        if resp.is_success:
-            return
-        code, message = "http_error", resp.text[:500] or resp.reason_phrase
-        try:
-            err = resp.json().get("error", {})
-            code, message = err.get("code", code), err.get("message", message)
-        except (ValueError, AttributeError):
-            pass  # not our JSON error envelope (proxy page, etc.): keep the raw text
-        raise HawadaAPIError(resp.status_code, code, message)
+    def _unreachable(self, exc: httpx.TransportError) -> HawadaConnectionError:
+        return HawadaConnectionError(self.base_url, str(exc) or type(exc).__name__)
 
     def _request(self, method: str, url: str, **kw: Any) -> Any:
-        resp = self._http.request(method, url, **kw)
-        self._raise_for(resp)
-        if resp.status_code == 204 or not resp.content:
-            return None
-        return resp.json()
+        try:
+            resp = self._http.request(method, url, **kw)
+        except httpx.TransportError as exc:
+            raise self._unreachable(exc) from None
+        return _decode(resp)
 
     # -- service ------------------------------------------------------------------------
     def health(self) -> dict[str, Any]:
-        """``GET /healthz``."""
+        """``GET /healthz``: ``{"status": "ok"}`` while the API process answers."""
         return self._request("GET", "/healthz")
 
     def ready(self) -> bool:
-        """True when ``GET /readyz`` answers 200 (database and broker reachable)."""
+        """True when ``GET /readyz`` answers 200 (database and broker reachable); never raises."""
         try:
             return self._http.get("/readyz").status_code == 200
         except httpx.TransportError:
             return False
 
-    def recipes(self) -> Any:
-        """Built-in recipes."""
+    def recipes(self) -> dict[str, Any]:
+        """Built-in recipes: ``{"items": [{"name", "recipe"}]}``.
+
+        Example: ``[r["name"] for r in hc.recipes()["items"]]``
+        """
         return self._request("GET", "/v1/recipes")
 
-    def architectures(self) -> Any:
-        """Supported architectures."""
+    def architectures(self) -> dict[str, Any]:
+        """Supported architectures: ``{"items": [{"name", "family"}]}``."""
         return self._request("GET", "/v1/architectures")
 
     # -- models -------------------------------------------------------------------------
-    def upload_model(self, weights: str | Path) -> dict[str, Any]:
-        """Upload a weights file once; the returned ``id`` can be reused as ``model_id``."""
-        path = Path(weights)
-        with open(path, "rb") as fh:
-            return self._request("POST", "/v1/models", files={"weights": (path.name, fh)})
+    def upload_model(self, weights: FileInput, arch: str | None = None) -> dict[str, Any]:
+        """Upload a weights file once; its ``id`` can be submitted as ``model_id`` many times.
+
+        Example: ``model = hc.upload_model("resnet18.safetensors", arch="resnet18")``
+        """
+        data = {"arch": arch} if arch else None
+        with contextlib.ExitStack() as stack:
+            files = {"weights": _file_part(weights, stack, None)}
+            return self._request("POST", "/v1/models", files=files, data=data)
 
     def get_model(self, model_id: str) -> dict[str, Any]:
         """``GET /v1/models/{id}``."""
@@ -135,32 +404,34 @@ class HawadaClient:
     # -- jobs ---------------------------------------------------------------------------
     def submit(
         self,
-        recipe: str | Path | Mapping[str, Any],
-        weights: str | Path | None = None,
-        dataset: str | Path | None = None,
+        recipe: RecipeInput,
+        weights: FileInput | None = None,
+        dataset: FileInput | None = None,
         *,
         model_id: str | None = None,
         idempotency_key: str | None = None,
+        wait: bool = False,
+        progress: ProgressCallback | None = None,
+        timeout: float | None = None,
     ) -> dict[str, Any]:
-        """Create a job from a recipe and either a weights file or an uploaded ``model_id``."""
+        """Create a job from a recipe and a weights file (or an uploaded ``model_id``).
+
+        ``recipe``: a mapping, a path, ``bytes`` or a file (see :data:`RecipeInput`);
+        ``weights`` / ``dataset``: a path, ``bytes`` or a binary file. Returns the queued job,
+        or with ``wait=True`` the finished one (``progress(event)`` is called for each event
+        meanwhile; ``timeout`` seconds bound the wait). Example::
+
+            job = hc.submit({"model": {"arch": "resnet18", "num_classes": 10}},
+                            open("w.safetensors", "rb"), wait=True, progress=print)
+        """
+        _check_progress(progress, wait)
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
-        text = _recipe_text(recipe)
-        if model_id is not None:
-            if weights is not None or dataset is not None:
-                raise ValueError("model_id submits are JSON only: no weights or dataset file")
-            body = {"recipe": text, "model_id": model_id}
-            return self._request("POST", "/v1/jobs", json=body, headers=headers)
-        if weights is None:
-            raise ValueError("pass weights (a file) or model_id")
         with contextlib.ExitStack() as stack:
-            wpath = Path(weights)
-            files: dict[str, Any] = {"weights": (wpath.name, stack.enter_context(wpath.open("rb")))}
-            if dataset is not None:
-                dpath = Path(dataset)
-                files["dataset"] = (dpath.name, stack.enter_context(dpath.open("rb")))
-            return self._request(
-                "POST", "/v1/jobs", data={"recipe": text}, files=files, headers=headers
-            )
+            parts = _submit_parts(recipe, weights, dataset, model_id, stack)
+            job: dict[str, Any] = self._request("POST", "/v1/jobs", headers=headers, **parts)
+        if wait:
+            return self.wait(job["id"], progress=progress, timeout=timeout)
+        return job
 
     def get(self, job_id: str) -> dict[str, Any]:
         """One job: status, phase, progress, error, metrics, artifacts."""
@@ -169,7 +440,8 @@ class HawadaClient:
     def list(
         self, status: str | None = None, limit: int | None = None, cursor: str | None = None
     ) -> dict[str, Any]:
-        """One page of the caller's jobs (newest first), optionally filtered by status."""
+        """One page of the caller's jobs (newest first), optionally filtered by status:
+        ``{"items": [...], "next_cursor": ...}``; pass ``next_cursor`` back for the next page."""
         params = {
             k: v
             for k, v in {"status": status, "limit": limit, "cursor": cursor}.items()
@@ -178,51 +450,114 @@ class HawadaClient:
         return self._request("GET", "/v1/jobs", params=params)
 
     def events(self, job_id: str, after: int = 0) -> builtins.list[dict[str, Any]]:
-        """Events of a job with sequence number above ``after``."""
-        body = self._request("GET", f"/v1/jobs/{job_id}/events", params={"after": after})
-        items = body.get("items", body.get("events", [])) if isinstance(body, dict) else body
-        return cast("builtins.list[dict[str, Any]]", items)
+        """Events of a job with sequence number above ``after``, as they are now (no waiting):
+        ``[{"seq", "kind", "created_at", "data"}]``."""
+        return _items(self._request("GET", f"/v1/jobs/{job_id}/events", params={"after": after}))
+
+    def _stream(self, job_id: str, after: int, deadline: float | None) -> Iterator[dict[str, Any]]:
+        """One Server-Sent Events connection; yields events, then ``{"kind": "end"}``."""
+        headers = {"Accept": "text/event-stream"}
+        timeout = _stream_timeout(self._http.timeout, deadline)
+        url = f"/v1/jobs/{job_id}/events"
+        with self._http.stream(
+            "GET", url, params={"after": after}, headers=headers, timeout=timeout
+        ) as resp:
+            if not resp.is_success:
+                resp.read()
+                raise api_error(resp)
+            if not _is_event_stream(resp):
+                raise _NoEventStream()
+            parser = _SSEParser()
+            for line in resp.iter_lines():
+                event = parser.feed(line)
+                if event is not None:
+                    yield event
+                    if event["kind"] == "end":
+                        return
 
     def watch(
-        self, job_id: str, *, poll_s: float = 1.0, timeout: float | None = None
-    ) -> Iterator[tuple[dict[str, Any], builtins.list[dict[str, Any]]]]:
-        """Poll until the job is terminal, yielding ``(job, new_events)`` each round.
+        self,
+        job_id: str,
+        *,
+        after: int = 0,
+        poll_s: float = 1.0,
+        timeout: float | None = None,
+        sse: bool = True,
+    ) -> Iterator[dict[str, Any]]:
+        """Yield the job's events (after ``after``) as they happen, until the job has ended.
 
-        Polling (rather than holding an SSE stream) survives proxies and API restarts.
-        Raises ``TimeoutError`` when ``timeout`` seconds pass first.
+        Follows the Server-Sent Events stream (reconnecting after a dropped connection where
+        it left off); falls back to polling every ``poll_s`` seconds when the server does not
+        stream or ``sse=False``. Raises ``TimeoutError`` when ``timeout`` seconds pass first.
+        Example::
+
+            for event in hc.watch(job_id):
+                if event["kind"] == "progress":
+                    print(event["data"]["phase"], event["data"].get("step"))
         """
         deadline = None if timeout is None else time.monotonic() + timeout
-        after = 0
+        last, retry = after, _Retry(job_id, timeout, deadline)
+        while sse and retry.left():
+            try:
+                for event in self._stream(job_id, last, deadline):
+                    if event["kind"] == "end":
+                        return
+                    retry.ok()
+                    last = max(last, int(event["seq"] or last))
+                    yield event
+                retry.failed(None)  # closed without `end` (a restarting API): reconnect
+            except _NoEventStream:
+                break
+            except httpx.TransportError as exc:
+                if retry.failed(exc):
+                    raise self._unreachable(exc) from None
+            time.sleep(retry.backoff())
+        yield from self._poll(job_id, last, poll_s, deadline, timeout)
+
+    def _poll(
+        self,
+        job_id: str,
+        after: int,
+        poll_s: float,
+        deadline: float | None,
+        timeout: float | None,
+    ) -> Iterator[dict[str, Any]]:
         while True:
-            new = self.events(job_id, after=after)
-            if new:
-                after = max(int(e.get("seq", e.get("id", after))) for e in new)
-            job = self.get(job_id)
-            if job["status"] in TERMINAL_STATES:
-                # Events written between the two reads above are still owed to the caller.
-                tail = self.events(job_id, after=after)
-                yield job, new + tail
+            ended = self.get(job_id)["status"] in TERMINAL_STATES
+            for event in self.events(job_id, after=after):
+                after = max(after, int(event.get("seq") or after))
+                yield event
+            if ended:  # events read after the terminal state include the last ones
                 return
-            yield job, new
             if deadline is not None and time.monotonic() > deadline:
-                raise TimeoutError(f"job {job_id} still {job['status']} after {timeout} s")
+                raise TimeoutError(f"job {job_id} still running after {timeout} s")
             time.sleep(poll_s)
 
     def wait(
-        self, job_id: str, *, poll_s: float = 1.0, timeout: float | None = None
+        self,
+        job_id: str,
+        *,
+        progress: ProgressCallback | None = None,
+        poll_s: float = 1.0,
+        timeout: float | None = None,
+        sse: bool = True,
     ) -> dict[str, Any]:
-        """Block until the job is terminal and return it."""
-        job: dict[str, Any] = {}
-        for polled, _ in self.watch(job_id, poll_s=poll_s, timeout=timeout):
-            job = polled
-        return job
+        """Block until the job has ended and return it (check ``job["status"]``).
+
+        ``progress(event)`` is called for every event on the way (see :meth:`watch`).
+        Example: ``job = hc.wait(job_id, timeout=3600)``
+        """
+        for event in self.watch(job_id, poll_s=poll_s, timeout=timeout, sse=sse):
+            if progress is not None:
+                progress(event)
+        return self.get(job_id)
 
     def cancel(self, job_id: str) -> dict[str, Any]:
         """Ask a job to stop; a queued job is cancelled at once, a running one winds down."""
         return self._request("POST", f"/v1/jobs/{job_id}/cancel")
 
     def delete(self, job_id: str) -> None:
-        """Delete a job and its artifacts."""
+        """Delete a finished job, its events and artifacts."""
         self._request("DELETE", f"/v1/jobs/{job_id}")
 
     def download(self, job_id: str, name: str, dest: str | Path, sha256: str | None = None) -> Path:
@@ -230,6 +565,7 @@ class HawadaClient:
 
         The checksum is verified against ``sha256`` or, when not given, the job's listing;
         on mismatch the partial file is removed and :class:`ChecksumError` raised.
+        Example: ``hc.download(job_id, "pruned.json", "result/")``
         """
         dest = Path(dest)
         if dest.is_dir():
@@ -237,18 +573,23 @@ class HawadaClient:
         if sha256 is None:
             listed = {a["name"]: a for a in self.get(job_id).get("artifacts", [])}
             if name not in listed:
-                raise HawadaAPIError(404, "not_found", f"job {job_id} has no artifact {name!r}")
+                msg = f"job {job_id} has no artifact {name!r}"
+                raise HawadaAPIError(404, "artifact_not_found", msg)
             sha256 = listed[name]["sha256"]
         tmp = dest.with_name(dest.name + ".part")
         digest = hashlib.sha256()
-        with self._http.stream("GET", f"/v1/jobs/{job_id}/artifacts/{name}") as resp:
-            if not resp.is_success:
-                resp.read()
-                self._raise_for(resp)
-            with open(tmp, "wb") as fh:
-                for block in resp.iter_bytes(1 << 20):
-                    digest.update(block)
-                    fh.write(block)
+        try:
+            with self._http.stream("GET", f"/v1/jobs/{job_id}/artifacts/{name}") as resp:
+                if not resp.is_success:
+                    resp.read()
+                    raise api_error(resp)
+                with open(tmp, "wb") as fh:
+                    for block in resp.iter_bytes(1 << 20):
+                        digest.update(block)
+                        fh.write(block)
+        except httpx.TransportError as exc:
+            tmp.unlink(missing_ok=True)
+            raise self._unreachable(exc) from None
         if digest.hexdigest() != sha256:
             tmp.unlink(missing_ok=True)
             raise ChecksumError(f"{name}: sha256 {digest.hexdigest()} != listed {sha256}")
@@ -256,10 +597,283 @@ class HawadaClient:
         return dest
 
     def download_all(self, job_id: str, dest_dir: str | Path) -> builtins.list[Path]:
-        """Download every artifact of a job into ``dest_dir`` (checksums verified)."""
+        """Download every artifact of a job into ``dest_dir`` (checksums verified).
+
+        Example: ``paths = hc.download_all(job_id, "result/")``
+        """
         folder = Path(dest_dir)
         folder.mkdir(parents=True, exist_ok=True)
         return [
             self.download(job_id, a["name"], folder / a["name"], sha256=a["sha256"])
             for a in self.get(job_id).get("artifacts", [])
         ]
+
+
+# -- the asyncio client ---------------------------------------------------------------------
+class AsyncHawadaClient:
+    """The same methods as :class:`HawadaClient`, as coroutines (``httpx.AsyncClient``).
+
+    For notebooks (top-level ``await`` works in Jupyter) and asyncio services. Example::
+
+        from hawada.client import AsyncHawadaClient
+
+        async with AsyncHawadaClient("http://127.0.0.1:8000") as hc:
+            job = await hc.submit("recipe.yaml", "weights.safetensors")
+            async for event in hc.watch(job["id"]):
+                print(event["kind"], event["data"].get("phase"))
+            job = await hc.get(job["id"])
+
+    ``progress`` callbacks may be plain functions or coroutine functions.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str | None = None,
+        *,
+        timeout: float = 60.0,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.base_url = base_url.rstrip("/")
+        self._http = httpx.AsyncClient(
+            base_url=self.base_url, headers=headers, timeout=timeout, transport=transport
+        )
+
+    async def aclose(self) -> None:
+        """Close the underlying connection pool."""
+        await self._http.aclose()
+
+    async def __aenter__(self) -> AsyncHawadaClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    def _unreachable(self, exc: httpx.TransportError) -> HawadaConnectionError:
+        return HawadaConnectionError(self.base_url, str(exc) or type(exc).__name__)
+
+    async def _request(self, method: str, url: str, **kw: Any) -> Any:
+        try:
+            resp = await self._http.request(method, url, **kw)
+        except httpx.TransportError as exc:
+            raise self._unreachable(exc) from None
+        return _decode(resp)
+
+    async def health(self) -> dict[str, Any]:
+        """``GET /healthz``."""
+        return await self._request("GET", "/healthz")
+
+    async def ready(self) -> bool:
+        """True when ``GET /readyz`` answers 200; never raises."""
+        try:
+            return (await self._http.get("/readyz")).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    async def recipes(self) -> dict[str, Any]:
+        """Built-in recipes: ``{"items": [{"name", "recipe"}]}``."""
+        return await self._request("GET", "/v1/recipes")
+
+    async def architectures(self) -> dict[str, Any]:
+        """Supported architectures: ``{"items": [{"name", "family"}]}``."""
+        return await self._request("GET", "/v1/architectures")
+
+    async def upload_model(self, weights: FileInput, arch: str | None = None) -> dict[str, Any]:
+        """Upload a weights file once (see :meth:`HawadaClient.upload_model`)."""
+        data = {"arch": arch} if arch else None
+        with contextlib.ExitStack() as stack:
+            files = {"weights": _file_part(weights, stack, None)}
+            return await self._request("POST", "/v1/models", files=files, data=data)
+
+    async def get_model(self, model_id: str) -> dict[str, Any]:
+        """``GET /v1/models/{id}``."""
+        return await self._request("GET", f"/v1/models/{model_id}")
+
+    async def submit(
+        self,
+        recipe: RecipeInput,
+        weights: FileInput | None = None,
+        dataset: FileInput | None = None,
+        *,
+        model_id: str | None = None,
+        idempotency_key: str | None = None,
+        wait: bool = False,
+        progress: ProgressCallback | None = None,
+        timeout: float | None = None,
+    ) -> dict[str, Any]:
+        """Create a job (see :meth:`HawadaClient.submit`); ``wait=True`` returns it finished.
+
+        Example: ``job = await hc.submit("r.yaml", "w.safetensors", wait=True, progress=print)``
+        """
+        _check_progress(progress, wait)
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+        with contextlib.ExitStack() as stack:
+            parts = _submit_parts(recipe, weights, dataset, model_id, stack)
+            job: dict[str, Any] = await self._request("POST", "/v1/jobs", headers=headers, **parts)
+        if wait:
+            return await self.wait(job["id"], progress=progress, timeout=timeout)
+        return job
+
+    async def get(self, job_id: str) -> dict[str, Any]:
+        """One job: status, phase, progress, error, metrics, artifacts."""
+        return await self._request("GET", f"/v1/jobs/{job_id}")
+
+    async def list(
+        self, status: str | None = None, limit: int | None = None, cursor: str | None = None
+    ) -> dict[str, Any]:
+        """One page of the caller's jobs (see :meth:`HawadaClient.list`)."""
+        params = {
+            k: v
+            for k, v in {"status": status, "limit": limit, "cursor": cursor}.items()
+            if v is not None
+        }
+        return await self._request("GET", "/v1/jobs", params=params)
+
+    async def events(self, job_id: str, after: int = 0) -> builtins.list[dict[str, Any]]:
+        """Events of a job with sequence number above ``after`` (no waiting)."""
+        body = await self._request("GET", f"/v1/jobs/{job_id}/events", params={"after": after})
+        return _items(body)
+
+    async def _stream(
+        self, job_id: str, after: int, deadline: float | None
+    ) -> AsyncIterator[dict[str, Any]]:
+        headers = {"Accept": "text/event-stream"}
+        timeout = _stream_timeout(self._http.timeout, deadline)
+        url = f"/v1/jobs/{job_id}/events"
+        async with self._http.stream(
+            "GET", url, params={"after": after}, headers=headers, timeout=timeout
+        ) as resp:
+            if not resp.is_success:
+                await resp.aread()
+                raise api_error(resp)
+            if not _is_event_stream(resp):
+                raise _NoEventStream()
+            parser = _SSEParser()
+            async for line in resp.aiter_lines():
+                event = parser.feed(line)
+                if event is not None:
+                    yield event
+                    if event["kind"] == "end":
+                        return
+
+    async def watch(
+        self,
+        job_id: str,
+        *,
+        after: int = 0,
+        poll_s: float = 1.0,
+        timeout: float | None = None,
+        sse: bool = True,
+    ) -> AsyncIterator[dict[str, Any]]:
+        """Yield the job's events as they happen until it ends (see :meth:`HawadaClient.watch`)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        last, retry = after, _Retry(job_id, timeout, deadline)
+        while sse and retry.left():
+            try:
+                async for event in self._stream(job_id, last, deadline):
+                    if event["kind"] == "end":
+                        return
+                    retry.ok()
+                    last = max(last, int(event["seq"] or last))
+                    yield event
+                retry.failed(None)
+            except _NoEventStream:
+                break
+            except httpx.TransportError as exc:
+                if retry.failed(exc):
+                    raise self._unreachable(exc) from None
+            await asyncio.sleep(retry.backoff())
+        while True:
+            ended = (await self.get(job_id))["status"] in TERMINAL_STATES
+            for event in await self.events(job_id, after=last):
+                last = max(last, int(event.get("seq") or last))
+                yield event
+            if ended:
+                return
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"job {job_id} still running after {timeout} s")
+            await asyncio.sleep(poll_s)
+
+    async def wait(
+        self,
+        job_id: str,
+        *,
+        progress: ProgressCallback | None = None,
+        poll_s: float = 1.0,
+        timeout: float | None = None,
+        sse: bool = True,
+    ) -> dict[str, Any]:
+        """Wait until the job has ended and return it; ``progress`` sees every event."""
+        async for event in self.watch(job_id, poll_s=poll_s, timeout=timeout, sse=sse):
+            if progress is not None:
+                result = progress(event)
+                if inspect.isawaitable(result):
+                    await result
+        return await self.get(job_id)
+
+    async def cancel(self, job_id: str) -> dict[str, Any]:
+        """Ask a job to stop."""
+        return await self._request("POST", f"/v1/jobs/{job_id}/cancel")
+
+    async def delete(self, job_id: str) -> None:
+        """Delete a finished job, its events and artifacts."""
+        await self._request("DELETE", f"/v1/jobs/{job_id}")
+
+    async def download(
+        self, job_id: str, name: str, dest: str | Path, sha256: str | None = None
+    ) -> Path:
+        """Stream one artifact to ``dest``, sha256 verified (see :meth:`HawadaClient.download`)."""
+        dest = Path(dest)
+        if dest.is_dir():
+            dest = dest / name
+        if sha256 is None:
+            listed = {a["name"]: a for a in (await self.get(job_id)).get("artifacts", [])}
+            if name not in listed:
+                msg = f"job {job_id} has no artifact {name!r}"
+                raise HawadaAPIError(404, "artifact_not_found", msg)
+            sha256 = listed[name]["sha256"]
+        tmp = dest.with_name(dest.name + ".part")
+        digest = hashlib.sha256()
+        try:
+            async with self._http.stream("GET", f"/v1/jobs/{job_id}/artifacts/{name}") as resp:
+                if not resp.is_success:
+                    await resp.aread()
+                    raise api_error(resp)
+                with open(tmp, "wb") as fh:
+                    async for block in resp.aiter_bytes(1 << 20):
+                        digest.update(block)
+                        fh.write(block)
+        except httpx.TransportError as exc:
+            tmp.unlink(missing_ok=True)
+            raise self._unreachable(exc) from None
+        if digest.hexdigest() != sha256:
+            tmp.unlink(missing_ok=True)
+            raise ChecksumError(f"{name}: sha256 {digest.hexdigest()} != listed {sha256}")
+        tmp.replace(dest)
+        return dest
+
+    async def download_all(self, job_id: str, dest_dir: str | Path) -> builtins.list[Path]:
+        """Download every artifact of a job into ``dest_dir`` (checksums verified)."""
+        folder = Path(dest_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        job = await self.get(job_id)
+        return [
+            await self.download(job_id, a["name"], folder / a["name"], sha256=a["sha256"])
+            for a in job.get("artifacts", [])
+        ]
+
+
+__all__ = [
+    "AsyncHawadaClient",
+    "ChecksumError",
+    "FileInput",
+    "HawadaAPIError",
+    "HawadaClient",
+    "HawadaClientError",
+    "HawadaConnectionError",
+    "ProgressCallback",
+    "RecipeInput",
+    "recipe_text",
+    "sha256_file",
+]

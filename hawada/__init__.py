@@ -2,8 +2,9 @@
 
     from hawada import HawadaClient, load_pruned
 
-`import hawada` loads neither httpx nor torch: the two names are resolved on first use.
-`HawadaClient` comes with the base install; `load_pruned` needs the engine extra
+`import hawada` loads neither httpx nor torch: the names are resolved on first use.
+`HawadaClient` (and `AsyncHawadaClient`, `HawadaAPIError`, `HawadaConnectionError`) come with
+the base install; `load_pruned` needs the engine extra
 (`pip install 'hawada[engine]'`) because it rebuilds a torchvision model.
 """
 
@@ -15,17 +16,30 @@ from hawada.version import __version__
 
 if TYPE_CHECKING:  # for type checkers and IDEs only; at run time see __getattr__
     from hawada.adapters.torchvision import load_pruned
-    from hawada.client.client import HawadaClient
+    from hawada.client.client import (
+        AsyncHawadaClient,
+        HawadaAPIError,
+        HawadaClient,
+        HawadaConnectionError,
+    )
 
-__all__ = ["HawadaClient", "__version__", "load_pruned"]
+_CLIENT_NAMES = ("AsyncHawadaClient", "HawadaAPIError", "HawadaClient", "HawadaConnectionError")
+__all__ = [
+    "AsyncHawadaClient",
+    "HawadaAPIError",
+    "HawadaClient",
+    "HawadaConnectionError",
+    "__version__",
+    "load_pruned",
+]
 
 
 def __getattr__(name: str) -> Any:
     """Resolve the lazy public names (PEP 562)."""
-    if name == "HawadaClient":
-        from hawada.client.client import HawadaClient
+    if name in _CLIENT_NAMES:
+        from hawada.client import client
 
-        return HawadaClient
+        return getattr(client, name)
     if name == "load_pruned":
         from hawada.extras import require
 
@@ -37,4 +51,4 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted([*globals(), "HawadaClient", "load_pruned"])
+    return sorted([*globals(), *_CLIENT_NAMES, "load_pruned"])

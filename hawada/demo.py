@@ -1,13 +1,16 @@
 """`make demo` (`python -m hawada.demo`): the main job end to end over HTTP on this machine.
 
-Starts `hawada serve` (API + Celery worker, SQLite + filesystem broker under ./var/demo),
-trains a small baseline on offline data, submits the compression job over HTTP, follows its
-progress, downloads and checks every artifact, loads the pruned model as a plain torchvision
-model and prints the before/after table. The service is stopped on the way out.
+Starts `hawada serve` (API + Celery worker, SQLite + filesystem broker under ./var/demo, or
+`HAWADA_DEMO_DIR`), trains a small baseline on offline data, submits the compression job over
+HTTP, follows its progress (a live bar on a terminal, timestamped lines in a log file),
+downloads and checks every artifact, loads the pruned model as a plain torchvision model and
+prints the before/after table. The service and its worker are stopped on the way out, also on
+Ctrl-C (SIGINT) and SIGTERM.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -20,9 +23,9 @@ from pathlib import Path
 
 from rich.markup import escape
 
-from hawada.client.cli import watch_job
+from hawada.client.cli import follow
 from hawada.client.client import HawadaClient
-from hawada.console import before_after_table, console
+from hawada.console import before_after_table, console, report_warnings
 
 # The demo runs from a source checkout (`make demo`): recipes/ and var/ of the repository.
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,8 +63,39 @@ def start_service(var_dir: Path, port: int) -> subprocess.Popen:
     )
 
 
+def descendants(pid: int) -> list[int]:
+    """Every live process below ``pid`` (Linux ``/proc``; empty elsewhere).
+
+    `hawada serve` starts its worker in a session of its own and the worker forks its pool
+    child, so neither a process group nor a session holds the whole service: the tree does.
+    """
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # exited meanwhile
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"  # a zombie has exited; its parent only has to reap it
+
+
 def stop_service(proc: subprocess.Popen, timeout: float = 30.0) -> None:
-    """Ctrl-C the service (it stops its worker) and wait; kill it if it hangs."""
+    """Ctrl-C the service (it stops its worker) and wait; then kill whatever of its process
+    tree is still there (a worker busy training ignores a polite stop for a while)."""
+    tree = descendants(proc.pid)
     if proc.poll() is None:
         proc.send_signal(signal.SIGINT)
         try:
@@ -69,6 +103,18 @@ def stop_service(proc: subprocess.Popen, timeout: float = 30.0) -> None:
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+    deadline = time.monotonic() + 15.0
+    while any(_alive(pid) for pid in tree) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    for pid in tree:
+        if _alive(pid):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def _terminate(signum: int, _frame: object) -> None:
+    """SIGTERM: unwind like Ctrl-C so the `finally` blocks stop the service."""
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def wait_ready(client: HawadaClient, proc: subprocess.Popen, timeout: float = 90.0) -> None:
@@ -120,8 +166,9 @@ def check_pruned(folder: Path, report: dict) -> str:
 
 
 def main() -> int:
-    """Run the demo; returns a process exit code."""
-    var_dir = ROOT / "var" / "demo"
+    """Run the demo; returns a process exit code (130 when interrupted)."""
+    signal.signal(signal.SIGTERM, _terminate)
+    var_dir = Path(os.environ.get("HAWADA_DEMO_DIR", ROOT / "var" / "demo")).resolve()
     recipe = ROOT / "recipes" / "demo-digits.yaml"
     shutil.rmtree(var_dir, ignore_errors=True)  # a clean, repeatable run
     var_dir.mkdir(parents=True)
@@ -139,7 +186,7 @@ def main() -> int:
             train_baseline(recipe, weights)
             job = client.submit(recipe, weights)
             console.print(f"submitted job [bold]{job['id']}[/bold]")
-            job = watch_job(client, job["id"], poll_s=0.5)
+            job = follow(client, job["id"], poll_s=0.5, out=console)
             if job["status"] != "succeeded":
                 console.print(f"[red]job {job['status']}[/red]: {escape(str(job.get('error')))}")
                 return 1
@@ -152,7 +199,16 @@ def main() -> int:
             report = json.loads((result / "report.json").read_text())
             console.print("loaded pruned model: " + check_pruned(result, report))
             console.print(before_after_table(report))
+            for warning in report_warnings(report):
+                console.print(f"[yellow]warning[/yellow] {escape(warning)}")
+            console.print(f"report: {result / 'report.html'}")
+    except KeyboardInterrupt:
+        console.print("interrupted")
+        return 130
     finally:
+        # A second Ctrl-C or SIGTERM must not cut the clean-up short.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         console.print("stopping the service")
         stop_service(proc)
     console.print(

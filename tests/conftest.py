@@ -111,3 +111,37 @@ def client(settings: Any, enqueued: RecordingEnqueuer) -> Iterator[Any]:
 
     with TestClient(create_app(settings, enqueue=enqueued)) as test_client:
         yield test_client
+
+
+# -- a real API over HTTP for the client and the CLI (tests/apiserver.py) --------------------
+_CLIENT_ENV = (
+    "HAWADA_DATABASE_URL",
+    "HAWADA_ARTIFACTS_DIR",
+    "HAWADA_BROKER_URL",
+    "HAWADA_URL",
+    "HAWADA_API_KEY",
+    "HAWADA_LUT_DIR",
+)
+
+
+@pytest.fixture
+def api_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    """Embedded settings under tmp_path, also visible to CLI code through the environment."""
+    from hawada.settings import Settings, reset_settings
+
+    for key in _CLIENT_ENV:
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("HAWADA_VAR_DIR", str(tmp_path / "var"))
+    reset_settings()
+    yield Settings(var_dir=tmp_path / "var")
+    reset_settings()
+
+
+@pytest.fixture
+def api_server(api_settings: Any) -> Iterator[Any]:
+    """`tests/apiserver.ApiServer`: the API on a loopback port with a fake worker."""
+    from apiserver import ApiServer
+
+    server = ApiServer(api_settings)
+    yield server
+    server.stop()

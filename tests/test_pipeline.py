@@ -111,7 +111,9 @@ def test_phases_announced_in_order(plain_job, finetuned_job) -> None:
         assert list(report["phases"]) == expect
         progress = [e for e in events if e["kind"] == "progress" and e["phase"] == "training"]
         assert progress[-1]["progress"] == 1.0 and progress[-1]["step"] == 5
+        assert [e["step"] for e in progress] == [2, 4, 5]  # every log_every (2) steps + the last
         assert {"loss", "cost_ratio", "temperature", "multiplier"} <= progress[-1].keys()
+        assert progress[-1]["steps"] == 5 and progress[-1]["target_ratio"] == 0.5
 
 
 def test_report_fields_present_and_typed(plain_job) -> None:

@@ -25,6 +25,18 @@ from hawada.extras import MissingExtra, require
 #: The API application factory, by import string (uvicorn imports it in this process).
 API_FACTORY = "hawada.api.main:create_app"
 
+#: One example per command, shown at the end of its --help.
+EXAMPLES = {
+    "serve": "hawada serve --port 8000",
+    "api": "HAWADA_DATABASE_URL=postgresql+psycopg://... hawada api --host 0.0.0.0",
+    "worker": "HAWADA_BROKER_URL=redis://127.0.0.1:6379/0 hawada worker",
+    "run": "hawada run --recipe recipes/demo-digits.yaml --weights w.safetensors --out result/",
+    "keys": "hawada keys create --owner alice --name laptop",
+    "keys create": "hawada keys create --owner alice --name laptop",
+    "keys list": "hawada keys list --owner alice",
+    "keys revoke": "hawada keys revoke 1f0c2a9e",
+}
+
 keys_app = typer.Typer(no_args_is_help=True, help="Manage API keys (needs database access).")
 
 
@@ -158,6 +170,10 @@ def run(
 ) -> None:
     """Run one compression job in this process and write the same artifacts as the service."""
     _require("engine", what="hawada run")
+    for path in (recipe, weights, dataset):
+        if path is not None and not path.is_file():
+            console.print(f"[red]error[/red] file not found: {escape(str(path))}", soft_wrap=True)
+            raise typer.Exit(2)
     from hawada.core.errors import HawadaError
     from hawada.core.recipe import RecipeError, parse_recipe
     from hawada.worker.pipeline import run_local
@@ -166,8 +182,8 @@ def run(
         parsed = parse_recipe(recipe.read_text())
     except RecipeError as exc:
         console.print(f"[red]error[/red] {escape(str(exc))}")
-        raise typer.Exit(1) from None
-    with ProgressView(local=True) as view:
+        raise typer.Exit(2) from None
+    with ProgressView(console) as view:
         try:
             report = run_local(
                 parsed, weights, out, dataset=dataset, device=device, on_event=view.on_event
@@ -187,7 +203,7 @@ def _session() -> Any:
     return session_scope(get_settings().database_url)
 
 
-@keys_app.command("create")
+@keys_app.command("create", epilog=f"Example: {EXAMPLES['keys create']}")
 def keys_create(
     owner: Annotated[str, typer.Option(help="Owner the key acts as.")],
     name: Annotated[str, typer.Option(help="A label for the key.")] = "default",
@@ -203,7 +219,7 @@ def keys_create(
     print(secret)
 
 
-@keys_app.command("list")
+@keys_app.command("list", epilog=f"Example: {EXAMPLES['keys list']}")
 def keys_list(owner: Annotated[str | None, typer.Option()] = None) -> None:
     """List API keys (never their secrets)."""
     _require("service", what="hawada keys")
@@ -226,7 +242,7 @@ def keys_list(owner: Annotated[str | None, typer.Option()] = None) -> None:
     console.print(table)
 
 
-@keys_app.command("revoke")
+@keys_app.command("revoke", epilog=f"Example: {EXAMPLES['keys revoke']}")
 def keys_revoke(key_id: str) -> None:
     """Revoke an API key (by id or displayed prefix)."""
     _require("service", what="hawada keys")
@@ -243,11 +259,9 @@ def keys_revoke(key_id: str) -> None:
 
 def register(app: typer.Typer) -> None:
     """Add the service commands to `app`."""
-    app.command()(serve)
-    app.command()(api)
-    app.command()(worker)
-    app.command()(run)
-    app.add_typer(keys_app, name="keys")
+    for name, fn in (("serve", serve), ("api", api), ("worker", worker), ("run", run)):
+        app.command(name=name, epilog=f"Example: {EXAMPLES[name]}")(fn)
+    app.add_typer(keys_app, name="keys", epilog=f"Example: {EXAMPLES['keys']}")
 
 
 __all__ = ["API_FACTORY", "register", "start_worker", "stop_worker", "worker_command"]

@@ -51,8 +51,6 @@ from hawada.worker.files import write_artifacts, write_json
 Event = dict[str, Any]
 EventSink = Callable[[Event], None]
 
-# A training progress event at most this often (seconds) besides every log_every steps.
-PROGRESS_EVERY_S = 2.0
 # Gate-training checkpoints: every this many seconds or steps, whichever comes first.
 CHECKPOINT_EVERY_S = 10.0
 CHECKPOINT_EVERY_STEPS = 50
@@ -108,26 +106,29 @@ class _Phases:
         self.on_event({"kind": "log", "message": message})
 
 
-def _progress_emitter(ctx: JobContext, phase: str, log_every: int) -> Callable[[HistoryRow], None]:
-    """on_step callback turning train rows into throttled progress events."""
-    last = [0.0]
+def _progress_emitter(
+    ctx: JobContext, phase: str, log_every: int, target_ratio: float | None = None
+) -> Callable[[HistoryRow], None]:
+    """on_step callback turning train rows into progress events: one every `log_every` steps
+    and one at the phase's last step (docs/events.md)."""
 
     def emit(row: HistoryRow) -> None:
-        now = time.monotonic()
         step, steps = int(row["step"]), int(row["steps"])
-        if step % log_every and step != steps and now - last[0] < PROGRESS_EVERY_S:
+        if step % log_every and step != steps:
             return
-        last[0] = now
         ev: Event = {
             "kind": "progress",
             "phase": phase,
             "progress": step / steps,
             "step": step,
+            "steps": steps,
             "loss": row.get("loss"),
         }
-        for k in ("cost_ratio", "temperature", "multiplier"):
+        for k in ("cost_ratio", "target", "temperature", "multiplier", "lr"):
             if k in row:
                 ev[k] = row[k]
+        if target_ratio is not None:
+            ev["target_ratio"] = target_ratio
         ctx.on_event(ev)
 
     return emit
@@ -207,7 +208,7 @@ def _train(
             data,
             recipe,
             device=device,
-            on_step=_progress_emitter(ctx, "training", recipe.train.log_every),
+            on_step=_progress_emitter(ctx, "training", recipe.train.log_every, target_ratio),
             should_stop=ctx.should_cancel,
             start_step=start_step,
             state=state,

@@ -121,7 +121,11 @@ class LeaseKeeper(threading.Thread):
 
 class EventSink:
     """The pipeline's ``on_event``: phase and log events are stored at once, progress
-    events at most every ``PROGRESS_EVERY_S`` (so the DB sees about one write a second)."""
+    events at most every ``PROGRESS_EVERY_S`` (so the DB sees about one write a second).
+
+    Phase and progress events are stored with ``job_progress``, the job's overall progress
+    (the ``progress`` of ``GET /v1/jobs/{id}``), next to the engine's within-phase ``progress``.
+    """
 
     def __init__(self, url: str, job_id: str, clock: Callable[[], float] = time.monotonic) -> None:
         self.url, self.job_id, self._clock = url, job_id, clock
@@ -139,23 +143,19 @@ class EventSink:
         if kind == "phase":
             self.phase = event.get("phase")
             self._last_progress = float("-inf")  # first progress of a phase is always shown
+        data = _jsonable(event)
+        phase, overall = self.phase, None
+        if kind == "phase":
+            overall = overall_progress(phase, 0.0)
+        elif kind == "progress":
+            phase = event.get("phase", self.phase)
+            overall = overall_progress(phase, float(event.get("progress", 0.0)))
+        if overall is not None:
+            data["job_progress"] = round(overall, 4)
         with session_scope(self.url) as session:
-            jobs.add_event(session, self.job_id, kind, _jsonable(event))
-            if kind == "phase":
-                jobs.set_progress(
-                    session,
-                    self.job_id,
-                    phase=self.phase,
-                    progress=overall_progress(self.phase, 0.0),
-                )
-            elif kind == "progress":
-                phase = event.get("phase", self.phase)
-                jobs.set_progress(
-                    session,
-                    self.job_id,
-                    phase=phase,
-                    progress=overall_progress(phase, float(event.get("progress", 0.0))),
-                )
+            jobs.add_event(session, self.job_id, kind, data)
+            if overall is not None:
+                jobs.set_progress(session, self.job_id, phase=phase, progress=overall)
 
 
 def _jsonable(value: Any) -> Any:

@@ -36,9 +36,9 @@ def _page(
 
 def _sse(event: EventPublic) -> str:
     # seq and created_at last: they are ours and must not be shadowed by the worker's data.
-    payload = json.dumps(
-        {**event.data, "seq": event.seq, "created_at": event.created_at.isoformat()}
-    )
+    # created_at exactly as the JSON page writes it (pydantic: ...Z), so both forms compare equal.
+    created_at = event.model_dump(mode="json", include={"created_at"})["created_at"]
+    payload = json.dumps({**event.data, "seq": event.seq, "created_at": created_at})
     return f"id: {event.seq}\nevent: {event.kind}\ndata: {payload}\n\n"
 
 
