@@ -9,6 +9,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from hawada.core.errors import HawadaError
 
@@ -102,6 +103,12 @@ async def _hawada_error(_: Request, exc: Exception) -> JSONResponse:
     return error_response(422 if exc.code == "invalid_recipe" else 400, exc.code, exc.message)
 
 
+async def _client_gone(_: Request, exc: Exception) -> JSONResponse:
+    # The client closed the connection mid-request: nobody reads this answer; not a server error.
+    log.info("client disconnected before its request was read")
+    return error_response(400, "client_disconnected", "the client closed the connection")
+
+
 async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
     # A 5xx is a bug: log it with its traceback, tell the client nothing internal.
     log.exception("unhandled error", exc_info=exc)
@@ -114,4 +121,5 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(HawadaError, _hawada_error)
+    app.add_exception_handler(ClientDisconnect, _client_gone)
     app.add_exception_handler(Exception, _unexpected)

@@ -6,6 +6,7 @@ from fastapi import FastAPI
 
 from hawada.api.admission import DbAdmissionMiddleware
 from hawada.api.errors import install_error_handlers
+from hawada.api.limits import BodyLimitMiddleware, route_caps
 from hawada.api.metrics import HttpMetricsMiddleware, make_registry
 from hawada.api.queue import CeleryEnqueuer, Enqueuer
 from hawada.api.routes import artifacts, catalog, events, health, jobs, models
@@ -35,6 +36,8 @@ def create_app(settings: Settings | None = None, enqueue: Enqueuer | None = None
     app.state.registry = registry
     app.add_middleware(DbAdmissionMiddleware, limit=POOL_CAPACITY // 2)
     app.add_middleware(HttpMetricsMiddleware, histogram=http_histogram)
+    # Outermost of ours: bodies are capped before anything else sees a byte of them.
+    app.add_middleware(BodyLimitMiddleware, cap_for=route_caps(settings.max_upload_bytes))
     install_error_handlers(app)
     for module in (jobs, events, artifacts, models, catalog, health):
         app.include_router(module.router)

@@ -26,6 +26,9 @@ from hawada.store.models import Job, JobEvent
 
 PHASE_BUCKETS = (0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 7200, 21600)
 HTTP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+# Label values come from fixed sets so no client can grow the series count: any other method
+# is "other", any path outside the routes is "unmatched".
+HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
 class JobsCollector(Collector):
@@ -145,7 +148,8 @@ class HttpMetricsMiddleware:
         finally:
             route = scope.get("route")
             template = getattr(route, "path", None) or "unmatched"
-            self.histogram.labels(scope["method"], template, str(status)).observe(
+            method = scope["method"] if scope["method"] in HTTP_METHODS else "other"
+            self.histogram.labels(method, template, str(status)).observe(
                 time.perf_counter() - start
             )
 

@@ -59,7 +59,7 @@ def store_file(
         if kind == "weights":
             check_weights(path, fmt)
         else:
-            check_dataset(path, upload.filename)
+            check_dataset(path, upload.filename, settings.max_dataset_bytes)
     except BaseException:
         store.delete_upload(path)
         raise
@@ -75,6 +75,14 @@ def check_data_path(recipe: Recipe, settings: Settings) -> None:
     path = recipe.data.path
     if path is None:
         return
+    if "\x00" in path:  # no file system accepts it; resolving it would raise
+        message = "must not contain a NUL character"
+        raise ApiError(
+            422,
+            "invalid_recipe",
+            f"data.path: {message}",
+            [{"path": "data.path", "message": message}],
+        )
     if resolve_within(path, settings.data_roots) is None:
         allowed = ", ".join(str(r) for r in settings.data_roots) or "none configured"
         message = f"{path!r} is outside the data folders this service may read ({allowed})"

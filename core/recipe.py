@@ -351,6 +351,8 @@ def _load_text(text: str) -> Any:
         ) from None
     except RecursionError:
         raise _too_deep() from None
+    except ValueError as exc:  # e.g. an integer past Python's 4300-digit conversion limit
+        raise RecipeError([{"path": "(root)", "message": f"unreadable value: {exc}"}]) from None
 
 
 def _too_deep() -> RecipeError:

@@ -36,6 +36,8 @@ class Settings(BaseSettings):
     artifacts_dir: Path = Path("./var/artifacts")
     auth_required: bool = False
     max_upload_bytes: int = 512 * MiB
+    # Decompressed size an uploaded .npz dataset may declare (its arrays' shape x itemsize).
+    max_dataset_bytes: int = 2048 * MiB
     job_time_limit_s: float = 6 * 3600.0
     lease_s: float = 60.0
     max_attempts: int = 3
@@ -65,8 +67,8 @@ class Settings(BaseSettings):
                 raise ValueError("environment=production requires auth_required=true")
             if self.database_url.startswith("sqlite"):
                 raise ValueError("environment=production requires a server database, not SQLite")
-        if self.max_upload_bytes <= 0:
-            raise ValueError("max_upload_bytes must be positive")
+        if self.max_upload_bytes <= 0 or self.max_dataset_bytes <= 0:
+            raise ValueError("max_upload_bytes and max_dataset_bytes must be positive")
         if self.lease_s <= 0 or self.max_attempts < 1:
             raise ValueError("lease_s must be > 0 and max_attempts >= 1")
         return self

@@ -21,6 +21,8 @@ from hawada.store.db import session_scope
 router = APIRouter(prefix="/v1/jobs", tags=["events"])
 
 POLL_S = 0.5
+#: Event sequence numbers are 32-bit integers in the database; larger cursors can match nothing.
+MAX_SEQ = 2**31 - 1
 KEEPALIVE_S = 15.0
 
 
@@ -85,7 +87,7 @@ async def job_events(
     request: Request,
     owner: CurrentOwner,
     settings: SettingsDep,
-    after: Annotated[int, Query(ge=0, description="only events with seq > after")] = 0,
+    after: Annotated[int, Query(ge=0, le=MAX_SEQ, description="only events with seq > after")] = 0,
     limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
     last_event_id: Annotated[str | None, Header()] = None,
 ) -> EventList | StreamingResponse:
@@ -93,7 +95,9 @@ async def job_events(
     url = settings.database_url
     if "text/event-stream" in request.headers.get("accept", ""):
         if last_event_id and last_event_id.isdigit():
-            after = max(after, int(last_event_id))  # a reconnecting EventSource resumes here
+            # A reconnecting EventSource resumes here; a number past any seq means "nothing yet".
+            seq = int(last_event_id) if len(last_event_id) <= 10 else MAX_SEQ
+            after = max(after, min(seq, MAX_SEQ))
         await run_in_threadpool(_page, url, owner, job_id, after, 1)  # 404 before streaming
         return StreamingResponse(
             _follow(request, url, owner, job_id, after),

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Request, Response
@@ -19,13 +18,13 @@ from hawada.api.deps import (
 from hawada.api.errors import ApiError
 from hawada.api.schemas import ErrorBody, JobCreateJson, JobList, JobPublic
 from hawada.api.submission import create_or_replay, from_json, from_multipart
+from hawada.api.uploads import parse_json_body, read_form
 from hawada.lifecycle import JOB_STATES
 from hawada.store import jobs as repo
 from hawada.store.db import session_scope
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
-MAX_JSON_BODY = 1024 * 1024
 ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorBody} for code in (400, 401, 404, 409, 413, 415, 422)
 }
@@ -75,28 +74,18 @@ async def submit_job(
     idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
 ) -> JobPublic:
     """Submit a compression job (multipart upload, or JSON with a `model_id`)."""
+    # The body as a whole is capped while it arrives (api/limits.py); each file part here.
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    length_header = request.headers.get("content-length") or "0"
-    length = int(length_header) if length_header.isdigit() else 0
-    # Two capped files plus form fields: refuse before reading anything when clearly too big.
-    if length > 2 * settings.max_upload_bytes + MAX_JSON_BODY:
-        raise ApiError(
-            413, "upload_too_large", f"request exceeds {settings.max_upload_bytes} bytes per file"
-        )
     if ctype in ("multipart/form-data", "application/x-www-form-urlencoded"):
-        form = await request.form(max_files=2, max_fields=8)
+        form = await read_form(
+            request, max_files=2, max_fields=8, max_file_bytes=settings.max_upload_bytes
+        )
         try:
             inputs = await run_in_threadpool(from_multipart, form, store, settings)
         finally:
             await form.close()
     elif ctype == "application/json":
-        body = await request.body()
-        if len(body) > MAX_JSON_BODY:
-            raise ApiError(413, "upload_too_large", "JSON body too large")
-        try:
-            parsed = json.loads(body)
-        except ValueError:
-            raise ApiError(400, "bad_request", "body is not valid JSON") from None
+        parsed = parse_json_body(await request.body())
         inputs = await run_in_threadpool(from_json, parsed, owner, settings)
     else:
         raise ApiError(

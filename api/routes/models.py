@@ -13,7 +13,7 @@ from hawada.api.deps import OBJECT_ID, CurrentOwner, SessionDep, SettingsDep, St
 from hawada.api.errors import ApiError, invalid_field
 from hawada.api.routes.jobs import ERRORS
 from hawada.api.schemas import ModelPublic
-from hawada.api.uploads import check_weights, save_capped, weights_format
+from hawada.api.uploads import check_weights, read_form, save_capped, weights_format
 from hawada.core.architectures import supported_architectures
 from hawada.settings import Settings
 from hawada.store.artifacts import ArtifactStore
@@ -91,7 +91,9 @@ async def upload_model(
         raise ApiError(
             415, "unsupported_media_type", "send multipart/form-data with a weights file"
         )
-    form = await request.form(max_files=1, max_fields=4)
+    form = await read_form(
+        request, max_files=1, max_fields=4, max_file_bytes=settings.max_upload_bytes
+    )
     try:
         return await run_in_threadpool(_register, dict(form), owner, settings, store)
     finally:
