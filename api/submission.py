@@ -17,7 +17,13 @@ from starlette.datastructures import UploadFile
 from hawada.api.deps import OBJECT_ID, public_job
 from hawada.api.errors import ApiError, invalid_field
 from hawada.api.schemas import JobCreateJson, JobPublic
-from hawada.api.uploads import check_dataset, check_weights, save_capped, weights_format
+from hawada.api.uploads import (
+    check_dataset,
+    check_recipe_weights,
+    check_weights,
+    save_capped,
+    weights_format,
+)
 from hawada.core.paths import resolve_within
 from hawada.core.recipe import (
     MAX_RECIPE_BYTES,
@@ -110,6 +116,11 @@ def from_multipart(form: Any, store: ArtifactStore, settings: Settings) -> Submi
     if dataset is not None and not isinstance(dataset, UploadFile):
         raise invalid_field("dataset", "must be a file")
     weights_path, weights_sha = store_file(store, settings, weights, "weights")
+    try:
+        check_recipe_weights(recipe, weights_path)
+    except BaseException:
+        store.delete_upload(weights_path)
+        raise
     dataset_path = None
     if dataset is not None:
         try:
@@ -143,6 +154,7 @@ def from_json(body: Any, owner: str, settings: Settings) -> Submission:
         raise ApiError(
             404, "model_not_found", f"no model {req.model_id!r}; upload it with POST /v1/models"
         )
+    check_recipe_weights(recipe, Path(model.path))
     return Submission(recipe, Path(model.path), model.sha256, model.id)
 
 

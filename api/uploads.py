@@ -20,6 +20,8 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import Request
 
 from hawada.api.errors import ApiError
+from hawada.api.weights_check import check_finite, check_fits_recipe, check_pickle_globals
+from hawada.core.recipe import Recipe
 from hawada.store.artifacts import ArtifactStore, UploadTooLarge
 
 WEIGHT_SUFFIXES = {".safetensors": "safetensors", ".pt": "pt", ".pth": "pt"}
@@ -52,8 +54,11 @@ def save_capped(
         raise ApiError(413, "upload_too_large", str(exc)) from None
 
 
-def check_safetensors(path: Path) -> None:
-    """8-byte little-endian header length, then a JSON object of tensors inside the file."""
+def check_safetensors(path: Path) -> tuple[dict[str, Any], int]:
+    """8-byte little-endian header length, then a JSON object of tensors inside the file.
+
+    Returns the tensor entries (name -> dtype, shape, data_offsets) and where the data starts.
+    """
     size = path.stat().st_size
     with path.open("rb") as fh:
         head = fh.read(8)
@@ -101,12 +106,14 @@ def check_safetensors(path: Path) -> None:
             or len(offsets) != 2
             or not all(isinstance(o, int) for o in offsets)
             or not 0 <= offsets[0] <= offsets[1] <= data_len
-            or "dtype" not in info
-            or "shape" not in info
+            or not isinstance(info.get("dtype"), str)
+            or not isinstance(info.get("shape"), list)
+            or not all(isinstance(d, int) and d >= 0 for d in info["shape"])
         ):
             raise ApiError(
                 400, "bad_weights", f"safetensors entry {name!r} is malformed or truncated"
             )
+    return tensors, 8 + n
 
 
 def check_torch_zip(path: Path) -> None:
@@ -127,12 +134,19 @@ def check_torch_zip(path: Path) -> None:
         raise ApiError(400, "bad_weights", "the .pt archive is not a torch.save file (no data.pkl)")
 
 
-def check_weights(path: Path, fmt: str) -> None:
-    """Raise a 400 ApiError unless `path` looks like a weights file of format `fmt`."""
+def check_weights(path: Path, fmt: str) -> dict[str, Any] | None:
+    """Raise a 4xx ApiError unless `path` is a safe weights file of format `fmt`.
+
+    Safetensors: a well-formed header and only finite floats; returns the tensor entries.
+    `.pt`/`.pth`: torch's zip whose pickle imports only weights-only globals; returns None.
+    """
     if fmt == "safetensors":
-        check_safetensors(path)
-    else:
-        check_torch_zip(path)
+        header, data_start = check_safetensors(path)
+        check_finite(path, header, data_start)
+        return header
+    check_torch_zip(path)
+    check_pickle_globals(path)
+    return None
 
 
 _NPY_MAGIC = b"\x93NUMPY"
@@ -245,3 +259,13 @@ def parse_json_body(body: bytes) -> Any:
         raise ApiError(
             400, "bad_request", "body is not valid JSON (or is nested too deeply)"
         ) from None
+
+
+def check_recipe_weights(recipe: Recipe, path: Path) -> None:
+    """422 `weights_mismatch` unless a stored safetensors file fits the recipe's model.
+
+    (`.pt` shapes are only known once torch loads them: the worker checks those.)
+    """
+    if _suffix(path.name) == ".safetensors":
+        header, _ = check_safetensors(path)
+        check_fits_recipe(recipe, header)

@@ -26,6 +26,7 @@ __all__ = [
     "ArchInfo",
     "arch_problem",
     "catalogue",
+    "expected_state_dict",
     "parse_catalogue",
     "supported_architectures",
 ]
@@ -84,3 +85,30 @@ def arch_problem(name: str) -> str | None:
     if info is None:
         return f"unknown architecture {name!r}; supported: {supported}"
     return f"architecture {name!r} is not supported: {info.reason}; supported: {supported}"
+
+
+def _decode_shape(code: str, num_classes: int) -> tuple[int, ...]:
+    return tuple(num_classes if d == "C" else int(d) for d in code.split("x")) if code else ()
+
+
+def expected_state_dict(
+    arch: str, num_classes: int, stem: str
+) -> dict[str, tuple[int, ...]] | None:
+    """The state-dict shapes of `arch` built for `num_classes` and `stem`, in model order.
+
+    From the catalogue's generated shape table; None when the catalogue has no table for it.
+    """
+    info = catalogue().get(arch)
+    table = info.details.get("state_dict") if info is not None else None
+    if not isinstance(table, dict):
+        return None
+    overrides = info.details.get("stems", {}).get(stem, {}) if info is not None else {}
+    out: dict[str, tuple[int, ...]] = {}
+    for key, code in table.items():
+        code = overrides.get(key, code)
+        if code is not None:
+            out[key] = _decode_shape(code, num_classes)
+    for key, code in overrides.items():
+        if key not in table and code is not None:
+            out[key] = _decode_shape(code, num_classes)
+    return out

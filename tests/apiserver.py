@@ -19,10 +19,10 @@ FAKE_STEPS = 10
 
 
 def tiny_safetensors(path: Path) -> Path:
-    """A valid one-tensor safetensors file (the API checks the header, not the arch)."""
-    header = json.dumps({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}).encode()
-    header += b" " * (-len(header) % 8)
-    path.write_bytes(len(header).to_bytes(8, "little") + header + b"\x00" * 8)
+    """A safetensors file fitting resnet18/10 classes/cifar (the API checks names and shapes)."""
+    from weights_files import fitting_safetensors
+
+    path.write_bytes(fitting_safetensors("resnet18", 10, "cifar"))
     return path
 
 

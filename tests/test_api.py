@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 import yaml
 from fastapi.testclient import TestClient
+from weights_files import fitting_safetensors
 
 from hawada.api.main import create_app
 from hawada.store import jobs as repo
@@ -32,13 +33,8 @@ RECIPE: dict[str, Any] = {
 
 
 def safetensors_bytes() -> bytes:
-    """A valid two-tensor safetensors file, built by hand (the API process has no torch)."""
-    header = {
-        "a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
-        "b": {"dtype": "F32", "shape": [1], "data_offsets": [8, 12]},
-    }
-    raw = json.dumps(header).encode()
-    return struct.pack("<Q", len(raw)) + raw + b"\x00" * 12
+    """A safetensors file that fits RECIPE's model, built by hand (the API process has no torch)."""
+    return fitting_safetensors("resnet18", 10, "cifar")
 
 
 def torch_zip_bytes() -> bytes:

@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 SCRIPT = textwrap.dedent(
     """
-    import json, struct, sys
+    import json, sys
     from fastapi.testclient import TestClient
     from hawada.api.main import create_app
     from hawada.api.queue import CeleryEnqueuer
@@ -23,8 +23,9 @@ SCRIPT = textwrap.dedent(
     app = create_app(settings)  # the real Celery enqueuer over the filesystem broker
     assert isinstance(app.state.enqueue, CeleryEnqueuer)
     client = TestClient(app)
-    header = json.dumps({"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}).encode()
-    weights = struct.pack("<Q", len(header)) + header + bytes(4)
+    from weights_files import fitting_safetensors  # names and shapes from the catalogue
+
+    weights = fitting_safetensors("resnet18", 10, "imagenet")  # checked: shapes, finite floats
     recipe = "model: {arch: resnet18, num_classes: 10}\\ndata: {source: synthetic}"
     statuses = [
         client.get("/healthz").status_code,
@@ -46,7 +47,11 @@ SCRIPT = textwrap.dedent(
 
 def test_api_never_imports_torch(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("HAWADA_")}
-    env.update(HAWADA_VAR_DIR=str(tmp_path / "var"), PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    env.update(
+        HAWADA_VAR_DIR=str(tmp_path / "var"),
+        PYTHONPATH=f"{ROOT}{os.pathsep}{ROOT / 'tests'}",
+        OMP_NUM_THREADS="1",
+    )
     out = subprocess.run(
         [sys.executable, "-c", SCRIPT],
         cwd=tmp_path,

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from weights_files import fitting_safetensors
 
 from hawada.api.main import create_app
 from hawada.store import jobs as repo
@@ -17,9 +18,9 @@ RECIPE = {"model": {"arch": "resnet18", "num_classes": 10}, "data": {"source": "
 
 
 def safetensors_bytes(header: bytes | None = None) -> bytes:
-    header = (
-        header or json.dumps({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}).encode()
-    )
+    """Weights fitting RECIPE, or a file with the given raw header."""
+    if header is None:
+        return fitting_safetensors("resnet18", 10, "imagenet")
     return len(header).to_bytes(8, "little") + header + b"\x00" * 8
 
 

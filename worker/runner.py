@@ -14,7 +14,7 @@ import socket
 import tempfile
 import threading
 import time
-import traceback
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -230,6 +230,8 @@ def execute(job_id: str, settings: Settings | None = None) -> str | None:
         report = _run_pipeline(settings, spec, work, checkpoint_dir, sink, lease.cancel)
         if lease.lost.is_set():
             raise _LeaseLost()
+        if lease.cancel.is_set():  # asked while the last phase ran: a cancelled job never succeeds
+            raise JobCancelled()
         store = ArtifactStore(Path(settings.artifacts_dir))
         with session_scope(url) as session:
             _store_artifacts(session, store, job_id, work)
@@ -240,17 +242,16 @@ def execute(job_id: str, settings: Settings | None = None) -> str | None:
         log.warning("job %s: lease lost, leaving it to its new owner", job_id)
         return None
     except HawadaError as exc:
-        status, code, message = "failed", exc.code, exc.message
+        status, code, message = "failed", exc.code, public_message(exc.message, settings)
     except SoftTimeLimitExceeded:
         status, code = "failed", "time_limit"
         message = f"job exceeded the time limit of {settings.job_time_limit_s:.0f} s"
     except BaseException as exc:
-        status, code, message = "failed", "internal", f"{type(exc).__name__}: {exc}"
-        _safe(
-            lambda: sink(
-                {"kind": "log", "level": "error", "message": traceback.format_exc(limit=20)}
-            )
-        )
+        # The traceback (with server paths) goes to the worker's log; the user gets a reference.
+        ref = uuid.uuid4().hex[:12]
+        log.error("job %s failed (ref %s)", job_id, ref, exc_info=exc)
+        status, code = "failed", "internal"
+        message = f"internal error ({type(exc).__name__}); reference {ref} in the worker log"
         if not isinstance(exc, Exception):
             _finish(url, job_id, status, code, message, None)
             raise
@@ -263,6 +264,15 @@ def execute(job_id: str, settings: Settings | None = None) -> str | None:
     # Terminal now: checkpoints exist only to resume a re-queued attempt.
     shutil.rmtree(checkpoint_dir, ignore_errors=True)
     return status
+
+
+def public_message(message: str, settings: Settings) -> str:
+    """`message` without the server's own folders (var, artifacts): users see names, not paths."""
+    folders = {Path(settings.var_dir), Path(settings.artifacts_dir)}
+    forms = {str(f) for f in folders} | {str(f.resolve()) for f in folders}
+    for form in sorted(forms - {"", "."}, key=len, reverse=True):  # innermost folder first
+        message = message.replace(form.rstrip("/") + "/", "").replace(form, "<server>")
+    return message
 
 
 class _LeaseLost(Exception):

@@ -18,7 +18,7 @@ from typing import Any
 
 from torchvision import models as tvm
 
-from hawada.adapters.torchvision.registry import get_arch, list_architectures
+from hawada.adapters.torchvision.registry import STEMS, build_skeleton, get_arch, list_architectures
 from hawada.atomic import atomic_write
 from hawada.core import architectures
 from hawada.core.architectures import CATALOGUE_FILE, CATALOGUE_FORMAT
@@ -38,12 +38,52 @@ def build_catalogue() -> dict[str, Any]:
             "reason": f"no HawAda adapter for the {family} family yet",
         }
     for name in list_architectures():
-        entries[name] = {"name": name, "family": get_arch(name).family, "supported": True}
+        entries[name] = {
+            "name": name,
+            "family": get_arch(name).family,
+            "supported": True,
+            **state_dict_table(name),
+        }
     return {
         "format": CATALOGUE_FORMAT,
         "generated_by": GENERATOR,
         "architectures": [entries[n] for n in sorted(entries)],
     }
+
+
+def _shapes(arch: str, num_classes: int, stem: str) -> dict[str, tuple[int, ...]]:
+    model = build_skeleton(arch, num_classes, stem)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def state_dict_table(arch: str) -> dict[str, Any]:
+    """The arch's state-dict shapes for `architectures.expected_state_dict` (API checks).
+
+    `state_dict`: key -> shape as "64x3x7x7" ("" for a scalar) with `C` where the size is
+    `num_classes`, for the imagenet stem; `stems`: per other stem, the keys whose shape differs
+    (null where the key is absent).
+    """
+
+    def encode(shape: tuple[int, ...], other: tuple[int, ...]) -> str:
+        # Built with 7 and 11 classes: a dimension that follows num_classes is C.
+        return "x".join(
+            "C" if (a, b) == (7, 11) else str(a) for a, b in zip(shape, other, strict=True)
+        )
+
+    base, other = _shapes(arch, 7, "imagenet"), _shapes(arch, 11, "imagenet")
+    table = {k: encode(v, other[k]) for k, v in base.items()}
+    stems: dict[str, dict[str, str | None]] = {}
+    for stem in STEMS:
+        if stem == "imagenet":
+            continue
+        shapes, shapes11 = _shapes(arch, 7, stem), _shapes(arch, 11, stem)
+        diff: dict[str, str | None] = {k: None for k in table if k not in shapes}
+        for k, v in shapes.items():
+            code = encode(v, shapes11[k])
+            if table.get(k) != code:
+                diff[k] = code
+        stems[stem] = diff
+    return {"state_dict": table, "stems": stems}
 
 
 def render(doc: dict[str, Any]) -> str:
