@@ -49,6 +49,7 @@ class Submission:
     model_id: str | None = None
     dataset_path: Path | None = None
     uploaded: tuple[Path, ...] = ()  # files this request created (removed if it fails)
+    heldout_path: Path | None = None
 
 
 def store_file(
@@ -58,50 +59,68 @@ def store_file(
     if kind == "weights":
         fmt = weights_format(upload.filename)
         suffix = Path(upload.filename or "").suffix.lower()
-    else:
+    else:  # dataset | heldout
         suffix = ".npz"
     path, _size, sha = save_capped(store, kind, upload.file, settings.max_upload_bytes, suffix)
     try:
         if kind == "weights":
             check_weights(path, fmt)
         else:
-            check_dataset(path, upload.filename, settings.max_dataset_bytes)
+            check_dataset(path, upload.filename, settings.max_dataset_bytes, kind)
     except BaseException:
         store.delete_upload(path)
         raise
     return path, sha
 
 
+def _outside_roots_message(field: str, path: str, settings: Settings) -> str:
+    if not settings.data_roots:
+        return (
+            f"{field} {path!r}: this service reads no server paths (HAWADA_DATA_ROOTS is not "
+            "set); upload the data with the job (`dataset`/`heldout` .npz parts) instead, or ask "
+            "the operator to add its folder to HAWADA_DATA_ROOTS"
+        )
+    roots = ", ".join(str(r) for r in settings.data_roots)
+    return (
+        f"{field} {path!r} is outside the data folders this service may read "
+        f"(HAWADA_DATA_ROOTS: {roots})"
+    )
+
+
 def check_data_path(recipe: Recipe, settings: Settings) -> None:
-    """Refuse a `data.path` outside HAWADA_DATA_ROOTS before anything is stored or queued.
+    """Refuse a `data.path`/`data.heldout_path` outside HAWADA_DATA_ROOTS before anything is
+    stored or queued.
 
     The worker enforces the same roots when it loads the data; refusing here gives the user a
-    422 naming the field instead of a failed job.
+    422 naming the field, the variable and the configured roots instead of a failed job.
     """
-    path = recipe.data.path
-    if path is None:
-        return
-    if "\x00" in path:  # no file system accepts it; resolving it would raise
-        message = "must not contain a NUL character"
-        raise ApiError(
-            422,
-            "invalid_recipe",
-            f"data.path: {message}",
-            [{"path": "data.path", "message": message}],
-        )
-    if resolve_within(path, settings.data_roots) is None:
-        allowed = ", ".join(str(r) for r in settings.data_roots) or "none configured"
-        message = f"{path!r} is outside the data folders this service may read ({allowed})"
-        raise ApiError(
-            422,
-            "invalid_recipe",
-            f"data.path: {message}",
-            [{"path": "data.path", "message": message}],
-        )
+    errors = []
+    for field in ("path", "heldout_path"):
+        path = getattr(recipe.data, field)
+        if path is not None and "\x00" in path:  # no file system accepts it; resolving raises
+            message = f"data.{field} must not contain a NUL character"
+            errors.append({"path": f"data.{field}", "message": message})
+        elif path is not None and resolve_within(path, settings.data_roots) is None:
+            errors.append(
+                {
+                    "path": f"data.{field}",
+                    "message": _outside_roots_message(f"data.{field}", path, settings),
+                }
+            )
+    if errors:
+        raise ApiError(422, "invalid_recipe", "; ".join(e["message"] for e in errors), errors)
+
+
+def _file_part(form: Any, name: str) -> UploadFile | None:
+    part = form.get(name)
+    if part is not None and not isinstance(part, UploadFile):
+        raise invalid_field(name, "must be a file")
+    return part
 
 
 def from_multipart(form: Any, store: ArtifactStore, settings: Settings) -> Submission:
-    """Parse the recipe field, then store and check the weights (and dataset) files."""
+    """Parse the recipe (a text field or a file part), then store and check the weights and
+    the optional `dataset` and `heldout` files."""
     recipe_field = form.get("recipe")
     if recipe_field is None:
         raise invalid_field("recipe", "field required")
@@ -112,24 +131,35 @@ def from_multipart(form: Any, store: ArtifactStore, settings: Settings) -> Submi
     weights = form.get("weights")
     if not isinstance(weights, UploadFile):
         raise invalid_field("weights", "file required")
-    dataset = form.get("dataset")
-    if dataset is not None and not isinstance(dataset, UploadFile):
-        raise invalid_field("dataset", "must be a file")
-    weights_path, weights_sha = store_file(store, settings, weights, "weights")
+    dataset = _file_part(form, "dataset")
+    heldout = _file_part(form, "heldout")
+    if heldout is not None and recipe.data.heldout_path is not None:
+        raise invalid_field("heldout", "give data.heldout_path or a heldout file, not both")
+    stored: list[Path] = []
     try:
+        weights_path, weights_sha = store_file(store, settings, weights, "weights")
+        stored.append(weights_path)
         check_recipe_weights(recipe, weights_path)
-    except BaseException:
-        store.delete_upload(weights_path)
-        raise
-    dataset_path = None
-    if dataset is not None:
-        try:
+        dataset_path = heldout_path = None
+        if dataset is not None:
             dataset_path, _ = store_file(store, settings, dataset, "dataset")
-        except BaseException:
-            store.delete_upload(weights_path)
-            raise
-    uploaded = (weights_path,) + ((dataset_path,) if dataset_path else ())
-    return Submission(recipe, weights_path, weights_sha, None, dataset_path, uploaded)
+            stored.append(dataset_path)
+        if heldout is not None:
+            heldout_path, _ = store_file(store, settings, heldout, "heldout")
+            stored.append(heldout_path)
+    except BaseException:
+        for path in stored:
+            store.delete_upload(path)
+        raise
+    return Submission(
+        recipe,
+        weights_path,
+        weights_sha,
+        None,
+        dataset_path,
+        tuple(stored),
+        heldout_path=heldout_path,
+    )
 
 
 def from_json(body: Any, owner: str, settings: Settings) -> Submission:
@@ -162,8 +192,18 @@ def create_or_replay(
     inputs: Submission, owner: str, key: str | None, settings: Settings
 ) -> tuple[JobPublic, bool]:
     """Insert the job (or find the idempotent original); returns (job, created)."""
-    if inputs.recipe.data.source == "upload" and inputs.dataset_path is None:
+    data = inputs.recipe.data
+    if data.source == "upload" and inputs.dataset_path is None:
         raise invalid_field("dataset", "file required when data.source is 'upload'")
+    uses_upload = data.source == "upload" or (data.source == "npz" and data.path is None)
+    if inputs.dataset_path is not None and not uses_upload:
+        # An ignored upload would train on something other than what the user sent.
+        raise invalid_field(
+            "dataset",
+            f"a dataset file was sent but data.source is {data.source!r}"
+            + (" with data.path" if data.path else "")
+            + "; use data.source 'upload' to train on it",
+        )
     rhash = recipe_hash(inputs.recipe)
     with session_scope(settings.database_url) as session:
         for _ in range(2):  # a second round only after losing an insert race on the same key
@@ -190,6 +230,7 @@ def create_or_replay(
                     weights_sha256=inputs.weights_sha256,
                     model_id=inputs.model_id,
                     dataset_path=str(inputs.dataset_path) if inputs.dataset_path else None,
+                    heldout_path=str(inputs.heldout_path) if inputs.heldout_path else None,
                     idempotency_key=key,
                     max_attempts=settings.max_attempts,
                 )

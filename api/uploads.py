@@ -178,14 +178,16 @@ def _npy_declared_bytes(zf: zipfile.ZipFile, member: str) -> int:
     return math.prod(shape) * int(digits)
 
 
-def check_dataset(path: Path, filename: str | None, max_bytes: int) -> None:
-    """Datasets are `.npz` archives (numpy's zip of arrays `x`, `y`).
+def check_dataset(
+    path: Path, filename: str | None, max_bytes: int, field: str = "dataset"
+) -> None:
+    """Uploaded datasets (`dataset`, `heldout`) are `.npz` archives (numpy's zip of `x`, `y`).
 
     The arrays' declared sizes (from their headers, nothing decompressed) must add up to at
     most `max_bytes`, so a small archive cannot make the worker allocate gigabytes.
     """
     if _suffix(filename) not in DATASET_SUFFIXES or not zipfile.is_zipfile(path):
-        raise ApiError(400, "bad_dataset", "dataset must be an .npz file with arrays x and y")
+        raise ApiError(400, "bad_dataset", f"{field} must be an .npz file with arrays x and y")
     try:
         with zipfile.ZipFile(path) as zf:
             members = [n for n in zf.namelist() if n.endswith(".npy")]
@@ -193,12 +195,12 @@ def check_dataset(path: Path, filename: str | None, max_bytes: int) -> None:
                 raise ValueError("more than 16 arrays")
             declared = sum(_npy_declared_bytes(zf, n) for n in members)
     except (zipfile.BadZipFile, ValueError, SyntaxError, MemoryError, RecursionError) as exc:
-        raise ApiError(400, "bad_dataset", f"dataset .npz is not readable: {exc}") from None
+        raise ApiError(400, "bad_dataset", f"{field} .npz is not readable: {exc}") from None
     if declared > max_bytes:
         raise ApiError(
             413,
             "dataset_too_large",
-            f"dataset arrays declare {declared} bytes decompressed; the limit is {max_bytes}",
+            f"{field} arrays declare {declared} bytes decompressed; the limit is {max_bytes}",
         )
 
 

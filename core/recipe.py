@@ -12,7 +12,7 @@ import json
 from collections.abc import Mapping
 from functools import lru_cache
 from importlib import resources
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import (
@@ -29,6 +29,7 @@ from hawada.core.architectures import arch_problem, catalogue
 from hawada.core.errors import HawadaError
 
 __all__ = [
+    "DATA_SOURCES",
     "MAX_RECIPE_BYTES",
     "Recipe",
     "RecipeError",
@@ -122,25 +123,48 @@ class ModelSpec(_Block):
 
 # --- data ------------------------------------------------------------------------------------
 
-DataSource = Literal["synthetic", "digits", "mnist-5k", "fashion-mnist", "folder", "npz", "upload"]
+DataSource = Literal[
+    "synthetic", "digits", "mnist-5k", "fashion-mnist", "folder", "npz", "webdataset", "upload"
+]
+#: Every `data.source`, in the order the docs list them (named in "field required" errors).
+DATA_SOURCES: tuple[str, ...] = get_args(DataSource)
+#: Sources whose `data.path` names a folder or file on the worker (and so needs a data root).
+PATH_SOURCES = ("folder", "npz", "webdataset")
 
 
 class DataSpec(_Block):
-    """Where training/held-out images come from and how they are batched and split."""
+    """Where training/held-out images come from and how they are batched, split and augmented."""
 
-    source: DataSource = "fashion-mnist"
+    source: DataSource
     path: str | None = Field(default=None, max_length=4096, validate_default=True)
+    #: A separate held-out set (folder, .npz or WebDataset shards like `path`); else a seeded
+    #: split of the training source. A `heldout` upload does the same for remote users.
+    heldout_path: str | None = Field(default=None, max_length=4096)
     batch_size: int = Field(default=64, ge=1, le=4096)
     val_fraction: float = Field(default=0.1, gt=0.0, le=0.9)
     seed: int = Field(default=0, ge=0, le=2**31 - 1)
     limit: int | None = Field(default=None, ge=2, le=100_000_000)
+    #: Training augmentation: `auto` is `standard` (random resized crop + horizontal flip) for
+    #: inputs larger than 64 px and `none` otherwise. Held-out data is never augmented.
+    augment: Literal["auto", "none", "standard"] = "auto"
+    #: `memory`: decode everything once into one uint8 tensor (fast for small sets); `stream`:
+    #: a DataLoader decodes only the images each batch needs; `auto` streams folders whose
+    #: decoded size exceeds `memory_limit_mb` and WebDataset shards always.
+    loader: Literal["auto", "memory", "stream"] = "auto"
+    memory_limit_mb: int = Field(default=2048, ge=1, le=1_000_000)
+    #: DataLoader worker processes when streaming (0 decodes in the training process).
+    workers: int = Field(default=4, ge=0, le=64)
+    #: A file that cannot be decoded: `fail` the job (code `bad_dataset`) or `skip` it and
+    #: count it in the report.
+    on_corrupt: Literal["fail", "skip"] = "fail"
 
     @field_validator("path")
     @classmethod
     def _folder_needs_path(cls, v: str | None, info: ValidationInfo) -> str | None:
         # npz may come from the job's uploaded dataset instead of a path; folder cannot.
-        if info.data.get("source") == "folder" and not v:
-            raise ValueError("required when data.source is 'folder'")
+        source = info.data.get("source")
+        if source in ("folder", "webdataset") and not v:
+            raise ValueError(f"required when data.source is {source!r}")
         return v
 
 
@@ -266,7 +290,7 @@ class Recipe(_Block):
     """A whole compression job description (docs/contract.md, "Recipe")."""
 
     model: ModelSpec
-    data: DataSpec = Field(default_factory=DataSpec)
+    data: DataSpec  # required: no silent default data set
     target: Target = Field(default_factory=Target)
     gates: GatesSpec = Field(default_factory=GatesSpec)
     train: TrainSpec = Field(default_factory=TrainSpec)
@@ -313,6 +337,13 @@ def _clean_message(msg: str) -> str:
     return msg
 
 
+def _missing_message(loc: tuple[int | str, ...]) -> str:
+    if loc in (("data",), ("data", "source")):
+        # No silent default data set: say what the choices are.
+        return "field required: set data.source to one of " + ", ".join(DATA_SOURCES)
+    return "field required"
+
+
 def _from_validation_error(exc: ValidationError) -> RecipeError:
     errors = []
     for err in exc.errors(include_url=False):
@@ -320,7 +351,7 @@ def _from_validation_error(exc: ValidationError) -> RecipeError:
         if err["type"] == "extra_forbidden":
             message = "unknown field"
         elif err["type"] == "missing":
-            message = "field required"
+            message = _missing_message(loc)
         else:
             message = _clean_message(err["msg"])
         errors.append({"path": _loc_to_path(loc), "message": message})

@@ -32,7 +32,7 @@ ARTIFACT_NAMES = frozenset(
         "pruned.pt2",
     }
 )
-UPLOAD_KINDS = frozenset({"weights", "dataset", "models"})
+UPLOAD_KINDS = frozenset({"weights", "dataset", "heldout", "models"})
 CHUNK = 1024 * 1024
 _HEX_ID = re.compile(r"^[0-9a-f]{32}$")
 _SUFFIX = re.compile(r"^(\.[a-z0-9]{1,12}){0,2}$")

@@ -46,6 +46,7 @@ def create_job(
     weights_sha256: str | None = None,
     model_id: str | None = None,
     dataset_path: str | None = None,
+    heldout_path: str | None = None,
     idempotency_key: str | None = None,
     max_attempts: int = 3,
 ) -> Job:
@@ -63,6 +64,7 @@ def create_job(
         weights_path=weights_path,
         weights_sha256=weights_sha256,
         dataset_path=dataset_path,
+        heldout_path=heldout_path,
         created_at=now,
         updated_at=now,
         attempts=0,

@@ -80,6 +80,7 @@ class Job(Base):
     weights_path: Mapped[str | None] = mapped_column(Text, nullable=True)
     weights_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
     dataset_path: Mapped[str | None] = mapped_column(Text, nullable=True)
+    heldout_path: Mapped[str | None] = mapped_column(Text, nullable=True)  # `heldout` upload
     error_code: Mapped[str | None] = mapped_column(String(64), nullable=True)
     error_message: Mapped[str | None] = mapped_column(Text, nullable=True)
     metrics: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)

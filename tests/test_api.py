@@ -527,11 +527,92 @@ def test_data_path_outside_data_roots_is_422(
     recipe = json.loads(json.dumps(RECIPE))
     recipe["data"] = {"source": "npz", "path": "/etc/passwd.npz"}
     body = assert_error(submit(client, recipe), 422, "invalid_recipe")
-    assert body["details"][0]["path"] == "data.path" and "none configured" in body["message"]
+    assert body["details"][0]["path"] == "data.path"
+    assert "HAWADA_DATA_ROOTS is not set" in body["message"]  # names the variable to set
     assert enqueued.job_ids == [] and uploads(settings) == []
     # inside a configured root the same recipe is accepted (the worker checks again on load)
-    settings.data_roots = [tmp_path / "data"]
+    settings.data_roots = [tmp_path / "data", tmp_path / "more"]
     recipe["data"]["path"] = str(tmp_path / "data" / "train.npz")
     assert submit(client, recipe).status_code == 202
     recipe["data"]["path"] = str(tmp_path / "data" / ".." / "elsewhere.npz")
-    assert_error(submit(client, recipe), 422, "invalid_recipe")
+    body = assert_error(submit(client, recipe), 422, "invalid_recipe")
+    roots = f"HAWADA_DATA_ROOTS: {tmp_path / 'data'}, {tmp_path / 'more'}"
+    assert roots in body["message"]  # the variable and the roots configured
+    # the held-out path is confined the same way
+    recipe["data"]["path"] = str(tmp_path / "data" / "train.npz")
+    recipe["data"]["heldout_path"] = "/srv/other/heldout.npz"
+    body = assert_error(submit(client, recipe), 422, "invalid_recipe")
+    assert [d["path"] for d in body["details"]] == ["data.heldout_path"] and roots in body[
+        "message"
+    ]
+
+
+def npz_bytes() -> bytes:
+    """The layout of numpy's .npz (a zip of .npy members); the API checks only the container."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        zf.writestr("x.npy", b"\x93NUMPY")
+        zf.writestr("y.npy", b"\x93NUMPY")
+    return buf.getvalue()
+
+
+def test_four_file_parts_recipe_weights_dataset_heldout(
+    client: TestClient, enqueued: Any, settings: Any
+) -> None:
+    # `curl -F recipe=@r.yaml -F weights=@m.pt -F dataset=@d.npz -F heldout=@h.npz`
+    recipe = {**RECIPE, "data": {"source": "upload", "batch_size": 8}}
+    files = {
+        "recipe": ("my.yaml", yaml.safe_dump(recipe).encode()),
+        "weights": ("m.pth", torch_zip_bytes()),
+        "dataset": ("d.npz", npz_bytes()),
+        "heldout": ("h.npz", npz_bytes()),
+    }
+    resp = client.post("/v1/jobs", files=files)
+    assert resp.status_code == 202, resp.text
+    job_id = resp.json()["id"]
+    assert resp.json()["recipe"]["data"]["source"] == "upload" and enqueued.job_ids == [job_id]
+    with session_scope(settings.database_url) as s:
+        job = repo.load_job(s, job_id)
+        dataset, heldout, weights = job.dataset_path, job.heldout_path, job.weights_path
+    assert dataset and heldout and Path(dataset) != Path(heldout)
+    assert sorted(uploads(settings)) == sorted(Path(p) for p in (dataset, heldout, weights))
+    assert Path(heldout).read_bytes() == npz_bytes()
+    # deleting the job removes every upload it brought
+    assert client.delete(f"/v1/jobs/{job_id}").status_code == 204
+    assert uploads(settings) == []
+
+
+def test_form_parts_that_cannot_be_used_are_refused(client: TestClient, settings: Any) -> None:
+    files: dict[str, Any] = {
+        "weights": ("w.safetensors", safetensors_bytes()),
+        "heldout": ("h.npz", b"not a zip"),
+    }
+    body = assert_error(
+        client.post("/v1/jobs", data={"recipe": yaml.safe_dump(RECIPE)}, files=files),
+        400,
+        "bad_dataset",
+    )
+    assert "heldout" in body["message"] and uploads(settings) == []
+    # a dataset the recipe would ignore: refused rather than silently unused
+    body = assert_error(submit(client, dataset=("d.npz", npz_bytes())), 422, "invalid_request")
+    assert "data.source is 'synthetic'" in body["message"] and uploads(settings) == []
+    # both a held-out path and a held-out file
+    recipe = {**RECIPE, "data": {**RECIPE["data"], "heldout_path": "/data/h"}}
+    settings.data_roots = [Path("/data")]
+    files["heldout"] = ("h.npz", npz_bytes())
+    resp = client.post("/v1/jobs", data={"recipe": yaml.safe_dump(recipe)}, files=files)
+    assert "not both" in assert_error(resp, 422, "invalid_request")["message"]
+    assert uploads(settings) == []
+
+
+def test_recipe_without_data_is_422_listing_the_sources(client: TestClient, enqueued: Any) -> None:
+    recipe = {k: v for k, v in RECIPE.items() if k != "data"}
+    body = assert_error(submit(client, recipe), 422, "invalid_recipe")
+    assert body["details"] == [
+        {
+            "path": "data",
+            "message": "field required: set data.source to one of synthetic, digits, mnist-5k, "
+            "fashion-mnist, folder, npz, webdataset, upload",
+        }
+    ]
+    assert enqueued.job_ids == []

@@ -312,3 +312,147 @@ def test_batches_on_cuda_match_cpu() -> None:
     assert xg.is_cuda and yg.is_cuda
     torch.testing.assert_close(xg.cpu(), xc, rtol=0, atol=1e-6)
     assert torch.equal(yg.cpu(), yc)
+
+
+# --- the held-out set the user chooses -------------------------------------------------------
+
+
+def test_heldout_npz_path_and_upload_replace_the_split(tmp_path: Path) -> None:
+    train = _index_npz(tmp_path / "train.npz", 40)
+    x = np.broadcast_to((100 + np.arange(12, dtype=np.uint8))[:, None, None], (12, 16, 16))
+    np.savez(tmp_path / "held.npz", x=x.copy(), y=np.arange(12) % 4)
+    for kw, data, source in (
+        ({}, {"heldout_path": str(tmp_path / "held.npz")}, "heldout_path"),
+        ({"heldout": tmp_path / "held.npz"}, {}, "upload"),
+    ):
+        recipe = _recipe({"source": "npz", "path": str(train), **data})
+        bundle = load_data(recipe, allowed_roots=[tmp_path], **kw)
+        assert (bundle.n_train, bundle.n_heldout) == (40, 12)  # all 40 train, no split
+        assert bundle.heldout_info() == {"source": source, "size": 12}
+        held_seen = sorted(i for x, _ in bundle.heldout_batches(5) for i in _ids(x))
+        assert held_seen == list(range(100, 112))
+        train_seen = sorted(i for x, _ in bundle.train_epoch(8) for i in _ids(x))
+        assert train_seen == list(range(40))
+    assert load_data(_recipe({"source": "npz", "path": str(train)})).heldout_info() == {
+        "source": "split",
+        "size": 4,
+    }
+
+
+def test_heldout_outside_roots_or_with_unknown_labels(tmp_path: Path) -> None:
+    train = tmp_path / "train.npz"
+    np.savez(train, x=np.zeros((8, 8, 8), np.uint8), y=np.arange(8) % 3)  # labels 0..2
+    held = tmp_path / "held.npz"
+    np.savez(held, x=np.zeros((4, 8, 8), np.uint8), y=np.array([0, 1, 3, 3]))
+    recipe = _recipe({"source": "npz", "path": str(train), "heldout_path": str(held)})
+    with pytest.raises(DataError) as info:
+        load_data(recipe)
+    assert info.value.code == "heldout_mismatch" and "[3]" in info.value.message
+    with pytest.raises(DataError, match=r"data\.heldout_path .*HAWADA_DATA_ROOTS"):
+        load_data(recipe, allowed_roots=[tmp_path / "only-here"])
+
+
+def _jpeg_folder(root: Path, classes: dict[str, int], size: tuple[int, int] = (80, 100)) -> None:
+    rng = np.random.default_rng(1)
+    for cls, n in classes.items():
+        (root / cls).mkdir(parents=True)
+        for i in range(n):
+            arr = rng.integers(0, 256, (*size, 3), dtype=np.uint8)
+            Image.fromarray(arr).save(root / cls / f"{i}.jpg", quality=85)
+
+
+def test_heldout_folder_classes_must_match(tmp_path: Path) -> None:
+    _jpeg_folder(tmp_path / "train", {"cat": 3, "dog": 3})
+    _jpeg_folder(tmp_path / "held", {"cat": 2, "dog": 1})
+    data = {"source": "folder", "path": str(tmp_path / "train")}
+    bundle = load_data(_recipe({**data, "heldout_path": str(tmp_path / "held")}))
+    assert (bundle.n_train, bundle.n_heldout, bundle.num_classes) == (6, 3, 2)
+    assert sorted(y for _, ys in bundle.heldout_batches(8) for y in ys.tolist()) == [0, 0, 1]
+    _jpeg_folder(tmp_path / "other", {"cat": 1, "emu": 1})
+    with pytest.raises(DataError) as info:
+        load_data(_recipe({**data, "heldout_path": str(tmp_path / "other")}))
+    assert info.value.code == "heldout_mismatch"
+    assert "['dog']" in info.value.message and "['emu']" in info.value.message
+
+
+# --- streaming, corrupt files, augmentation ---------------------------------------------------
+
+
+def _flat(batches) -> tuple[torch.Tensor, torch.Tensor]:
+    xs, ys = zip(*batches, strict=True)
+    return torch.cat(xs), torch.cat(ys)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_stream_loader_serves_what_memory_serves(tmp_path: Path, workers: int) -> None:
+    _jpeg_folder(tmp_path / "imgs", {"a": 5, "b": 4, "c": 3})
+    data = {"source": "folder", "path": str(tmp_path / "imgs"), "val_fraction": 0.25}
+    mem = load_data(_recipe({**data, "loader": "memory"}, size=24))
+    stream = load_data(_recipe({**data, "loader": "stream", "workers": workers}, size=24))
+    assert (mem.loader, stream.loader) == ("memory", "stream") and not stream.augment
+    assert (stream.n_train, stream.n_heldout) == (mem.n_train, mem.n_heldout) == (9, 3)
+    # the same held-out images, decoded the same way, in the same order
+    xm, ym = _flat(mem.heldout_batches(2))
+    xs, ys = _flat(stream.heldout_batches(2))
+    assert torch.equal(ym, ys) and torch.equal(xm, xs)
+    # one training epoch covers the training split once (short remainder dropped)
+    _, yt = _flat(stream.train_epoch(4, seed=0))
+    assert len(yt) == 8 and set(yt.tolist()) <= {0, 1, 2}
+    x, y = next(stream.train_batches(4, seed=0))
+    assert x.dtype == torch.float32 and tuple(x.shape) == (4, 3, 24, 24) and y.dtype == torch.int64
+    # a small folder picks memory by itself; past memory_limit_mb it streams
+    assert load_data(_recipe(data, size=24)).loader == "memory"
+    big = load_data(_recipe({**data, "memory_limit_mb": 1}, size=512))
+    assert big.loader == "stream" and big.describe()["loader"] == "stream"
+
+
+@pytest.mark.parametrize("loader", ["memory", "stream"])
+def test_corrupt_jpeg_fails_naming_it_or_is_skipped_and_counted(
+    tmp_path: Path, loader: str
+) -> None:
+    _jpeg_folder(tmp_path / "imgs", {"a": 4, "b": 4})
+    good = (tmp_path / "imgs" / "b" / "0.jpg").read_bytes()
+    (tmp_path / "imgs" / "b" / "9.jpg").write_bytes(good[:200])  # truncated
+    (tmp_path / "imgs" / "a" / "8.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    data = {"source": "folder", "path": str(tmp_path / "imgs"), "loader": loader, "workers": 0}
+
+    def use_all() -> None:  # streaming decodes (and fails) only when batches are drawn
+        bundle = load_data(_recipe({**data, "val_fraction": 0.5}, size=16))
+        list(bundle.train_epoch(2))
+        list(bundle.heldout_batches(2))
+
+    with pytest.raises(DataError, match=r"cannot decode (a/8|b/9)\.jpg") as info:
+        use_all()
+    assert info.value.code == "bad_dataset" and "on_corrupt: skip" in info.value.message
+    bundle = load_data(_recipe({**data, "val_fraction": 0.5, "on_corrupt": "skip"}, size=16))
+    seen = sum(len(y) for _, y in bundle.heldout_batches(3)) + sum(
+        len(y) for _, y in bundle.train_epoch(1)
+    )
+    assert seen == 8 and bundle.skipped == 2 and bundle.describe()["skipped_files"] == 2
+
+
+def test_augmentation_defaults_and_effect(tmp_path: Path) -> None:
+    _jpeg_folder(tmp_path / "imgs", {"a": 6, "b": 6}, size=(120, 120))
+    data = {"source": "folder", "path": str(tmp_path / "imgs"), "val_fraction": 0.25}
+    assert not load_data(_recipe(data, size=64)).augment  # auto: <= 64 px, none
+    for loader in ("memory", "stream"):
+        aug = load_data(_recipe({**data, "loader": loader, "workers": 0}, size=96))
+        plain = load_data(
+            _recipe({**data, "loader": loader, "workers": 0, "augment": "none"}, size=96)
+        )
+        assert aug.augment and not plain.augment and aug.describe()["augment"] == "standard"
+        # held-out batches are never augmented: deterministic, equal with and without
+        xa, _ = _flat(aug.heldout_batches(4))
+        assert torch.equal(xa, _flat(aug.heldout_batches(4))[0])
+        xt_aug, yt_aug = next(aug.train_batches(4, seed=0))
+        xt_plain, yt_plain = next(plain.train_batches(4, seed=0))
+        assert xt_aug.shape == xt_plain.shape == (4, 3, 96, 96)
+        if loader == "memory":  # same batch order, different pixels
+            assert torch.equal(yt_aug, yt_plain)
+        assert not torch.equal(xt_aug, xt_plain)
+
+
+def test_folder_labels_beyond_num_classes(tmp_path: Path) -> None:
+    _jpeg_folder(tmp_path / "imgs", {"a": 2, "b": 2, "c": 2}, size=(8, 8))
+    with pytest.raises(DataError, match=r"3 classes but model\.num_classes is 2"):
+        load_data(_recipe({"source": "folder", "path": str(tmp_path / "imgs")}, num_classes=2))

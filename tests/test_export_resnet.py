@@ -37,7 +37,8 @@ RECIPE = parse_recipe(
             "num_classes": 10,
             "input_size": [3, 32, 32],
             "normalize": {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]},
-        }
+        },
+        "data": {"source": "synthetic"},
     }
 )
 TOL = 1e-4

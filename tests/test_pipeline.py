@@ -431,3 +431,31 @@ def test_onnx_export_matches_pruned_model(weights: Path, tmp_path: Path) -> None
     pruned = load_pruned(tmp_path / "pruned.json", tmp_path / "pruned.safetensors")
     with torch.no_grad():
         torch.testing.assert_close(torch.from_numpy(got), pruned(x), rtol=1e-3, atol=1e-4)
+
+
+def test_user_heldout_upload_is_what_the_report_measures(weights: Path, tmp_path: Path) -> None:
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    np.savez(
+        tmp_path / "train.npz", x=rng.integers(0, 256, (40, 16, 16), np.uint8), y=np.arange(40) % 4
+    )
+    np.savez(
+        tmp_path / "held.npz", x=rng.integers(0, 256, (13, 16, 16), np.uint8), y=np.arange(13) % 4
+    )
+    recipe = _recipe().model_copy(deep=True)
+    recipe.data = recipe.data.model_copy(update={"source": "upload", "limit": None})
+    events: list[dict] = []
+    report = _run(
+        weights,
+        tmp_path / "out",
+        recipe,
+        events,
+        dataset=tmp_path / "train.npz",
+        heldout=tmp_path / "held.npz",
+    )
+    assert report["heldout"]["source"] == "upload" and report["heldout"]["size"] == 13
+    assert (report["data"]["n_train"], report["data"]["n_heldout"]) == (40, 13)
+    assert report["baseline"]["accuracy"] is not None  # real labels: accuracy measured
+    logs = [e["message"] for e in events if e["kind"] == "log"]
+    assert any("40 training / 13 held-out" in m and "the upload" in m for m in logs)

@@ -20,7 +20,7 @@ from hawada.core.recipe import (
     recipe_to_dict,
 )
 
-MINIMAL = {"model": {"arch": "resnet18", "num_classes": 10}}
+MINIMAL = {"model": {"arch": "resnet18", "num_classes": 10}, "data": {"source": "digits"}}
 
 
 def _paths(exc: RecipeError) -> list[str]:
@@ -52,9 +52,9 @@ def test_minimal_recipe_gets_design_defaults() -> None:
     r = parse_recipe(MINIMAL)
     assert r.model.input_size == (3, 32, 32)
     assert r.model.normalize.mean == (0.485, 0.456, 0.406)
-    assert (
-        r.data.source == "fashion-mnist" and r.data.batch_size == 64 and r.data.val_fraction == 0.1
-    )
+    assert r.data.source == "digits" and r.data.batch_size == 64 and r.data.val_fraction == 0.1
+    assert (r.data.augment, r.data.loader, r.data.on_corrupt) == ("auto", "auto", "fail")
+    assert r.data.heldout_path is None
     assert r.target.metric == "flops" and r.target.ratio == 0.5 and r.target.latency_ms is None
     assert (
         r.gates.round_to == 8
@@ -69,7 +69,8 @@ def test_minimal_recipe_gets_design_defaults() -> None:
 def test_yaml_and_json_text_and_bytes_give_the_same_recipe() -> None:
     as_json = json.dumps({**MINIMAL, "target": {"metric": "params", "ratio": 0.3}})
     as_yaml = (
-        "model:\n  arch: resnet18\n  num_classes: 10\ntarget:\n  metric: params\n  ratio: 0.3\n"
+        "model:\n  arch: resnet18\n  num_classes: 10\ndata: {source: digits}\n"
+        "target:\n  metric: params\n  ratio: 0.3\n"
     )
     a, b, c = parse_recipe(as_json), parse_recipe(as_yaml), parse_recipe(as_yaml.encode())
     assert recipe_to_dict(a) == recipe_to_dict(b) == recipe_to_dict(c)
@@ -102,11 +103,11 @@ def test_unknown_top_level_block_rejected() -> None:
     [
         ({"target": {"ratio": 0.0}}, "target.ratio"),
         ({"target": {"ratio": 1.5}}, "target.ratio"),
-        ({"data": {"batch_size": 0}}, "data.batch_size"),
-        ({"data": {"batch_size": 5000}}, "data.batch_size"),
-        ({"data": {"val_fraction": 0.0}}, "data.val_fraction"),
-        ({"data": {"val_fraction": 0.95}}, "data.val_fraction"),
-        ({"data": {"limit": 1}}, "data.limit"),
+        ({"data": {"source": "digits", "batch_size": 0}}, "data.batch_size"),
+        ({"data": {"source": "digits", "batch_size": 5000}}, "data.batch_size"),
+        ({"data": {"source": "digits", "val_fraction": 0.0}}, "data.val_fraction"),
+        ({"data": {"source": "digits", "val_fraction": 0.95}}, "data.val_fraction"),
+        ({"data": {"source": "digits", "limit": 1}}, "data.limit"),
         ({"train": {"steps": 0}}, "train.steps"),
         ({"train": {"steps": 2_000_000}}, "train.steps"),
         ({"train": {"lr": "nan"}}, "train.lr"),
@@ -122,6 +123,10 @@ def test_unknown_top_level_block_rejected() -> None:
         ({"export": {"formats": ["safetensors", "tflite"]}}, "export.formats[1]"),
         ({"data": {"source": "imagenet"}}, "data.source"),
         ({"data": {"source": "folder"}}, "data.path"),
+        ({"data": {"source": "webdataset"}}, "data.path"),
+        ({"data": {"source": "digits", "augment": "heavy"}}, "data.augment"),
+        ({"data": {"source": "digits", "on_corrupt": "ignore"}}, "data.on_corrupt"),
+        ({"data": {"source": "digits", "workers": -1}}, "data.workers"),
     ],
 )
 def test_out_of_range_values_name_their_path(block: dict, path: str) -> None:
@@ -152,7 +157,7 @@ def test_out_of_range_values_name_their_path(block: dict, path: str) -> None:
 )
 def test_bad_model_block(model: dict, path: str) -> None:
     with pytest.raises(RecipeError) as info:
-        parse_recipe({"model": model})
+        parse_recipe({"model": model, "data": {"source": "digits"}})
     assert _paths(info.value) == [path]
 
 
@@ -165,7 +170,7 @@ def test_bad_model_block(model: dict, path: str) -> None:
 )
 def test_unsupported_arch_lists_supported_names(arch: str, says: str) -> None:
     with pytest.raises(RecipeError) as info:
-        parse_recipe({"model": {"arch": arch, "num_classes": 10}})
+        parse_recipe({**MINIMAL, "model": {"arch": arch, "num_classes": 10}})
     message = str(info.value)
     assert "model.arch" in message and arch in message and says in message
     for name in supported_architectures():
@@ -176,7 +181,9 @@ def test_the_ten_torchvision_resnets_are_supported() -> None:
     supported = supported_architectures()
     assert len(supported) == 10 and set(supported.values()) == {"resnet"}
     for arch in supported:
-        assert parse_recipe({"model": {"arch": arch, "num_classes": 2}}).family == "resnet"
+        assert (
+            parse_recipe({**MINIMAL, "model": {"arch": arch, "num_classes": 2}}).family == "resnet"
+        )
 
 
 def test_latency_ms_needs_metric_latency() -> None:
@@ -233,7 +240,8 @@ def test_recipe_error_is_a_hawada_error_and_value_error() -> None:
     assert isinstance(err, HawadaError) and isinstance(err, ValueError)
     assert err.code == "invalid_recipe"
     assert err.to_dict()["code"] == "invalid_recipe"
-    assert err.to_dict()["errors"] == [{"path": "model", "message": "field required"}]
+    assert err.to_dict()["errors"][0] == {"path": "model", "message": "field required"}
+    assert [e["path"] for e in err.errors] == ["model", "data"]
 
 
 def test_export_formats_deduplicated() -> None:
@@ -259,3 +267,17 @@ def test_recipe_module_does_not_import_torch() -> None:
 def test_deeply_nested_text_is_a_recipe_error(src: str) -> None:
     with pytest.raises(RecipeError, match="nested too deeply"):
         parse_recipe(src)
+
+
+@pytest.mark.parametrize("data", [None, {"batch_size": 32}])
+def test_recipe_without_data_source_lists_the_sources(data: dict | None) -> None:
+    # No silent default data set: a recipe must say what it trains on.
+    recipe: dict = {"model": MINIMAL["model"]}
+    if data is not None:
+        recipe["data"] = data
+    with pytest.raises(RecipeError) as info:
+        parse_recipe(recipe)
+    (err,) = info.value.errors
+    assert err["path"] == ("data" if data is None else "data.source")
+    for source in ("synthetic", "digits", "fashion-mnist", "folder", "npz", "webdataset", "upload"):
+        assert source in err["message"]

@@ -37,7 +37,7 @@ def _new_job(s: Settings, **kw: Any) -> str:
         job = jobs.create_job(
             session,
             owner="alice",
-            recipe={"model": {"arch": "resnet18"}},
+            recipe={"model": {"arch": "resnet18"}, "data": {"source": "synthetic"}},
             recipe_hash="0" * 64,
             weights_path="/nonexistent.safetensors",
             max_attempts=s.max_attempts,

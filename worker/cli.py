@@ -167,10 +167,13 @@ def run(
     out: Annotated[Path, typer.Option(help="Output folder for the artifacts.")],
     dataset: Annotated[Path | None, typer.Option(help="Dataset file (npz).")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    heldout: Annotated[
+        Path | None, typer.Option(help="Held-out set (npz) instead of a seeded split.")
+    ] = None,
 ) -> None:
     """Run one compression job in this process and write the same artifacts as the service."""
     _require("engine", what="hawada run")
-    for path in (recipe, weights, dataset):
+    for path in (recipe, weights, dataset, heldout):
         if path is not None and not path.is_file():
             console.print(f"[red]error[/red] file not found: {escape(str(path))}", soft_wrap=True)
             raise typer.Exit(2)
@@ -186,7 +189,13 @@ def run(
     with ProgressView(console) as view:
         try:
             report = run_local(
-                parsed, weights, out, dataset=dataset, device=device, on_event=view.on_event
+                parsed,
+                weights,
+                out,
+                dataset=dataset,
+                device=device,
+                on_event=view.on_event,
+                heldout=heldout,
             )
         except HawadaError as exc:
             console.print(f"[red]failed[/red] {exc.code}: {escape(exc.message)}")

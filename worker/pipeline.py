@@ -73,6 +73,7 @@ class JobContext:
     out_dir: Path
     dataset: Path | None = None
     device: str = "auto"
+    heldout: Path | None = None  # the job's uploaded held-out set (.npz), if any
     on_event: EventSink = field(default=_ignore)
     should_cancel: Callable[[], bool] = field(default=_never)
     checkpoint_dir: Path | None = None
@@ -253,6 +254,15 @@ def _latency_table(
     )
 
 
+def _data_summary(data: DataBundle) -> str:
+    held = {"split": "a seeded split", "heldout_path": "data.heldout_path", "upload": "the upload"}
+    return (
+        f"data: {data.n_train} training / {data.n_heldout} held-out images "
+        f"(held-out set: {held.get(data.heldout_source, data.heldout_source)}), "
+        f"{data.loader} loader, augmentation {'standard' if data.augment else 'none'}"
+    )
+
+
 def _data_block(recipe: Recipe, data: DataBundle) -> dict[str, Any]:
     block = data.describe()
     block.update(
@@ -306,7 +316,10 @@ def run_job(ctx: JobContext) -> dict[str, Any]:
             recipe.model.arch, num_classes=recipe.model.num_classes, stem=recipe.model.stem
         )
         mapping = load_weights(model, Path(ctx.weights))
-        data = load_data(recipe, upload=ctx.dataset, allowed_roots=ctx.data_roots)
+        data = load_data(
+            recipe, upload=ctx.dataset, heldout=ctx.heldout, allowed_roots=ctx.data_roots
+        )
+        phase.log(_data_summary(data))
         if data.num_classes > recipe.model.num_classes:
             raise JobError(
                 f"the dataset has {data.num_classes} classes but model.num_classes is "
@@ -416,6 +429,7 @@ def run_job(ctx: JobContext) -> dict[str, Any]:
                 "export_max_abs_diff": export_diff,
                 "latency_device": device_name(lat_device),
                 "budget": budget.to_dict(),
+                "heldout": data.heldout_info(),
             },
         )
         write_artifacts(out, recipe, adapter, model, pruned, keep, keepall, gates, report)
@@ -470,6 +484,7 @@ def run_local(
     on_event: EventSink | None = None,
     should_cancel: Callable[[], bool] | None = None,
     lut_dir: Path | None = None,
+    heldout: Path | str | None = None,
 ) -> dict[str, Any]:
     """`hawada run`: one job in this process with a folder LUT cache and a local checkpoint.
 
@@ -489,6 +504,7 @@ def run_local(
         weights=Path(weights),
         out_dir=out,
         dataset=Path(dataset) if dataset is not None else None,
+        heldout=Path(heldout) if heldout is not None else None,
         device=device,
         on_event=on_event or _ignore,
         should_cancel=should_cancel or _never,

@@ -215,6 +215,7 @@ def execute(job_id: str, settings: Settings | None = None) -> str | None:
             "model_id": job.model_id,
             "owner": job.owner,
             "dataset": job.dataset_path,
+            "heldout": job.heldout_path,
             "attempt": job.attempts,
         }
 
@@ -327,6 +328,7 @@ def _run_pipeline(
         weights=_resolve_weights(settings, spec),
         out_dir=work,
         dataset=Path(spec["dataset"]) if spec["dataset"] else None,
+        heldout=Path(spec["heldout"]) if spec.get("heldout") else None,
         device=settings.device,
         on_event=sink,
         should_cancel=cancel.is_set,

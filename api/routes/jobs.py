@@ -16,6 +16,7 @@ from hawada.api.deps import (
     public_job,
 )
 from hawada.api.errors import ApiError
+from hawada.api.limits import JOB_FILE_PARTS
 from hawada.api.schemas import ErrorBody, JobCreateJson, JobList, JobPublic
 from hawada.api.submission import create_or_replay, from_json, from_multipart
 from hawada.api.uploads import parse_json_body, read_form
@@ -38,7 +39,10 @@ SUBMIT_OPENAPI: dict[str, Any] = {
                     "type": "object",
                     "required": ["recipe", "weights"],
                     "properties": {
-                        "recipe": {"type": "string", "description": "recipe as JSON or YAML text"},
+                        "recipe": {
+                            "type": "string",
+                            "description": "recipe as JSON or YAML, a text field or a file part",
+                        },
                         "weights": {
                             "type": "string",
                             "format": "binary",
@@ -47,7 +51,14 @@ SUBMIT_OPENAPI: dict[str, Any] = {
                         "dataset": {
                             "type": "string",
                             "format": "binary",
-                            "description": "optional .npz with arrays x, y",
+                            "description": "optional .npz with arrays x, y (training data for "
+                            "data.source upload, or npz without data.path)",
+                        },
+                        "heldout": {
+                            "type": "string",
+                            "format": "binary",
+                            "description": "optional .npz with arrays x, y: the held-out set "
+                            "(instead of a seeded split of the training data)",
                         },
                     },
                 }
@@ -77,8 +88,12 @@ async def submit_job(
     # The body as a whole is capped while it arrives (api/limits.py); each file part here.
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype in ("multipart/form-data", "application/x-www-form-urlencoded"):
+        # Parts: `recipe` (a text field or a file part), `weights`, optional `dataset`, `heldout`.
         form = await read_form(
-            request, max_files=2, max_fields=8, max_file_bytes=settings.max_upload_bytes
+            request,
+            max_files=JOB_FILE_PARTS,
+            max_fields=8,
+            max_file_bytes=settings.max_upload_bytes,
         )
         try:
             inputs = await run_in_threadpool(from_multipart, form, store, settings)
@@ -160,7 +175,9 @@ def delete_job(job_id: str, session: SessionDep, owner: CurrentOwner, store: Sto
     """Delete a job that is not running, with its events, artifacts and uploaded inputs."""
     job = job_or_404(session, owner, job_id)
     # Uploaded inputs belong to the job, except weights registered as a reusable model.
-    uploads = [job.dataset_path] + ([job.weights_path] if job.model_id is None else [])
+    uploads = [job.dataset_path, job.heldout_path] + (
+        [job.weights_path] if job.model_id is None else []
+    )
     try:
         repo.delete_job(session, owner, job_id)
     except repo.JobBusy:
