@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 
 from hawada.api.admission import DbAdmissionMiddleware
+from hawada.api.deps import get_owner
 from hawada.api.errors import install_error_handlers
 from hawada.api.limits import BodyLimitMiddleware, route_caps
 from hawada.api.metrics import HttpMetricsMiddleware, make_registry
@@ -31,14 +32,19 @@ def create_app(settings: Settings | None = None, enqueue: Enqueuer | None = None
     app = FastAPI(title="HawAda", version=__version__, description=DESCRIPTION)
     app.state.settings = settings
     app.state.store = ArtifactStore(settings.artifacts_dir)
+    app.state.event_streams = {}  # owner -> open SSE streams in this process (api/routes/events)
     app.state.enqueue = enqueue if enqueue is not None else CeleryEnqueuer(settings)
-    registry, http_histogram = make_registry(settings.database_url)
+    registry, public_registry, http_histogram = make_registry(settings.database_url)
     app.state.registry = registry
+    app.state.public_registry = public_registry
     app.add_middleware(DbAdmissionMiddleware, limit=POOL_CAPACITY // 2)
     app.add_middleware(HttpMetricsMiddleware, histogram=http_histogram)
     # Outermost of ours: bodies are capped before anything else sees a byte of them.
     app.add_middleware(BodyLimitMiddleware, cap_for=route_caps(settings.max_upload_bytes))
     install_error_handlers(app)
-    for module in (jobs, events, artifacts, models, catalog, health):
-        app.include_router(module.router)
+    # Every /v1 route needs a key when auth is required (the owner is resolved once per request
+    # even where a route also asks for it); /healthz, /readyz and /metrics are infrastructure.
+    for module in (jobs, events, artifacts, models, catalog):
+        app.include_router(module.router, dependencies=[Depends(get_owner)])
+    app.include_router(health.router)
     return app

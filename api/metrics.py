@@ -154,16 +154,32 @@ class HttpMetricsMiddleware:
             )
 
 
-def make_registry(database_url: str) -> tuple[CollectorRegistry, Histogram]:
-    """A registry of this app's metrics (one per app, so several apps can coexist in tests)."""
-    registry = CollectorRegistry()
-    registry.register(JobsCollector(database_url))
-    registry.register(PhaseDurationCollector(database_url))
+class _RegistryCollector(Collector):
+    """Everything another registry collects (the public metrics inside the operator's view)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._registry = registry
+
+    def collect(self) -> Iterable[Metric]:
+        return self._registry.collect()
+
+
+def make_registry(database_url: str) -> tuple[CollectorRegistry, CollectorRegistry, Histogram]:
+    """(operator registry, public registry, HTTP histogram), one set per app.
+
+    The public registry holds only this process's HTTP metrics; the operator registry adds the
+    job counts and phase durations read from the database (data about every tenant's jobs).
+    """
+    public = CollectorRegistry()
     http = Histogram(
         "hawada_http_request_duration_seconds",
         "HTTP request duration",
         ["method", "route", "status"],
         buckets=HTTP_BUCKETS,
-        registry=registry,
+        registry=public,
     )
-    return registry, http
+    registry = CollectorRegistry()
+    registry.register(JobsCollector(database_url))
+    registry.register(PhaseDurationCollector(database_url))
+    registry.register(_RegistryCollector(public))
+    return registry, public, http

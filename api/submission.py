@@ -220,6 +220,14 @@ def create_or_replay(
                             "Idempotency-Key was already used with a different request",
                         )
                     return public_job(session, original), False
+            if repo.count_active(session, owner) >= settings.max_active_jobs_per_owner:
+                raise ApiError(
+                    429,
+                    "too_many_active_jobs",
+                    f"you have {settings.max_active_jobs_per_owner} jobs queued or running; "
+                    "wait for one to finish or cancel one",
+                    headers={"Retry-After": "30"},
+                )
             try:
                 job = repo.create_job(
                     session,

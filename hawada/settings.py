@@ -35,12 +35,19 @@ class Settings(BaseSettings):
     broker_url: str = "filesystem://"
     artifacts_dir: Path = Path("./var/artifacts")
     auth_required: bool = False
+    # Bearer token that shows /metrics' job counts and phase durations when auth is required
+    # (without it /metrics shows only this process's HTTP metrics: nothing about any tenant).
+    operator_key: str | None = None
     max_upload_bytes: int = 512 * MiB
     # Decompressed size an uploaded .npz dataset may declare (its arrays' shape x itemsize).
     max_dataset_bytes: int = 2048 * MiB
     job_time_limit_s: float = 6 * 3600.0
     lease_s: float = 60.0
     max_attempts: int = 3
+    # Per-owner and total bounds: queued + running jobs, and open event streams (429 beyond).
+    max_active_jobs_per_owner: int = 20
+    max_event_streams: int = 200
+    max_event_streams_per_owner: int = 8
     device: Literal["auto", "cpu", "cuda"] = "auto"
     lut_dir: Path = Path("./var/lut")
     # Folders a service job's `data.path` may name (JSON list in HAWADA_DATA_ROOTS). Empty: the

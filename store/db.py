@@ -5,10 +5,11 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, cast
 
-from sqlalchemy import CursorResult, Engine, Result, create_engine, event
+from sqlalchemy import CursorResult, Engine, Result, create_engine, event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -141,3 +142,15 @@ def dispose_engines() -> None:
 def rowcount_result(result: Result[Any]) -> CursorResult[Any]:
     """The result of an UPDATE/DELETE, typed as what it is (a cursor result with `rowcount`)."""
     return cast(CursorResult[Any], result)
+
+
+def db_now(session: Session) -> datetime:
+    """The database server's current time (UTC, timezone-aware): the one clock for leases.
+
+    Workers on several hosts compare lease expiry against this, never their own clocks.
+    SQLite is a file on this host, so its clock is this host's.
+    """
+    if session.get_bind().dialect.name == "sqlite":
+        return datetime.now(UTC)
+    value = session.execute(text("SELECT CURRENT_TIMESTAMP")).scalar_one()
+    return value.astimezone(UTC) if value.tzinfo else value.replace(tzinfo=UTC)

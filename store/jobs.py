@@ -19,7 +19,7 @@ from sqlalchemy import and_, delete, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from hawada.lifecycle import TERMINAL_STATES
-from hawada.store.db import rowcount_result
+from hawada.store.db import db_now, rowcount_result
 from hawada.store.models import Artifact, Job, JobEvent, utcnow
 
 # A running job found with a lapsed lease is failed with this code once attempts run out.
@@ -154,7 +154,7 @@ def claim_job(session: Session, job_id: str, worker_id: str, lease_s: float) -> 
 
     Exactly one of several concurrent claimers gets True. The claim counts an attempt.
     """
-    now = utcnow()
+    now = db_now(session)
     claimable = or_(
         Job.status == "queued",
         and_(
@@ -188,7 +188,7 @@ def renew_lease(session: Session, job_id: str, worker_id: str, lease_s: float) -
     A cancelling job keeps its lease extended (so the reaper leaves the wind-down alone) but
     still answers False, which is the worker's signal to stop.
     """
-    now = utcnow()
+    now = db_now(session)
     session.execute(
         update(Job)
         .where(
@@ -334,7 +334,7 @@ def requeue_expired(session: Session, now: datetime | None = None) -> list[str]:
     running with attempts left → queued (the worker resumes from its checkpoint);
     running without → failed (`lease_lost`); cancelling → cancelled.
     """
-    now = now or utcnow()
+    now = now or db_now(session)
     lapsed = and_(Job.lease_expires_at.is_not(None), Job.lease_expires_at < now)
     candidates = list(
         session.execute(
@@ -384,19 +384,56 @@ def requeue_expired(session: Session, now: datetime | None = None) -> list[str]:
 def delete_job(session: Session, owner: str, job_id: str) -> bool:
     """Delete the owner's job with its events and artifact records; False when not found.
 
-    Raises `JobBusy` while the job runs (cancel it first). Files are the caller's to remove.
+    One conditional DELETE (not running, not cancelling), so it cannot race a worker's claim:
+    whichever commits first wins, and the other sees the outcome. Raises `JobBusy` while the
+    job runs (cancel it first). Files are the caller's to remove.
     """
-    job = get_job(session, owner, job_id)
-    if job is None:
-        return False
-    if job.status in ("running", "cancelling"):
+    busy = ("running", "cancelling")
+    result = rowcount_result(
+        session.execute(
+            delete(Job)
+            .where(Job.id == job_id, Job.owner == owner, Job.status.not_in(busy))
+            .execution_options(synchronize_session=False)
+        )
+    )
+    if result.rowcount != 1:
+        session.rollback()
+        job = get_job(session, owner, job_id)
+        if job is None:
+            return False
         raise JobBusy(job.status)
     # Explicit child deletes: SQLite enforces ON DELETE CASCADE only with the FK pragma.
     session.execute(delete(JobEvent).where(JobEvent.job_id == job_id))
     session.execute(delete(Artifact).where(Artifact.job_id == job_id))
-    session.delete(job)
     session.commit()
     return True
+
+
+def forget_idempotency_key(session: Session, job_id: str) -> None:
+    """Free the job's Idempotency-Key (its enqueue failed: a retry must create a new job)."""
+    session.execute(
+        update(Job)
+        .where(Job.id == job_id)
+        .values(idempotency_key=None)
+        .execution_options(synchronize_session=False)
+    )
+    session.commit()
+
+
+def job_states(session: Session, job_ids: Sequence[str]) -> dict[str, str]:
+    """{job id: status} for those of `job_ids` that exist (any owner: the worker's view)."""
+    rows = session.execute(select(Job.id, Job.status).where(Job.id.in_(list(job_ids))))
+    return {row.id: row.status for row in rows}
+
+
+def count_active(session: Session, owner: str) -> int:
+    """The owner's jobs that are queued, running or cancelling."""
+    return int(
+        session.scalar(
+            select(func.count()).where(Job.owner == owner, Job.status.not_in(TERMINAL_STATES))
+        )
+        or 0
+    )
 
 
 class JobBusy(RuntimeError):

@@ -450,7 +450,8 @@ def test_readyz_reports_failed_broker(settings: Any) -> None:
     down = settings.model_copy(update={"broker_url": "redis://127.0.0.1:1/0"})
     with TestClient(create_app(down, enqueue=lambda _id: None)) as client:
         body = assert_error(client.get("/readyz"), 503, "not_ready")
-        assert body["message"].startswith("broker:") and "database" not in body["message"]
+        assert body["message"] == "not ready: broker down"
+        assert body["details"] == [{"path": "broker", "message": "down"}]
 
 
 def test_catalog(client: TestClient) -> None:

@@ -22,9 +22,9 @@ from typing import Any
 from celery.exceptions import SoftTimeLimitExceeded
 
 from hawada.core.errors import HawadaError, JobCancelled
-from hawada.lifecycle import PHASES
+from hawada.lifecycle import PHASES, TERMINAL_STATES
 from hawada.settings import Settings, get_settings
-from hawada.store import jobs, uploaded_models
+from hawada.store import jobs, uploaded_models, workdirs
 from hawada.store.artifacts import ARTIFACT_NAMES, ArtifactStore
 from hawada.store.db import session_scope
 
@@ -222,7 +222,7 @@ def execute(job_id: str, settings: Settings | None = None) -> str | None:
     lease = LeaseKeeper(url, job_id, me, settings.lease_s)
     lease.start()
     var_dir = Path(settings.var_dir)
-    checkpoint_dir = var_dir / "checkpoints" / job_id
+    checkpoint_dir = workdirs.checkpoint_dir(var_dir, job_id)
     (var_dir / "work").mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f"{job_id}-", dir=var_dir / "work"))
     sink = EventSink(url, job_id)
@@ -262,8 +262,9 @@ def execute(job_id: str, settings: Settings | None = None) -> str | None:
     if lease.lost.is_set():
         return None
     _finish(url, job_id, status, code, message, metrics)
-    # Terminal now: checkpoints exist only to resume a re-queued attempt.
-    shutil.rmtree(checkpoint_dir, ignore_errors=True)
+    # Terminal now: checkpoints exist only to resume a re-queued attempt, and the work folders
+    # of earlier (killed) attempts are garbage.
+    workdirs.remove_job_leftovers(var_dir, job_id)
     return status
 
 
@@ -347,6 +348,7 @@ def reap_once(
     settings = settings or get_settings()
     with session_scope(settings.database_url) as session:
         requeued = jobs.requeue_expired(session)
+    sweep_leftovers(settings)
     if requeued:
         if send is None:
             from hawada.store.broker import TASK_NAME
@@ -359,6 +361,36 @@ def reap_once(
             send(job_id)
         log.warning("re-queued %d job(s) with lapsed leases: %s", len(requeued), requeued)
     return requeued
+
+
+def sweep_leftovers(settings: Settings) -> list[str]:
+    """Remove checkpoints and work folders no attempt can use; returns the job ids swept.
+
+    A job that ended or was deleted needs neither; a queued job has no attempt running, so any
+    work folder of it was left by a killed one (its checkpoints stay: the next attempt resumes).
+    """
+    var_dir = Path(settings.var_dir)
+    found: set[str] = set()
+    for folder in (var_dir / "checkpoints", workdirs.work_root(var_dir)):
+        if folder.is_dir():
+            for entry in folder.iterdir():
+                job_id = entry.name.split("-", 1)[0]
+                if len(job_id) == 32:
+                    found.add(job_id)
+    if not found:
+        return []
+    with session_scope(settings.database_url) as session:
+        states = jobs.job_states(session, list(found))
+    swept = []
+    for job_id in found:
+        state = states.get(job_id)
+        if state is None or state in TERMINAL_STATES:
+            workdirs.remove_job_leftovers(var_dir, job_id)
+            swept.append(job_id)
+        elif state == "queued":
+            for folder in workdirs.work_dirs(var_dir, job_id):
+                shutil.rmtree(folder, ignore_errors=True)
+    return swept
 
 
 class Reaper(threading.Thread):

@@ -15,6 +15,7 @@ from hawada.api.deps import CurrentOwner, SettingsDep, job_or_404
 from hawada.api.errors import ApiError
 from hawada.api.routes.jobs import ERRORS
 from hawada.api.schemas import EventList, EventPublic
+from hawada.settings import Settings
 from hawada.store import jobs as repo
 from hawada.store.db import session_scope
 
@@ -36,6 +37,22 @@ def _page(
         return events, job.is_terminal
 
 
+def _admit_stream(streams: dict[str, int], owner: str, settings: Settings) -> None:
+    """429 when the owner, or the service, has as many open event streams as allowed."""
+    if streams.get(owner, 0) >= settings.max_event_streams_per_owner:
+        limit = f"{settings.max_event_streams_per_owner} open event streams per key"
+    elif sum(streams.values()) >= settings.max_event_streams:
+        limit = f"{settings.max_event_streams} open event streams on this server"
+    else:
+        return
+    raise ApiError(
+        429,
+        "too_many_streams",
+        f"{limit}; close one or poll GET /v1/jobs/{{id}}/events?after=N",
+        headers={"Retry-After": "5"},
+    )
+
+
 def _sse(event: EventPublic) -> str:
     # seq and created_at last: they are ours and must not be shadowed by the worker's data.
     # created_at exactly as the JSON page writes it (pydantic: ...Z), so both forms compare equal.
@@ -48,6 +65,20 @@ async def _follow(
     request: Request, database_url: str, owner: str, job_id: str, after: int
 ) -> AsyncIterator[str]:
     """Yield new events until the job has ended and every event was sent."""
+    streams = request.app.state.event_streams
+    streams[owner] = streams.get(owner, 0) + 1
+    try:
+        async for chunk in _follow_events(request, database_url, owner, job_id, after):
+            yield chunk
+    finally:
+        streams[owner] -= 1
+        if not streams[owner]:
+            del streams[owner]
+
+
+async def _follow_events(
+    request: Request, database_url: str, owner: str, job_id: str, after: int
+) -> AsyncIterator[str]:
     idle = 0.0
     yield "retry: 2000\n\n"
     while True:
@@ -99,6 +130,7 @@ async def job_events(
             seq = int(last_event_id) if len(last_event_id) <= 10 else MAX_SEQ
             after = max(after, min(seq, MAX_SEQ))
         await run_in_threadpool(_page, url, owner, job_id, after, 1)  # 404 before streaming
+        _admit_stream(request.app.state.event_streams, owner, settings)
         return StreamingResponse(
             _follow(request, url, owner, job_id, after),
             media_type="text/event-stream",

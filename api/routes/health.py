@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hmac
+import logging
 import os
 from typing import Any
 
@@ -15,13 +17,14 @@ from hawada.settings import Settings
 from hawada.store.db import get_engine
 
 router = APIRouter(tags=["health"])
+log = logging.getLogger("hawada.api")
 
 
 def _check_db(settings: Settings) -> str | None:
     try:
         with get_engine(settings.database_url).connect() as conn:
             conn.execute(text("SELECT 1"))
-    except Exception as exc:  # any failure means "not ready"; say which
+    except Exception as exc:  # any failure means "not ready"; the log says why
         return f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
     return None
 
@@ -58,22 +61,33 @@ def readyz(settings: SettingsDep) -> JSONResponse:
     """Readiness: the database answers and the broker is reachable."""
     checks: dict[str, Any] = {"database": _check_db(settings), "broker": _check_broker(settings)}
     failed = {name: err for name, err in checks.items() if err is not None}
+    states = {name: "down" if name in failed else "ok" for name in checks}
     if failed:
-        message = "; ".join(f"{name}: {err}" for name, err in failed.items())
+        # Component names and states only: the reasons (hosts, ports, paths) go to the log.
+        for name, err in failed.items():
+            log.warning("readiness: %s is down: %s", name, err)
+        message = "not ready: " + ", ".join(f"{name} down" for name in failed)
         return JSONResponse(
             {
                 "error": {
                     "code": "not_ready",
                     "message": message,
-                    "details": [{"path": name, "message": err} for name, err in failed.items()],
-                }
+                    "details": [{"path": name, "message": "down"} for name in failed],
+                },
+                "checks": states,
             },
             status_code=503,
         )
-    return JSONResponse({"status": "ok", "checks": dict.fromkeys(checks, "ok")})
+    return JSONResponse({"status": "ok", "checks": states})
 
 
 @router.get("/metrics", response_class=Response)
-def metrics(request: Request) -> Response:
-    """Prometheus exposition of this app's registry."""
-    return Response(generate_latest(request.app.state.registry), media_type=CONTENT_TYPE_LATEST)
+def metrics(request: Request, settings: SettingsDep) -> Response:
+    """Prometheus exposition. With auth required, job data only for the operator key."""
+    registry = request.app.state.registry
+    if settings.auth_required:
+        _, _, token = request.headers.get("authorization", "").partition(" ")
+        key = settings.operator_key
+        if not (key and token and hmac.compare_digest(token.strip().encode(), key.encode())):
+            registry = request.app.state.public_registry
+    return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)

@@ -23,6 +23,7 @@ from hawada.api.uploads import parse_json_body, read_form
 from hawada.lifecycle import JOB_STATES
 from hawada.store import jobs as repo
 from hawada.store.db import session_scope
+from hawada.store.workdirs import remove_job_leftovers
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
@@ -124,8 +125,13 @@ async def submit_job(
     except Exception as exc:
         with session_scope(settings.database_url) as session:
             repo.finish_job(
-                session, job.id, "failed", error={"code": "broker_unavailable", "message": str(exc)}
+                session,
+                job.id,
+                "failed",
+                error={"code": "broker_unavailable", "message": "the job queue was unreachable"},
             )
+            # Only accepted jobs keep their key: a retry with the same key creates a new job.
+            repo.forget_idempotency_key(session, job.id)
         raise ApiError(
             503, "broker_unavailable", "the job queue is unreachable; try again"
         ) from exc
@@ -171,7 +177,9 @@ def cancel_job(job_id: str, session: SessionDep, owner: CurrentOwner) -> JobPubl
 
 
 @router.delete("/{job_id}", status_code=204, responses=ERRORS)
-def delete_job(job_id: str, session: SessionDep, owner: CurrentOwner, store: StoreDep) -> Response:
+def delete_job(
+    job_id: str, session: SessionDep, owner: CurrentOwner, store: StoreDep, settings: SettingsDep
+) -> Response:
     """Delete a job that is not running, with its events, artifacts and uploaded inputs."""
     job = job_or_404(session, owner, job_id)
     # Uploaded inputs belong to the job, except weights registered as a reusable model.
@@ -183,6 +191,7 @@ def delete_job(job_id: str, session: SessionDep, owner: CurrentOwner, store: Sto
     except repo.JobBusy:
         raise ApiError(409, "job_running", "job is running; cancel it first") from None
     store.delete_job(job_id)
+    remove_job_leftovers(settings.var_dir, job_id)
     for path in uploads:
         if path:
             store.delete_upload(path)
