@@ -178,9 +178,7 @@ def _npy_declared_bytes(zf: zipfile.ZipFile, member: str) -> int:
     return math.prod(shape) * int(digits)
 
 
-def check_dataset(
-    path: Path, filename: str | None, max_bytes: int, field: str = "dataset"
-) -> None:
+def check_dataset(path: Path, filename: str | None, max_bytes: int, field: str = "dataset") -> None:
     """Uploaded datasets (`dataset`, `heldout`) are `.npz` archives (numpy's zip of `x`, `y`).
 
     The arrays' declared sizes (from their headers, nothing decompressed) must add up to at
