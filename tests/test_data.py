@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import io
 from pathlib import Path
 
 import numpy as np
@@ -456,3 +457,61 @@ def test_folder_labels_beyond_num_classes(tmp_path: Path) -> None:
     _jpeg_folder(tmp_path / "imgs", {"a": 2, "b": 2, "c": 2}, size=(8, 8))
     with pytest.raises(DataError, match=r"3 classes but model\.num_classes is 2"):
         load_data(_recipe({"source": "folder", "path": str(tmp_path / "imgs")}, num_classes=2))
+
+
+def _shards(root: Path, n_shards: int, per_shard: int, classes: int = 3, broken: str = "") -> Path:
+    import webdataset as wds
+
+    root.mkdir(parents=True)
+    rng = np.random.default_rng(2)
+    for s in range(n_shards):
+        with wds.TarWriter(str(root / f"train-{s:04d}.tar")) as sink:
+            for i in range(per_shard):
+                key = f"s{s}_{i:04d}"
+                buf = io.BytesIO()
+                arr = rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)
+                Image.fromarray(arr).save(buf, format="JPEG")
+                jpg = b"\xff\xd8 broken" if key == broken else buf.getvalue()
+                sink.write({"__key__": key, "jpg": jpg, "cls": str((s + i) % classes)})
+    return root
+
+
+def test_webdataset_shards_stream_with_a_seeded_hash_split(tmp_path: Path) -> None:
+    root = _shards(tmp_path / "wds", n_shards=3, per_shard=20)
+    data = {"source": "webdataset", "path": str(root), "val_fraction": 0.25, "workers": 2}
+    bundle = load_data(_recipe(data, size=24, num_classes=3))
+    assert bundle.loader == "stream" and bundle.n_train + bundle.n_heldout == 60
+    assert 5 <= bundle.n_heldout <= 25  # a hash split: about a quarter, the same every run
+    assert load_data(_recipe(data, size=24, num_classes=3)).n_heldout == bundle.n_heldout
+    xh, yh = _flat(bundle.heldout_batches(7))
+    assert len(yh) == bundle.n_heldout and xh.shape[1:] == (3, 24, 24)
+    torch.testing.assert_close(_flat(bundle.heldout_batches(7))[0], xh)  # deterministic
+    _, yt = _flat(bundle.train_epoch(5, seed=0))
+    assert bundle.n_train - 2 * 5 < len(yt) <= bundle.n_train  # each worker drops < one batch
+    pattern = str(root / "train-{0000..0002}.tar")
+    assert load_data(_recipe({**data, "path": pattern}, size=24, num_classes=3)).n_train == (
+        bundle.n_train
+    )
+    # a separate held-out shard set
+    held = _shards(tmp_path / "held", n_shards=1, per_shard=9)
+    both = load_data(_recipe({**data, "heldout_path": str(held)}, size=24, num_classes=3))
+    assert (both.n_train, both.n_heldout, both.heldout_source) == (60, 9, "heldout_path")
+
+
+def test_webdataset_bad_input(tmp_path: Path) -> None:
+    root = _shards(tmp_path / "wds", n_shards=1, per_shard=12, classes=5, broken="s0_0003")
+    data = {"source": "webdataset", "path": str(root), "workers": 0, "val_fraction": 0.5}
+    with pytest.raises(DataError, match=r"out of range: model\.num_classes is 2"):
+        list(load_data(_recipe(data, size=16, num_classes=2)).train_epoch(4))
+    bundle = load_data(_recipe(data, size=16, num_classes=5))
+    with pytest.raises(DataError, match="cannot decode s0_0003"):
+        list(bundle.train_epoch(4)) + list(bundle.heldout_batches(4))
+    skip = load_data(_recipe({**data, "on_corrupt": "skip"}, size=16, num_classes=5))
+    seen = sum(len(y) for _, y in skip.heldout_batches(4)) + sum(
+        len(y) for _, y in skip.train_epoch(1)
+    )
+    assert seen == 11 and skip.skipped == 1
+    with pytest.raises(DataError, match=r"no \.tar shards"):
+        load_data(_recipe({**data, "path": str(tmp_path)}, size=16, num_classes=5))
+    with pytest.raises(DataError, match="not found"):
+        load_data(_recipe({**data, "path": str(root / "x-{0..3}.tar")}, size=16, num_classes=5))

@@ -54,11 +54,15 @@ def test_compose_env_names_are_settings_fields(compose: dict) -> None:
     assert {"database_url", "broker_url", "environment", "auth_required"} <= seen
 
 
-def test_compose_production_settings_are_accepted(compose: dict) -> None:
+def test_compose_production_settings_are_accepted(
+    compose: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
     env = compose["services"]["api"]["environment"]
-    values = {k.removeprefix("HAWADA_").lower(): v for k, v in env.items()}
-    settings = Settings(**values)  # production guard: must not raise
+    for name, value in env.items():  # as the container sees them: environment strings
+        monkeypatch.setenv(name, str(value))
+    settings = Settings()  # production guard: must not raise
     assert settings.environment == "production" and settings.auth_required
+    assert [str(r) for r in settings.data_roots] == ["/data"]
 
 
 def test_dockerfile_targets_and_torch_free_api() -> None:
@@ -74,3 +78,13 @@ def test_api_and_worker_commands_exist(compose: dict) -> None:
 
     names = {c.name or c.callback.__name__ for c in app.registered_commands}
     assert {"api", "worker", "serve"} <= names
+
+
+def test_worker_mounts_datasets_inside_the_data_roots(compose: dict) -> None:
+    import json as _json
+
+    worker = compose["services"]["worker"]
+    mounts = [v for v in worker["volumes"] if isinstance(v, str) and v.endswith(":/data:ro")]
+    assert len(mounts) == 1 and worker["shm_size"] == "2gb"
+    roots = _json.loads(worker["environment"]["HAWADA_DATA_ROOTS"])
+    assert roots == ["/data"] and compose["services"]["api"]["environment"]["HAWADA_DATA_ROOTS"]

@@ -42,14 +42,21 @@ def to_nchw(x: np.ndarray) -> Tensor:
     return t.permute(0, 3, 1, 2).contiguous()
 
 
-def resize(images: Tensor, size: tuple[int, int]) -> Tensor:
-    """Antialiased bilinear resize of uint8 NCHW images, in chunks to bound temporary memory."""
-    if tuple(images.shape[-2:]) == size:
-        return images
-    out = torch.empty((images.shape[0], images.shape[1], *size), dtype=torch.uint8)
+def resize(images: Tensor, size: tuple[int, int], out: Tensor | None = None) -> Tensor:
+    """Antialiased bilinear resize of uint8 NCHW images, in chunks to bound temporary memory.
+
+    `out` (N×C×size, uint8; C may be 3 for grey input) receives the result in place.
+    """
+    if out is None:
+        if tuple(images.shape[-2:]) == size:
+            return images
+        out = torch.empty((images.shape[0], images.shape[1], *size), dtype=torch.uint8)
+    elif tuple(images.shape[-2:]) == size:
+        out.copy_(images.expand_as(out))
+        return out
     for start in range(0, images.shape[0], _RESIZE_CHUNK):
         chunk = images[start : start + _RESIZE_CHUNK]
-        out[start : start + _RESIZE_CHUNK] = _resize_chunk(chunk, size)
+        out[start : start + _RESIZE_CHUNK] = _resize_chunk(chunk, size)  # broadcasts grey
     return out
 
 

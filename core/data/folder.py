@@ -11,6 +11,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -125,14 +126,14 @@ def _random_box(
 
 
 def decode_image(
-    file: Path | str,
+    file: Path | str | BinaryIO,
     size: tuple[int, int],
     *,
     augment: bool = False,
     crop: float = 1.0,
     generator: torch.Generator | None = None,
 ) -> Tensor:
-    """One image file -> uint8 3×H×W at `size` (height, width).
+    """One image file (a path or an open binary file) -> uint8 3×H×W at `size` (height, width).
 
     `augment`: a random resized crop and a random horizontal flip (training). Otherwise the
     image is resized to cover `size / crop` and centre-cropped to `size` (deterministic).

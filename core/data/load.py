@@ -29,7 +29,8 @@ from hawada.core.data.arrays import (
 )
 from hawada.core.data.bundle import DataBundle, TensorBundle
 from hawada.core.data.folder import EVAL_CROP, FolderIndex, decode_image, scan_folder
-from hawada.core.data.stream import StreamBundle
+from hawada.core.data.shards import ShardSource, in_heldout, list_shards, scan_shards
+from hawada.core.data.stream import FolderSource, StreamBundle
 from hawada.core.errors import DataError
 from hawada.core.paths import resolve_within
 from hawada.core.recipe import DataSpec, Recipe
@@ -123,7 +124,9 @@ def load_data(
         root = _resolve(spec.path, allowed_roots, "data.path")
         return _load_folder(recipe, root, held_path, generator, common)
     if spec.source == "webdataset":
-        raise DataError("data.source 'webdataset' is not available in this version")
+        assert spec.path is not None  # the recipe schema requires it
+        root = _resolve(spec.path, allowed_roots, "data.path")
+        return _load_shards(recipe, root, held_path, common)
     return _load_arrays(recipe, upload, held_path, allowed_roots, generator, common)
 
 
@@ -176,69 +179,66 @@ def _load_folder(
     )
     if stream:
         return StreamBundle(
-            train,
-            held,
+            FolderSource(train),
+            FolderSource(held),
             workers=spec.workers,
             on_corrupt=spec.on_corrupt,
             crop=crop,
             num_classes=len(index.classes),
             **common,
         )
-    x_train, y_train, bad_train = _decode_all(train, (h, w), 1.0, spec.on_corrupt)
-    x_held, y_held, bad_held = _decode_all(held, (h, w), crop, spec.on_corrupt)
+    # Both sets decoded into one tensor (held-out rows last): no concatenation copy.
+    images, labels, n_train = _decode_all([(train, 1.0), (held, crop)], (h, w), spec.on_corrupt)
     bundle = _tensor_bundle(
-        x_train, y_train, x_held, y_held, num_classes=len(index.classes), common=common
+        images,
+        labels,
+        (torch.arange(n_train), torch.arange(n_train, len(labels))),
+        num_classes=len(index.classes),
+        common=common,
     )
-    bundle.skipped = bad_train + bad_held
+    bundle.skipped = len(train) + len(held) - len(labels)
     return bundle
 
 
 def _decode_all(
-    index: FolderIndex, size: tuple[int, int], crop: float, on_corrupt: str
+    parts: list[tuple[FolderIndex, float]], size: tuple[int, int], on_corrupt: str
 ) -> tuple[Tensor, Tensor, int]:
-    """Every image of `index` decoded once (centre crop), unreadable ones failed or skipped."""
-    images = torch.empty((len(index), 3, *size), dtype=torch.uint8)
-    ok = torch.ones(len(index), dtype=torch.bool)
-    for i in range(len(index)):  # decoding is inherently per file
-        try:
-            images[i] = decode_image(index.file(i), size, crop=crop)
-        except (OSError, ValueError, SyntaxError) as exc:
-            if on_corrupt == "fail":
-                name = index.paths[i].decode("utf-8")
-                raise DataError(
-                    f"cannot decode {name}: {exc} (set data.on_corrupt: skip to skip and "
-                    "count unreadable files)"
-                ) from None
-            ok[i] = False
-    labels = torch.from_numpy(index.labels)
-    skipped = int((~ok).sum())
-    if skipped:
+    """Every image of the parts decoded once (centre crop `crop` each) into one uint8 tensor;
+    unreadable ones fail the job or are skipped. Returns images, labels, usable rows of part 1."""
+    total = sum(len(index) for index, _ in parts)
+    images = torch.empty((total, 3, *size), dtype=torch.uint8)
+    labels = torch.from_numpy(np.concatenate([index.labels for index, _ in parts]))
+    ok = torch.ones(total, dtype=torch.bool)
+    row = 0
+    for index, crop in parts:
+        for i in range(len(index)):  # decoding is inherently per file
+            try:
+                images[row] = decode_image(index.file(i), size, crop=crop)
+            except (OSError, ValueError, SyntaxError) as exc:
+                if on_corrupt == "fail":
+                    name = index.paths[i].decode("utf-8")
+                    raise DataError(
+                        f"cannot decode {name}: {exc} (set data.on_corrupt: skip to skip and "
+                        "count unreadable files)"
+                    ) from None
+                ok[row] = False
+            row += 1
+    first = int(ok[: len(parts[0][0])].sum())
+    if not bool(ok.all()):
         images, labels = images[ok], labels[ok]
-    return images, labels, skipped
+    return images, labels, first
 
 
 def _tensor_bundle(
-    x_train: Tensor,
-    y_train: Tensor,
-    x_held: Tensor | None,
-    y_held: Tensor | None,
+    images: Tensor,
+    labels: Tensor,
+    split: tuple[Tensor, Tensor],
     *,
     num_classes: int,
     common: dict[str, Any],
-    split: tuple[Tensor, Tensor] | None = None,
     labelled: bool = True,
 ) -> TensorBundle:
-    """One image tensor for both sets (the held-out rows after the training rows)."""
-    if x_held is None or y_held is None:
-        assert split is not None
-        train_idx, held_idx = split
-        images, labels = x_train, y_train
-    else:
-        if x_train.shape[1] != x_held.shape[1]:  # grayscale next to RGB: store both as RGB
-            x_train, x_held = x_train.expand(-1, 3, -1, -1), x_held.expand(-1, 3, -1, -1)
-        images, labels = torch.cat([x_train, x_held]), torch.cat([y_train, y_held])
-        n = len(y_train)
-        train_idx, held_idx = torch.arange(n), torch.arange(n, len(labels))
+    train_idx, held_idx = split
     if len(train_idx) == 0 or len(held_idx) == 0:
         raise DataError(
             f"the training set has {len(train_idx)} and the held-out set {len(held_idx)} "
@@ -251,6 +251,62 @@ def _tensor_bundle(
         held_idx,
         num_classes=num_classes,
         labelled=labelled,
+        **common,
+    )
+
+
+def _stack(
+    x_train: Tensor, held: np.ndarray, size: tuple[int, int]
+) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+    """Training images (NCHW) and a held-out array, both resized straight into one tensor
+    (held-out rows last; no concatenation copy); grey next to RGB is stored as RGB."""
+    x_held = to_nchw(held)
+    n, nh = len(x_train), len(x_held)
+    channels = max(x_train.shape[1], x_held.shape[1])
+    images = torch.empty((n + nh, channels, *size), dtype=torch.uint8)
+    resize(x_train, size, out=images[:n])
+    resize(x_held, size, out=images[n:])
+    return images, (torch.arange(n), torch.arange(n, n + nh))
+
+
+# --- WebDataset shards ----------------------------------------------------------------------
+
+
+def _load_shards(
+    recipe: Recipe, root: Path, held_path: Path | None, common: dict[str, Any]
+) -> DataBundle:
+    spec = recipe.data
+    if spec.limit is not None:
+        raise DataError("data.limit is not supported for webdataset shards; list fewer shards")
+    shards = list_shards(root, "data.path")
+    keys = scan_shards(shards)
+    if held_path is not None:
+        if held_path.suffix == ".npz" or common["heldout_source"] == "upload":
+            raise DataError(
+                "the held-out set for webdataset shards must be shards too (data.heldout_path: "
+                "a folder of .tar files or a brace pattern), not an .npz"
+            )
+        held_shards = list_shards(held_path, "data.heldout_path")
+        train = ShardSource(shards, len(keys))
+        held = ShardSource(held_shards, len(scan_shards(held_shards)))
+    else:
+        n_held = sum(in_heldout(k, spec.seed, spec.val_fraction) for k in keys)
+        if n_held == 0 or n_held == len(keys):
+            raise DataError(
+                f"{len(keys)} samples are too few to split into training and held-out sets "
+                f"(val_fraction {spec.val_fraction}); give data.heldout_path"
+            )
+        train = ShardSource(shards, len(keys) - n_held, split=(spec.seed, spec.val_fraction, False))
+        held = ShardSource(shards, n_held, split=(spec.seed, spec.val_fraction, True))
+    if len(train) == 0 or len(held) == 0:
+        raise DataError(f"no samples with an image in the shards of {str(root)!r}")
+    return StreamBundle(
+        train,
+        held,
+        workers=spec.workers,
+        on_corrupt=spec.on_corrupt,
+        crop=EVAL_CROP if common["augment"] else 1.0,
+        num_classes=recipe.model.num_classes,  # labels are checked batch by batch
         **common,
     )
 
@@ -298,36 +354,32 @@ def _load_arrays(
     if spec.source == "synthetic":
         n = spec.limit or SYNTHETIC_SAMPLES
         images, labels = synthetic(n, size, recipe.model.num_classes, generator)
-        held_x = held_y = None
-        split = None
         if held_path is None:
             split = _split(len(images), spec.val_fraction, generator)
         else:
             hx, hy = npz(held_path)
-            held_x, held_y = resize(to_nchw(hx), size), torch.from_numpy(hy)
+            images, split = _stack(images, hx, size)
+            labels = torch.cat([labels, torch.from_numpy(hy)])
         return _tensor_bundle(
             images,
             labels,
-            held_x,
-            held_y,
+            split,
             num_classes=recipe.model.num_classes,
             common=common,
-            split=split,
             labelled=False,
         )
     x, y = _arrays(recipe, upload, allowed_roots)
     if len(x) < (1 if held_path is not None else 2):
-        raise DataError(f"the dataset has {len(x)} samples; at least 2 are needed")
+        need = 1 if held_path is not None else 2
+        raise DataError(f"the dataset has {len(x)} samples; at least {need} are needed")
     data_classes = int(y.max()) + 1  # of the whole dataset: a `limit` subset may miss some
     _check_classes(data_classes, recipe)
     x, y = _take(x, y, _subset(len(x), spec.limit, generator))
-    images = resize(to_nchw(x), size)
     labels = torch.from_numpy(np.ascontiguousarray(y))
     if held_path is None:
+        images = resize(to_nchw(x), size)
         split = _split(len(images), spec.val_fraction, generator)
-        return _tensor_bundle(
-            images, labels, None, None, num_classes=data_classes, common=common, split=split
-        )
+        return _tensor_bundle(images, labels, split, num_classes=data_classes, common=common)
     if held_path.is_dir():
         raise DataError(
             f"the held-out set for data.source {spec.source!r} must be an .npz file "
@@ -342,15 +394,9 @@ def _load_arrays(
             code=HELDOUT_MISMATCH,
         )
     hx, hy = _take(hx, hy, _subset(len(hx), spec.limit, generator))
-    held_x = resize(to_nchw(hx), size)
-    return _tensor_bundle(
-        images,
-        labels,
-        held_x,
-        torch.from_numpy(np.ascontiguousarray(hy)),
-        num_classes=data_classes,
-        common=common,
-    )
+    stacked, split = _stack(to_nchw(x), hx, size)
+    labels = torch.cat([labels, torch.from_numpy(np.ascontiguousarray(hy))])
+    return _tensor_bundle(stacked, labels, split, num_classes=data_classes, common=common)
 
 
 def _take(x: np.ndarray, y: np.ndarray, pick: Tensor | None) -> tuple[np.ndarray, np.ndarray]:

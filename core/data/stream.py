@@ -14,7 +14,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
@@ -24,10 +24,25 @@ from hawada.core.data.bundle import Batch, DataBundle
 from hawada.core.data.folder import FolderIndex, decode_image
 from hawada.core.errors import DataError
 
-__all__ = ["FolderSamples", "StreamBundle", "default_workers"]
+__all__ = ["FolderSamples", "FolderSource", "StreamBundle", "StreamSource", "default_workers"]
 
 PREFETCH = 4  # batches per worker in flight
-Item = tuple[Tensor, int, int]
+#: (uint8 3×H×W image, label, "" or the name of a file that did not decode)
+Item = tuple[Tensor, int, str]
+
+
+class StreamSource(Protocol):
+    """One set of samples a StreamBundle reads: a folder index or WebDataset shards."""
+
+    #: True for map-style datasets (the DataLoader shuffles); iterable ones shuffle themselves.
+    loader_shuffles: bool
+    where: str  # for messages
+
+    def __len__(self) -> int: ...
+
+    def dataset(
+        self, size: tuple[int, int], *, augment: bool, crop: float, shuffle: bool, seed: int
+    ) -> Dataset[Item]: ...
 
 
 def default_workers(requested: int) -> int:
@@ -43,8 +58,8 @@ def default_workers(requested: int) -> int:
 
 
 class FolderSamples(Dataset[Item]):
-    """`(uint8 3×H×W image, label, -1)` per file; `(zeros, label, index)` for a file that does
-    not decode, so the training process decides what a corrupt file means."""
+    """`(uint8 3×H×W image, label, "")` per file; `(zeros, label, relative path)` for a file that
+    does not decode, so the training process decides what a corrupt file means."""
 
     def __init__(
         self, index: FolderIndex, size: tuple[int, int], *, augment: bool, crop: float
@@ -62,17 +77,37 @@ class FolderSamples(Dataset[Item]):
         try:
             img = decode_image(self.index.file(i), self.size, augment=self.augment, crop=self.crop)
         except (OSError, ValueError, SyntaxError):  # Pillow's errors for unreadable files
-            return torch.zeros((3, *self.size), dtype=torch.uint8), label, i
-        return img, label, -1
+            name = str(self.index.paths[i].decode("utf-8"))
+            return torch.zeros((3, *self.size), dtype=torch.uint8), label, name
+        return img, label, ""
+
+
+class FolderSource:
+    """A folder index as a StreamSource (map-style: the DataLoader shuffles)."""
+
+    loader_shuffles = True
+
+    def __init__(self, index: FolderIndex) -> None:
+        self.index = index
+        self.where = str(index.root)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def dataset(
+        self, size: tuple[int, int], *, augment: bool, crop: float, shuffle: bool, seed: int
+    ) -> Dataset[Item]:
+        return FolderSamples(self.index, size, augment=augment, crop=crop)
 
 
 class StreamBundle(DataBundle):
-    """Training and held-out folders (or subsets of one) streamed through DataLoaders."""
+    """Training and held-out sets (folders, subsets of one, or shards) streamed through
+    DataLoaders."""
 
     def __init__(
         self,
-        train: FolderIndex,
-        heldout: FolderIndex,
+        train: StreamSource,
+        heldout: StreamSource,
         *,
         workers: int,
         on_corrupt: str,
@@ -80,8 +115,8 @@ class StreamBundle(DataBundle):
         **kw: Any,
     ) -> None:
         super().__init__(**kw)
-        self.train_index = train
-        self.heldout_index = heldout
+        self.train_source = train
+        self.heldout_source_set = heldout
         self.workers = default_workers(workers)
         self.on_corrupt = on_corrupt
         self.crop = crop
@@ -91,11 +126,11 @@ class StreamBundle(DataBundle):
 
     @property
     def n_train(self) -> int:
-        return len(self.train_index)
+        return len(self.train_source)
 
     @property
     def n_heldout(self) -> int:
-        return len(self.heldout_index)
+        return len(self.heldout_source_set)
 
     @property
     def loader(self) -> str:
@@ -110,50 +145,61 @@ class StreamBundle(DataBundle):
 
     def _loader(
         self,
-        dataset: FolderSamples,
+        source: StreamSource,
         batch_size: int,
         *,
-        shuffle: bool,
+        train: bool,
         seed: int,
         device: torch.device,
     ) -> DataLoader[Item]:
         workers = self.workers
-        drop_last = shuffle and len(dataset) >= batch_size  # a batch of one breaks train BN
+        dataset = source.dataset(
+            self._size, augment=train and self.augment, crop=self.crop, shuffle=train, seed=seed
+        )
         return DataLoader(
             dataset,
             batch_size=batch_size,
-            shuffle=shuffle,
-            drop_last=drop_last,
+            shuffle=train and source.loader_shuffles,
+            drop_last=train and len(source) >= batch_size,  # a batch of one breaks train BN
             num_workers=workers,
             pin_memory=device.type == "cuda",
             prefetch_factor=PREFETCH if workers else None,
-            persistent_workers=workers > 0 and shuffle,  # endless training streams reuse them
+            persistent_workers=workers > 0 and train,  # endless training streams reuse them
             # Seeds the shuffle and each worker's augmentation: the same run twice is the same.
             generator=torch.Generator().manual_seed(seed),
         )
 
-    def _batch(self, item: list[Tensor], index: FolderIndex, device: torch.device) -> Batch | None:
-        x, y, bad = item
-        broken = bad >= 0
-        if bool(broken.any()):  # CPU tensors: no device sync
-            names = [str(index.paths[int(i)].decode("utf-8")) for i in bad[broken].tolist()]
+    def _batch(self, item: list[Any], source: StreamSource, device: torch.device) -> Batch | None:
+        x, y, names = item
+        if any(names):  # a short list of strings per batch
+            broken = [n for n in names if n]
             if self.on_corrupt == "fail":
                 raise DataError(
-                    f"cannot decode {names[0]} in {index.root} (set data.on_corrupt: skip to "
-                    "skip and count unreadable files)"
+                    f"cannot decode {broken[0]} in {source.where} (set data.on_corrupt: skip "
+                    "to skip and count unreadable files)"
                 )
-            self.skipped += len(names)
-            self.skipped_files.extend(names[: max(0, 10 - len(self.skipped_files))])
-            keep = ~broken
+            self.skipped += len(broken)
+            self.skipped_files.extend(broken[: max(0, 10 - len(self.skipped_files))])
+            keep = torch.tensor([not n for n in names])
             x, y = x[keep], y[keep]
             if len(y) == 0:
                 return None
+        if len(y) and int(y.max()) >= self.num_classes:  # CPU tensor: no device sync
+            raise DataError(
+                f"label {int(y.max())} in {source.where} is out of range: model.num_classes is "
+                f"{self.num_classes}"
+            )
         x = x.to(device, non_blocking=True)
         y = y.to(device, non_blocking=True)
         return self.normalize(x), y
 
-    def _train_set(self) -> FolderSamples:
-        return FolderSamples(self.train_index, self._size, augment=self.augment, crop=self.crop)
+    def _batches(
+        self, source: StreamSource, bs: int, *, train: bool, seed: int, device: torch.device
+    ) -> Iterator[Batch]:
+        for item in self._loader(source, bs, train=train, seed=seed, device=device):
+            batch = self._batch(item, source, device)
+            if batch is not None:
+                yield batch
 
     def train_batches(
         self,
@@ -164,12 +210,16 @@ class StreamBundle(DataBundle):
     ) -> Iterator[Batch]:
         bs = batch_size or self.batch_size
         dev = torch.device(device) if device is not None else torch.device("cpu")
-        loader = self._loader(self._train_set(), bs, shuffle=True, seed=seed, device=dev)
+        loader = self._loader(self.train_source, bs, train=True, seed=seed, device=dev)
         while True:  # each pass reshuffles (the loader's generator moves on)
+            empty = True
             for item in loader:
-                batch = self._batch(item, self.train_index, dev)
+                batch = self._batch(item, self.train_source, dev)
                 if batch is not None:
+                    empty = False
                     yield batch
+            if empty:
+                raise DataError(f"no training images could be read from {self.train_source.where}")
 
     def train_epoch(
         self,
@@ -180,18 +230,11 @@ class StreamBundle(DataBundle):
     ) -> Iterator[Batch]:
         bs = batch_size or self.batch_size
         dev = torch.device(device) if device is not None else torch.device("cpu")
-        for item in self._loader(self._train_set(), bs, shuffle=True, seed=seed, device=dev):
-            batch = self._batch(item, self.train_index, dev)
-            if batch is not None:
-                yield batch
+        yield from self._batches(self.train_source, bs, train=True, seed=seed, device=dev)
 
     def heldout_batches(
         self, batch_size: int | None = None, *, device: torch.device | str | None = None
     ) -> Iterator[Batch]:
         bs = batch_size or self.batch_size
         dev = torch.device(device) if device is not None else torch.device("cpu")
-        dataset = FolderSamples(self.heldout_index, self._size, augment=False, crop=self.crop)
-        for item in self._loader(dataset, bs, shuffle=False, seed=0, device=dev):
-            batch = self._batch(item, self.heldout_index, dev)
-            if batch is not None:
-                yield batch
+        yield from self._batches(self.heldout_source_set, bs, train=False, seed=0, device=dev)
