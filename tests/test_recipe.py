@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -29,7 +30,7 @@ def _paths(exc: RecipeError) -> list[str]:
 
 def test_builtin_recipes_all_parse() -> None:
     recipes = builtin_recipes()
-    assert {"resnet", "resnet-latency", "demo-digits"} <= set(recipes)
+    assert {"resnet", "resnet-latency", "demo-digits", "imagenet-resnet50"} <= set(recipes)
     assert recipes["resnet"].model.stem == "cifar"
     assert recipes["resnet"].data.source == "fashion-mnist"
     assert (recipes["resnet"].target.metric, recipes["resnet"].target.ratio) == ("flops", 0.5)
@@ -281,3 +282,43 @@ def test_recipe_without_data_source_lists_the_sources(data: dict | None) -> None
     assert err["path"] == ("data" if data is None else "data.source")
     for source in ("synthetic", "digits", "fashion-mnist", "folder", "npz", "webdataset", "upload"):
         assert source in err["message"]
+
+
+def test_imagenet_recipe_runs_as_is_on_an_imagenet_layout(tmp_path: Path) -> None:
+    """The ImageNet recipe names a folder layout; on a (tiny) folder of that layout it loads
+    with streaming, augmentation and the held-out folder, unchanged but for the mount point."""
+    from PIL import Image
+
+    from hawada.core.data import load_data
+
+    recipe = builtin_recipes()["imagenet-resnet50"]
+    assert (recipe.model.arch, recipe.model.num_classes) == ("resnet50", 1000)
+    assert recipe.model.input_size == (3, 224, 224) and recipe.model.stem == "imagenet"
+    data = recipe.data
+    assert data.source == "folder" and data.path == "/data/imagenet/train"
+    assert data.heldout_path == "/data/imagenet/val" and data.augment == "auto"
+    for split, n in (("train", 3), ("val", 1)):
+        for wnid in ("n01440764", "n01443537"):
+            folder = tmp_path / "imagenet" / split / wnid
+            folder.mkdir(parents=True)
+            for i in range(n):
+                Image.new("RGB", (500, 375), (40 * i, 90, 200)).save(folder / f"{wnid}_{i}.JPEG")
+    mounted = recipe.model_copy(deep=True)
+    mounted.data = data.model_copy(
+        update={
+            "path": str(tmp_path / "imagenet" / "train"),
+            "heldout_path": str(tmp_path / "imagenet" / "val"),
+            "memory_limit_mb": 1,  # what 1.28 M images do to the default 2 GiB
+            "workers": 0,
+            "batch_size": 2,
+        }
+    )
+    bundle = load_data(mounted, allowed_roots=[tmp_path])
+    assert (bundle.loader, bundle.augment, bundle.heldout_source) == (
+        "stream",
+        True,
+        "heldout_path",
+    )
+    assert (bundle.n_train, bundle.n_heldout, bundle.num_classes) == (6, 2, 2)
+    x, y = next(bundle.train_batches(2))
+    assert tuple(x.shape) == (2, 3, 224, 224) and set(y.tolist()) <= {0, 1}
