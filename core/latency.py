@@ -165,8 +165,63 @@ def measure_latency(
     unchanged afterwards. ``clock="cpu"``
     (CPU only, benchmarks on shared hosts) times process CPU time instead of wall time.
     """
+    return measure_latency_interleaved([model], input_size, spec, device, clock=clock)[0]
+
+
+def _time_interleaved(
+    calls: Sequence[Callable[[], Any]], device: torch.device, repeats: int, clock: str
+) -> list[list[float]]:
+    """ms per repeat for each call, the calls alternating A B, B A, A B, ... (one round each).
+
+    Reversing the order every round puts each call first as often as last, so a slow drift
+    (a neighbour's load, clocks, caches) costs every call alike. On CUDA every call is bracketed
+    by its own events and one synchronize at the end reads them all.
+    """
+    n = len(calls)
+    orders = [range(n) if r % 2 == 0 else range(n - 1, -1, -1) for r in range(repeats)]
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        events: list[list[tuple[Any, Any]]] = [[] for _ in calls]
+        for order in orders:
+            for i in order:
+                start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
+                start.record()
+                calls[i]()
+                end.record()
+                events[i].append((start, end))
+        torch.cuda.synchronize(device)
+        return [[s.elapsed_time(e) for s, e in per_call] for per_call in events]
+    if clock not in ("wall", "cpu"):
+        raise ValueError(f"clock must be 'wall' or 'cpu', got {clock!r}")
+    now = perf_counter_ns if clock == "wall" else process_time_ns
+    out: list[list[float]] = [[] for _ in calls]
+    for order in orders:
+        for i in order:
+            t0 = now()
+            calls[i]()
+            out[i].append((now() - t0) / 1e6)
+    return out
+
+
+def measure_latency_interleaved(
+    models: Sequence[nn.Module],
+    input_size: Sequence[int],
+    spec: LatencySpec,
+    device: str | torch.device | None,
+    *,
+    clock: str = "wall",
+) -> list[LatencyStats]:
+    """`measure_latency` of several models (e.g. the baseline and the pruned one) in one run.
+
+    After each model's warm-up the timed forward passes alternate between the models (order
+    reversed every round), so host noise during the measurement hits all of them and their
+    ratio, the reported speed-up, stays meaningful on a shared machine. Same settings, same
+    input and the same guarantees as `measure_latency` (no model is mutated).
+    """
+    if not models:
+        return []
     dev = resolve_device(device)
-    batch, repeats, warmup = spec.batch_size, spec.repeats, spec.warmup
+    batch, repeats, warmup = spec.batch_size, max(1, int(spec.repeats)), max(1, spec.warmup)
     channels_last = spec.channels_last
     dtype_name, note = effective_dtype(spec.dtype, dev)
     dtype = DTYPES[dtype_name]
@@ -175,29 +230,42 @@ def measure_latency(
     if dev.type == "cuda":
         # let cuDNN pick the fastest algorithm for these shapes during warm-up
         torch.backends.cudnn.benchmark = True
-    m = prepare_model(model, dev, dtype, channels_last)
-    was_training = m.training
-    m.eval()
+    prepared = [prepare_model(m, dev, dtype, channels_last) for m in models]
+    was_training = [m.training for m in prepared]
     x = torch.randn(batch, *[int(v) for v in input_size], device=dev, dtype=dtype)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     try:
+        for m in prepared:
+            m.eval()
         with torch.inference_mode():
-            times = time_callable(lambda: m(x), dev, repeats, max(1, warmup), clock)
+            for m in prepared:
+                for _ in range(warmup):
+                    m(x)
+            calls = [functools.partial(m, x) for m in prepared]
+            times = _time_interleaved(calls, dev, repeats, clock)
     finally:
-        m.train(was_training)
+        for m, flag in zip(prepared, was_training, strict=True):
+            m.train(flag)
         torch.backends.cudnn.benchmark = prev_benchmark
-    med, p10, p90 = summarize(times)
     if clock == "cpu" and dev.type == "cpu":
         note = "; ".join(filter(None, [note, "process CPU time, not wall clock"]))
-    return LatencyStats(
-        median_ms=med,
-        p10_ms=p10,
-        p90_ms=p90,
-        device=device_name(dev),
-        batch_size=batch,
-        dtype=dtype_name,
-        channels_last=channels_last,
-        repeats=repeats,
-        note=note,
-    )
+    if len(models) > 1:
+        note = "; ".join(filter(None, [note, f"interleaved with {len(models) - 1} other model(s)"]))
+    out = []
+    for per_model in times:
+        med, p10, p90 = summarize(per_model)
+        out.append(
+            LatencyStats(
+                median_ms=med,
+                p10_ms=p10,
+                p90_ms=p90,
+                device=device_name(dev),
+                batch_size=batch,
+                dtype=dtype_name,
+                channels_last=channels_last,
+                repeats=repeats,
+                note=note,
+            )
+        )
+    return out

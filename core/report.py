@@ -10,6 +10,8 @@ from collections.abc import Mapping, Sequence
 from importlib import metadata
 from typing import Any
 
+from hawada.core.report_checks import merge_warnings
+
 # Measured latency is noisy: a latency target counts as met within this relative slack.
 LATENCY_TOLERANCE = 0.05
 _UNITS = {"flops": "FLOPs", "params": "parameters", "latency": "ms"}
@@ -163,4 +165,6 @@ def build_report(
     }
     if extra:
         report.update(extra)
+    # What a reader should see first (near-chance baseline, accuracy drop, noisy latency...).
+    report["warnings"] = merge_warnings(report)
     return report

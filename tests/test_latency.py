@@ -7,7 +7,13 @@ import torch
 from torch import nn
 
 from hawada.core.device import device_name
-from hawada.core.latency import LatencyStats, effective_dtype, measure_latency, summarize
+from hawada.core.latency import (
+    LatencyStats,
+    effective_dtype,
+    measure_latency,
+    measure_latency_interleaved,
+    summarize,
+)
 from hawada.core.recipe import LatencySpec
 
 SPEC = LatencySpec(batch_size=2, dtype="float32", repeats=5, warmup=1, channels_last=False)
@@ -139,3 +145,51 @@ def test_reduced_precision_profiling_on_gpu(dtype: str) -> None:
     )
     assert stats.dtype == dtype and stats.note is None
     assert next(model.parameters()).dtype == torch.float32
+
+
+class _Recorder(nn.Module):
+    """Appends its tag to a shared log on every forward pass."""
+
+    def __init__(self, tag: str, log: list[str]) -> None:
+        super().__init__()
+        self.tag, self.log = tag, log
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.log.append(self.tag)
+        return self.conv(x)
+
+
+def test_interleaved_measurement_alternates_the_models() -> None:
+    log: list[str] = []
+    a, b = _Recorder("a", log), _Recorder("b", log)
+    before = _snapshot(a)
+    stats = measure_latency_interleaved([a, b], INPUT, SPEC, "cpu")
+    # warm-up of each, then rounds A B, B A, ...: each model first as often as last
+    assert log == ["a", "b", "a", "b", "b", "a", "a", "b", "b", "a", "a", "b"]
+    assert len(stats) == 2 and all(s.repeats == 5 for s in stats)
+    assert all(0 < s.p10_ms <= s.median_ms <= s.p90_ms for s in stats)
+    assert "interleaved" in (stats[0].note or "")
+    _assert_same(a, before)
+    assert a.training  # the caller's train/eval flag is restored
+
+
+def test_single_model_measurement_is_the_interleaved_one_of_one() -> None:
+    log: list[str] = []
+    stats = measure_latency(_Recorder("a", log), INPUT, SPEC, "cpu")
+    assert log == ["a"] * (1 + 5) and stats.note is None
+
+
+def test_module_costs_add_up_to_the_model() -> None:
+    from torchvision.models import resnet18
+
+    from hawada.core.evaluate import count_flops
+    from hawada.core.profile import module_costs
+
+    model = resnet18(num_classes=4).eval()
+    costs = module_costs(model, INPUT, SPEC, "cpu")
+    assert sum(c["flops"] for c in costs.values()) == count_flops(model, INPUT)
+    assert {"conv1", "bn1", "layer1.0.conv1", "layer4.1.bn2", "fc"} <= costs.keys()
+    assert costs["layer1.0.conv1"]["flops"] == 2 * 64 * 64 * 9 * 4 * 4  # 16x16 in, /4 by stem
+    assert all(c["ms"] >= 0 for c in costs.values())
+    assert costs["relu"]["ms"] > 0  # called several times per pass (shared ReLU), all counted

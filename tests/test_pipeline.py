@@ -153,6 +153,20 @@ def test_report_fields_present_and_typed(plain_job) -> None:
         assert layer["kept"] == sorted(layer["kept"]) and layer["modules"]
 
 
+def test_report_times_both_models_interleaved_and_costs_every_layer(plain_job) -> None:
+    _, report, _ = plain_job
+    for block in ("baseline", "pruned"):
+        assert "interleaved" in report[block]["latency"]["note"]
+    # the profiling phase's baseline timing (the one a latency target is set from) is kept
+    assert report["baseline"]["latency_profiling"]["median_ms"] > 0
+    for block in ("baseline", "pruned"):
+        costs = report["layer_costs"][block]
+        assert sum(c["flops"] for c in costs.values()) == report[block]["flops"]
+    for layer in report["layers"]:
+        assert set(layer["modules"]) <= report["layer_costs"]["baseline"].keys()
+    assert isinstance(report["warnings"], list)
+
+
 def test_target_met_matches_numbers(plain_job) -> None:
     _, report, _ = plain_job
     met = report["pruned"]["flops"] <= report["target"]["value"]

@@ -19,7 +19,7 @@ from typing import IO, Annotated, Any
 import typer
 from rich.markup import escape
 
-from hawada.console import ProgressView, before_after_table, console
+from hawada.console import ProgressView, before_after_table, console, report_warnings
 from hawada.extras import MissingExtra, require
 
 #: The API application factory, by import string (uvicorn imports it in this process).
@@ -201,6 +201,8 @@ def run(
             console.print(f"[red]failed[/red] {exc.code}: {escape(exc.message)}")
             raise typer.Exit(1) from None
     console.print(before_after_table(report))
+    for warning in report_warnings(report):
+        console.print(f"[yellow]warning[/yellow] {escape(warning)}", highlight=False)
     console.print(f"artifacts in [bold]{out}[/bold]")
 
 

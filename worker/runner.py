@@ -182,6 +182,7 @@ def metrics_summary(report: dict[str, Any]) -> dict[str, Any]:
     }
     speedup = report.get("speedup")
     out["speedup"] = speedup.get("measured") if isinstance(speedup, dict) else speedup
+    out["warnings"] = list(report.get("warnings") or [])  # `hawada status` prints them
     return out
 
 
