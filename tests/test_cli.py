@@ -280,7 +280,7 @@ def test_keys_create_list_revoke(api_settings: Any) -> None:
     assert _invoke("keys", "revoke", key_id).exit_code == 0
     with session_scope(api_settings.database_url) as session:
         assert resolve_key(session, key) is None
-    assert _invoke("keys", "revoke", key_id).exit_code == 1
+    assert _invoke("keys", "revoke", key_id).exit_code == 2
 
 
 def test_client_modules_never_import_torch() -> None:

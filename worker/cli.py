@@ -200,6 +200,9 @@ def run(
         except HawadaError as exc:
             console.print(f"[red]failed[/red] {exc.code}: {escape(exc.message)}")
             raise typer.Exit(1) from None
+        except KeyboardInterrupt:  # the same command again resumes from out/.checkpoint
+            console.print("interrupted; run the same command again to resume")
+            raise typer.Exit(130) from None
     console.print(before_after_table(report))
     for warning in report_warnings(report):
         console.print(f"[yellow]warning[/yellow] {escape(warning)}", highlight=False)
@@ -264,7 +267,7 @@ def keys_revoke(key_id: str) -> None:
         revoked = keys.revoke_key(session, key_id)
     if not revoked:
         console.print(f"[red]error[/red] no live key {escape(key_id)}")
-        raise typer.Exit(1)
+        raise typer.Exit(2)  # a usage error, like every bad argument (docs/cli.md)
     console.print(f"revoked {key_id}")
 
 
