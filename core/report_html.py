@@ -233,12 +233,15 @@ def _latency_cell(block: Mapping[str, Any]) -> str:
 def _summary_table(report: Mapping[str, Any]) -> str:
     b, p = report.get("baseline") or {}, report.get("pruned") or {}
     n = heldout_size(report)
+    heldout = _block(report, "heldout")
 
     def acc(block: Mapping[str, Any]) -> str:
         a = _num(block.get("accuracy"))
         if a is None:
             return "– <span class=dim>(no labels)</span>"
-        se = _num(((report.get("heldout") or {}) if block is b else {}).get("stderr"))
+        # report.json's heldout block: `stderr` is the pruned model's, `stderr_baseline` the
+        # baseline's; older reports have neither (computed here from the sample count).
+        se = _num(heldout.get("stderr_baseline" if block is b else "stderr"))
         se = accuracy_stderr(a, n) if se is None else se
         return f"{_pct(a)}" + (f" <span class=dim>± {_pct(se)}</span>" if se else "")
 
@@ -404,6 +407,22 @@ def _facts(report: Mapping[str, Any]) -> list[str]:
             f"speed-up <b>{measured:.2f}x</b> measured"
             + (f", {ideal:.2f}x FLOPs-ideal" if ideal else "")
         )
+    corr = _block(report, "correction")
+    if corr:
+        before, after = _num(corr.get("accuracy_before")), _num(corr.get("accuracy_after"))
+        trained, fitted = (
+            _num(corr.get(k)) or 0.0 for k in ("cost_ratio_trained", "cost_ratio_after")
+        )
+        line = (
+            f"budget correction after training: cost ratio {trained:.3f} → {fitted:.3f}, "
+            f"{_si(corr.get('closed_channels'))} channels closed"
+        )
+        if before is not None and after is not None:
+            line += (
+                f"; hard-gated held-out accuracy {_pct(before)} → {_pct(after)} "
+                f"({100 * (after - before):+.1f} points)"
+            )
+        facts.append(_esc(line))
     spreads = {k: latency_spread(_block(report, k)) for k in ("baseline", "pruned")}
     shown = [f"{k} {_pct(v, 0)}" for k, v in spreads.items() if v is not None]
     if shown:

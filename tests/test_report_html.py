@@ -147,10 +147,31 @@ def test_summary_states_heldout_size_and_standard_error() -> None:
 
 def test_heldout_block_of_newer_reports_wins() -> None:
     report = _report()
-    report["heldout"] = {"source": "user", "size": 1000, "stderr": 0.0123, "fingerprint": "ab" * 20}
+    report["heldout"] = {
+        "source": "heldout_path",
+        "size": 1000,
+        "stderr": 0.0123,  # the pruned model's
+        "stderr_baseline": 0.0234,
+        "fingerprint": "ab" * 20,
+    }
     page = render_report_html(report)
-    assert "<b>1 k</b> samples (user, fingerprint abababababab)" in page
-    assert "± 1.2%" in page
+    assert "<b>1 k</b> samples (heldout_path, fingerprint abababababab)" in page
+    row = page.split("held-out accuracy (top-1", 1)[1].split("</tr>", 1)[0]
+    assert row.index("± 2.3%") < row.index("± 1.2%")  # baseline column first, then pruned
+
+
+def test_budget_correction_block_is_summarised() -> None:
+    report = _report()
+    report["correction"] = {
+        "cost_ratio_trained": 0.53,
+        "cost_ratio_after": 0.499,
+        "closed_channels": 24,
+        "accuracy_before": 0.95,
+        "accuracy_after": 0.93,
+    }
+    page = render_report_html(report)
+    assert "cost ratio 0.530 → 0.499, 24 channels closed" in page
+    assert "hard-gated held-out accuracy 95.0% → 93.0% (-2.0 points)" in page
 
 
 def test_recipe_is_folded_and_plots_have_axis_titles() -> None:
