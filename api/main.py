@@ -10,6 +10,7 @@ from hawada.api.errors import install_error_handlers
 from hawada.api.limits import BodyLimitMiddleware, route_caps
 from hawada.api.metrics import HttpMetricsMiddleware, make_registry
 from hawada.api.queue import CeleryEnqueuer, Enqueuer
+from hawada.api.reaper import reaper_lifespan
 from hawada.api.routes import artifacts, catalog, events, health, jobs, models
 from hawada.settings import Settings, get_settings
 from hawada.store.artifacts import ArtifactStore
@@ -29,7 +30,14 @@ def create_app(settings: Settings | None = None, enqueue: Enqueuer | None = None
     """
     settings = settings or get_settings()
     init_db(settings.database_url)
-    app = FastAPI(title="HawAda", version=__version__, description=DESCRIPTION)
+    needs_worker = enqueue is None
+    app = FastAPI(
+        title="HawAda",
+        version=__version__,
+        description=DESCRIPTION,
+        lifespan=reaper_lifespan if needs_worker else None,
+    )
+    app.state.needs_worker = needs_worker
     app.state.settings = settings
     app.state.store = ArtifactStore(settings.artifacts_dir)
     app.state.event_streams = {}  # owner -> open SSE streams in this process (api/routes/events)

@@ -10,11 +10,16 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
-from pydantic import model_validator
+from pydantic import field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MiB = 1024 * 1024
+#: Passwords production refuses: defaults from examples and images, and the empty one.
+DEFAULT_SECRETS = frozenset(
+    {"", "change-me", "changeme", "changethis", "password", "secret", "postgres", "hawada", "redis"}
+)
 
 # Fields whose embedded default lives under var_dir; filled in from var_dir unless set.
 _VAR_DEFAULTS = {
@@ -44,6 +49,8 @@ class Settings(BaseSettings):
     job_time_limit_s: float = 6 * 3600.0
     lease_s: float = 60.0
     max_attempts: int = 3
+    # Workers beat every heartbeat_s; /readyz needs one that beat within 3 x heartbeat_s.
+    heartbeat_s: float = 5.0
     # Per-owner and total bounds: queued + running jobs, and open event streams (429 beyond).
     max_active_jobs_per_owner: int = 20
     max_event_streams: int = 200
@@ -53,6 +60,12 @@ class Settings(BaseSettings):
     # Folders a service job's `data.path` may name (JSON list in HAWADA_DATA_ROOTS). Empty: the
     # service refuses `data.path`, so a remote user cannot make a worker read arbitrary files.
     data_roots: list[Path] = []
+
+    @field_validator("operator_key", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: Any) -> Any:
+        """`HAWADA_OPERATOR_KEY=` (compose's default) means no operator key."""
+        return value or None
 
     @model_validator(mode="before")
     @classmethod
@@ -68,12 +81,25 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _refuse_unsafe_production(self) -> Settings:
-        """Production must authenticate and must not run on a single-file SQLite database."""
+        """Production must authenticate, run on a server database and use real secrets."""
         if self.environment == "production":
             if not self.auth_required:
                 raise ValueError("environment=production requires auth_required=true")
             if self.database_url.startswith("sqlite"):
                 raise ValueError("environment=production requires a server database, not SQLite")
+            # A known default password is refused; PostgreSQL may also authenticate without
+            # one (certificates, peer), Redis cannot: it needs a password in production.
+            db_password = urlsplit(self.database_url).password
+            if db_password is not None and db_password.lower() in DEFAULT_SECRETS:
+                raise ValueError("environment=production refuses a default database_url password")
+            if self.broker_url.startswith(("redis://", "rediss://")):
+                password = urlsplit(self.broker_url).password
+                if not password or password.lower() in DEFAULT_SECRETS:
+                    raise ValueError("environment=production refuses broker_url without a password")
+            if self.operator_key is not None and (
+                len(self.operator_key) < 16 or self.operator_key.lower() in DEFAULT_SECRETS
+            ):
+                raise ValueError("environment=production refuses a weak operator_key")
         if self.max_upload_bytes <= 0 or self.max_dataset_bytes <= 0:
             raise ValueError("max_upload_bytes and max_dataset_bytes must be positive")
         if self.lease_s <= 0 or self.max_attempts < 1:

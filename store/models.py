@@ -170,3 +170,12 @@ class LatencyTableRow(Base):
     meta: Mapped[dict[str, Any]] = mapped_column(JSON)
     blob: Mapped[bytes] = mapped_column(LargeBinary)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class WorkerHeartbeat(Base):
+    """A live worker's last sign of life (database time); see `store.heartbeats`."""
+
+    __tablename__ = "worker_heartbeats"
+
+    worker_id: Mapped[str] = mapped_column(String(255), primary_key=True)
+    beat_at: Mapped[datetime] = mapped_column(UTCDateTime())

@@ -15,7 +15,15 @@ from typing import Any
 import pytest
 
 PG_URL = os.environ.get("HAWADA_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
-_TABLES = ("job_events", "artifacts", "jobs", "models", "api_keys", "latency_tables")
+_TABLES = (
+    "job_events",
+    "artifacts",
+    "jobs",
+    "models",
+    "api_keys",
+    "latency_tables",
+    "worker_heartbeats",
+)
 
 
 @pytest.fixture(scope="session")

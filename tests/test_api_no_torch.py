@@ -62,6 +62,7 @@ def test_api_never_imports_torch(tmp_path: Path) -> None:
     )
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
-    assert result["statuses"] == [200, 200, 200, 200, 202, 200, 200, 200]
+    # /readyz: 503 here, honestly: no worker process beats its heartbeat in this test.
+    assert result["statuses"] == [200, 503, 200, 200, 202, 200, 200, 200]
     assert result["queued"] == 1  # the job id reached the broker folder, as a worker would see it
     assert result["heavy"] == []

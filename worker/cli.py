@@ -13,6 +13,9 @@ import os
 import signal
 import subprocess
 import sys
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Annotated, Any
 
@@ -32,6 +35,7 @@ EXAMPLES = {
     "worker": "HAWADA_BROKER_URL=redis://127.0.0.1:6379/0 hawada worker",
     "run": "hawada run --recipe recipes/demo-digits.yaml --weights w.safetensors --out result/",
     "keys": "hawada keys create --owner alice --name laptop",
+    "worker-alive": "hawada worker-alive  # exit 0 when this host's worker beats its heartbeat",
     "keys create": "hawada keys create --owner alice --name laptop",
     "keys list": "hawada keys list --owner alice",
     "keys revoke": "hawada keys revoke 1f0c2a9e",
@@ -105,6 +109,67 @@ def stop_worker(proc: subprocess.Popen[bytes], grace_s: float = 10.0) -> None:
         pass
 
 
+class WorkerSupervisor(threading.Thread):
+    """Keeps one Celery worker running for `hawada serve`: a worker that exits (crash, OOM kill,
+    SIGKILL) is restarted after a backoff that doubles per quick failure (1 s .. 30 s) and
+    resets once a worker has lived `healthy_s`."""
+
+    def __init__(
+        self,
+        start: Callable[[], subprocess.Popen[bytes]] = start_worker,
+        min_backoff_s: float = 1.0,
+        max_backoff_s: float = 30.0,
+        healthy_s: float = 60.0,
+    ) -> None:
+        super().__init__(name="hawada-worker-supervisor", daemon=True)
+        self._start = start
+        self.min_backoff_s, self.max_backoff_s, self.healthy_s = (
+            min_backoff_s,
+            max_backoff_s,
+            healthy_s,
+        )
+        self._halt = threading.Event()
+        self._lock = threading.Lock()
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.starts = 0
+        self.delays: list[float] = []  # each restart's backoff, in order
+
+    def _spawn(self) -> bool:
+        with self._lock:
+            if self._halt.is_set():
+                return False
+            self.proc = self._start()
+            self.starts += 1
+            return True
+
+    def run(self) -> None:
+        backoff = self.min_backoff_s
+        while self._spawn():
+            assert self.proc is not None
+            started = time.monotonic()
+            while self.proc.poll() is None:
+                if self._halt.wait(0.5):
+                    return
+            if time.monotonic() - started >= self.healthy_s:
+                backoff = self.min_backoff_s
+            console.print(
+                f"[yellow]worker (pid {self.proc.pid}) exited with code {self.proc.returncode}; "
+                f"restarting in {backoff:.0f} s[/yellow]"
+            )
+            self.delays.append(backoff)
+            if self._halt.wait(backoff):
+                return
+            backoff = min(backoff * 2, self.max_backoff_s)
+
+    def stop(self) -> None:
+        """Stop supervising and stop the current worker."""
+        with self._lock:
+            self._halt.set()
+            proc = self.proc
+        if proc is not None:
+            stop_worker(proc)
+
+
 def _init_db() -> None:
     from hawada.settings import get_settings
     from hawada.store.broker import ensure_broker_folders
@@ -130,15 +195,16 @@ def serve(
     """Embedded service: migrate the database, start a Celery worker and the API."""
     _require("service", "engine", what="hawada serve")
     _init_db()
-    proc = start_worker()
+    supervisor = WorkerSupervisor()
+    supervisor.start()
     console.print(
         f"HawAda serving on [bold]http://{host}:{port}[/bold] "
-        f"(worker pid {proc.pid}); Ctrl-C stops both"
+        "(a supervised Celery worker: restarted if it dies); Ctrl-C stops both"
     )
     try:
         _uvicorn(host, port)
     finally:
-        stop_worker(proc)
+        supervisor.stop()
 
 
 def api(
@@ -271,9 +337,37 @@ def keys_revoke(key_id: str) -> None:
     console.print(f"revoked {key_id}")
 
 
+def worker_alive() -> None:
+    """Exit 0 when a worker on this host beat its heartbeat recently (container health check)."""
+    _require("service", what="hawada worker-alive")
+    import socket
+
+    from hawada.settings import get_settings
+    from hawada.store.db import session_scope
+    from hawada.store.heartbeats import live_workers
+
+    settings = get_settings()
+    try:
+        with session_scope(settings.database_url) as session:
+            alive = live_workers(session, 3 * settings.heartbeat_s, host=socket.gethostname())
+    except Exception as exc:
+        console.print(f"[red]error[/red] database: {type(exc).__name__}")
+        raise typer.Exit(1) from None
+    if not alive:
+        console.print("no live worker on this host")
+        raise typer.Exit(1)
+    console.print(f"{alive} live worker(s) on this host")
+
+
 def register(app: typer.Typer) -> None:
     """Add the service commands to `app`."""
-    for name, fn in (("serve", serve), ("api", api), ("worker", worker), ("run", run)):
+    for name, fn in (
+        ("serve", serve),
+        ("api", api),
+        ("worker", worker),
+        ("run", run),
+        ("worker-alive", worker_alive),
+    ):
         app.command(name=name, epilog=f"Example: {EXAMPLES[name]}")(fn)
     app.add_typer(keys_app, name="keys", epilog=f"Example: {EXAMPLES['keys']}")
 

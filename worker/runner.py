@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import signal
 import socket
 import tempfile
 import threading
@@ -24,7 +25,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 from hawada.core.errors import HawadaError, JobCancelled
 from hawada.lifecycle import PHASES, TERMINAL_STATES
 from hawada.settings import Settings, get_settings
-from hawada.store import jobs, uploaded_models, workdirs
+from hawada.store import heartbeats, jobs, uploaded_models, workdirs
 from hawada.store.artifacts import ARTIFACT_NAMES, ArtifactStore
 from hawada.store.db import session_scope
 
@@ -229,7 +230,8 @@ def execute(job_id: str, settings: Settings | None = None) -> str | None:
     sink = EventSink(url, job_id)
     status, code, message, metrics = "failed", "internal", "", None
     try:
-        report = _run_pipeline(settings, spec, work, checkpoint_dir, sink, lease.cancel)
+        with MainThreadCanceller(lease.cancel):
+            report = _run_pipeline(settings, spec, work, checkpoint_dir, sink, lease.cancel)
         if lease.lost.is_set():
             raise _LeaseLost()
         if lease.cancel.is_set():  # asked while the last phase ran: a cancelled job never succeeds
@@ -280,6 +282,55 @@ def public_message(message: str, settings: Settings) -> str:
 
 class _LeaseLost(Exception):
     """Internal: another worker owns the job now."""
+
+
+class MainThreadCanceller(threading.Thread):
+    """Cancel within seconds in every phase, even inside code that never polls the flag.
+
+    The engine polls the cancel flag between training steps; baseline evaluation, profiling,
+    LUT building, evaluation and packaging are long loops that do not. When the flag has been
+    set for `grace_s` and the job is still running, this thread signals the main thread (a
+    real-time signal: Celery's pool uses SIGUSR1 for soft time limits), whose handler raises
+    `JobCancelled` at the next Python bytecode, i.e. within one kernel call. Armed only while
+    the pipeline runs, and only where the job runs in the process's main thread (the Celery
+    prefork child); elsewhere it does nothing.
+    """
+
+    SIGNAL = signal.SIGRTMIN + 3 if hasattr(signal, "SIGRTMIN") else signal.SIGUSR2
+
+    def __init__(self, flag: threading.Event, grace_s: float = 1.0) -> None:
+        super().__init__(name="hawada-canceller", daemon=True)
+        self.flag, self.grace_s = flag, grace_s
+        self._armed = threading.Event()
+        self._done = threading.Event()
+        self._previous: Any = None
+        self.usable = threading.current_thread() is threading.main_thread()
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        if self._armed.is_set():
+            self._armed.clear()  # once: the unwinding code must not be interrupted again
+            raise JobCancelled("cancelled")
+
+    def __enter__(self) -> MainThreadCanceller:
+        if self.usable:
+            self._previous = signal.signal(self.SIGNAL, self._handler)
+            self._armed.set()
+            self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.usable:
+            self._armed.clear()
+            self._done.set()
+            signal.signal(self.SIGNAL, self._previous)
+
+    def run(self) -> None:
+        main = threading.main_thread().ident
+        while not self._done.is_set():
+            if self.flag.wait(0.2) and not self._done.wait(self.grace_s):
+                if self._armed.is_set() and main is not None:
+                    signal.pthread_kill(main, self.SIGNAL)
+                return
 
 
 def _safe(fn: Callable[[], Any]) -> None:
@@ -392,6 +443,38 @@ def sweep_leftovers(settings: Settings) -> list[str]:
             for folder in workdirs.work_dirs(var_dir, job_id):
                 shutil.rmtree(folder, ignore_errors=True)
     return swept
+
+
+class Heartbeat(threading.Thread):
+    """Beats this worker's row in `worker_heartbeats` every ``settings.heartbeat_s``.
+
+    Runs in the Celery parent: /readyz is not ready while no worker beats.
+    """
+
+    def __init__(self, settings: Settings, worker: str | None = None) -> None:
+        super().__init__(name="hawada-heartbeat", daemon=True)
+        self.settings = settings
+        self.worker = worker or worker_id()
+        self._halt = threading.Event()
+
+    def run(self) -> None:
+        while True:
+            try:
+                with session_scope(self.settings.database_url) as session:
+                    heartbeats.beat(session, self.worker)
+            except Exception:
+                log.exception("heartbeat failed")
+            if self._halt.wait(self.settings.heartbeat_s):
+                return
+
+    def stop(self) -> None:
+        """Stop beating and remove the row (a clean shutdown is not a dead worker)."""
+        self._halt.set()
+        try:
+            with session_scope(self.settings.database_url) as session:
+                heartbeats.forget(session, self.worker)
+        except Exception:
+            log.exception("could not remove the heartbeat row")
 
 
 class Reaper(threading.Thread):

@@ -15,6 +15,7 @@ from hawada.store.broker import TASK_NAME
 from hawada.worker.app import celery_app
 
 _reaper: Any = None
+_heartbeat: Any = None
 
 
 @celery_app.task(name=TASK_NAME)
@@ -31,20 +32,41 @@ def _fresh_connections(**_: Any) -> None:
     from hawada.store.db import dispose_engines
 
     dispose_engines()
+    _die_with_parent()
+
+
+def _die_with_parent() -> None:
+    # If the Celery parent dies (even by SIGKILL) the job child dies too: its lease lapses and
+    # the job resumes from its checkpoint on a live worker, instead of an orphan finishing it.
+    import signal
+    import sys
+
+    if sys.platform == "linux":
+        try:
+            import ctypes
+
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
 
 
 @worker_ready.connect
 def _start_reaper(**_: Any) -> None:
-    # Runs in the parent: re-queue jobs whose worker died, now and periodically.
-    global _reaper
+    # Runs in the parent: re-queue jobs whose worker died, now and periodically, and beat this
+    # worker's heartbeat (/readyz needs one live worker).
+    global _reaper, _heartbeat
     from hawada.settings import get_settings
-    from hawada.worker.runner import Reaper
+    from hawada.worker.runner import Heartbeat, Reaper
 
     _reaper = Reaper(get_settings())
     _reaper.start()
+    _heartbeat = Heartbeat(get_settings())
+    _heartbeat.start()
 
 
 @worker_shutdown.connect
 def _stop_reaper(**_: Any) -> None:
     if _reaper is not None:
         _reaper.stop()
+    if _heartbeat is not None:
+        _heartbeat.stop()

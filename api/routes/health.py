@@ -14,7 +14,8 @@ from sqlalchemy import text
 
 from hawada.api.deps import SettingsDep
 from hawada.settings import Settings
-from hawada.store.db import get_engine
+from hawada.store.db import get_engine, session_scope
+from hawada.store.heartbeats import live_workers
 
 router = APIRouter(tags=["health"])
 log = logging.getLogger("hawada.api")
@@ -56,10 +57,21 @@ def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
+def _check_worker(settings: Settings) -> str | None:
+    try:
+        with session_scope(settings.database_url) as session:
+            alive = live_workers(session, 3 * settings.heartbeat_s)
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+    return None if alive else f"no worker heartbeat within {3 * settings.heartbeat_s:.0f} s"
+
+
 @router.get("/readyz", responses={503: {"description": "a dependency is down"}})
-def readyz(settings: SettingsDep) -> JSONResponse:
-    """Readiness: the database answers and the broker is reachable."""
+def readyz(request: Request, settings: SettingsDep) -> JSONResponse:
+    """Readiness: the database answers, the broker is reachable and a worker is alive."""
     checks: dict[str, Any] = {"database": _check_db(settings), "broker": _check_broker(settings)}
+    if request.app.state.needs_worker:  # a stand-in enqueuer (tests) has no worker to wait for
+        checks["worker"] = _check_worker(settings)
     failed = {name: err for name, err in checks.items() if err is not None}
     states = {name: "down" if name in failed else "ok" for name in checks}
     if failed:

@@ -142,9 +142,13 @@ async def submit_job(
 def list_jobs(
     session: SessionDep,
     owner: CurrentOwner,
-    status: Annotated[str | None, Query(description="filter by state")] = None,
+    status: Annotated[
+        str | None, Query(description="filter by state", json_schema_extra={"enum": JOB_STATES})
+    ] = None,
     limit: Annotated[int, Query(ge=1, le=repo.MAX_PAGE)] = 50,
-    cursor: str | None = None,
+    cursor: Annotated[
+        str | None, Query(max_length=512, description="`next_cursor` of the previous page")
+    ] = None,
 ) -> JobList:
     """The caller's jobs, newest first, one page at a time."""
     if status is not None and status not in JOB_STATES:
