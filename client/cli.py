@@ -157,6 +157,9 @@ def submit(
         Path | None, typer.Option(help="Weights file (.safetensors, or a .pt/.pth state dict).")
     ] = None,
     dataset: Annotated[Path | None, typer.Option(help="Dataset file (.npz with x, y).")] = None,
+    heldout: Annotated[
+        Path | None, typer.Option(help="Held-out set (.npz) instead of a seeded split.")
+    ] = None,
     model_id: Annotated[
         str | None, typer.Option(help="Use weights uploaded before (POST /v1/models).")
     ] = None,
@@ -178,9 +181,15 @@ def submit(
     _require_file(recipe)
     _require_file(weights)
     _require_file(dataset)
+    _require_file(heldout)
     with handled(), _client(url, api_key) as client:
         job = client.submit(
-            recipe, weights, dataset, model_id=model_id, idempotency_key=idempotency_key
+            recipe,
+            weights,
+            dataset,
+            heldout=heldout,
+            model_id=model_id,
+            idempotency_key=idempotency_key,
         )
         if not wait:
             if as_json:

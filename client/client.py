@@ -291,18 +291,23 @@ def _submit_parts(
     dataset: FileInput | None,
     model_id: str | None,
     stack: contextlib.ExitStack,
+    heldout: FileInput | None = None,
 ) -> dict[str, Any]:
     """The request keywords of ``POST /v1/jobs`` (files opened on ``stack``)."""
     text = recipe_text(recipe)
     if model_id is not None:
-        if weights is not None or dataset is not None:
-            raise ValueError("a model_id submit is JSON only: pass no weights or dataset file")
+        if weights is not None or dataset is not None or heldout is not None:
+            raise ValueError(
+                "a model_id submit is JSON only: pass no weights, dataset or heldout file"
+            )
         return {"json": {"recipe": text, "model_id": model_id}}
     if weights is None:
         raise ValueError("pass weights (a path, bytes or a file) or model_id")
     files = {"weights": _file_part(weights, stack, None)}
     if dataset is not None:
         files["dataset"] = _file_part(dataset, stack, "dataset.npz")
+    if heldout is not None:
+        files["heldout"] = _file_part(heldout, stack, "heldout.npz")
     return {"data": {"recipe": text}, "files": files}
 
 
@@ -408,6 +413,7 @@ class HawadaClient:
         weights: FileInput | None = None,
         dataset: FileInput | None = None,
         *,
+        heldout: FileInput | None = None,
         model_id: str | None = None,
         idempotency_key: str | None = None,
         wait: bool = False,
@@ -417,17 +423,20 @@ class HawadaClient:
         """Create a job from a recipe and a weights file (or an uploaded ``model_id``).
 
         ``recipe``: a mapping, a path, ``bytes`` or a file (see :data:`RecipeInput`);
-        ``weights`` / ``dataset``: a path, ``bytes`` or a binary file. Returns the queued job,
+        ``weights`` / ``dataset`` / ``heldout`` (a held-out .npz instead of a seeded split): a
+        path, ``bytes`` or a binary file. Returns the queued job,
         or with ``wait=True`` the finished one (``progress(event)`` is called for each event
         meanwhile; ``timeout`` seconds bound the wait). Example::
 
-            job = hc.submit({"model": {"arch": "resnet18", "num_classes": 10}},
-                            open("w.safetensors", "rb"), wait=True, progress=print)
+            job = hc.submit({"model": {"arch": "resnet18", "num_classes": 10},
+                             "data": {"source": "upload"}},
+                            open("w.safetensors", "rb"), "train.npz", heldout="test.npz",
+                            wait=True, progress=print)
         """
         _check_progress(progress, wait)
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
         with contextlib.ExitStack() as stack:
-            parts = _submit_parts(recipe, weights, dataset, model_id, stack)
+            parts = _submit_parts(recipe, weights, dataset, model_id, stack, heldout)
             job: dict[str, Any] = self._request("POST", "/v1/jobs", headers=headers, **parts)
         if wait:
             return self.wait(job["id"], progress=progress, timeout=timeout)
@@ -696,6 +705,7 @@ class AsyncHawadaClient:
         weights: FileInput | None = None,
         dataset: FileInput | None = None,
         *,
+        heldout: FileInput | None = None,
         model_id: str | None = None,
         idempotency_key: str | None = None,
         wait: bool = False,
@@ -709,7 +719,7 @@ class AsyncHawadaClient:
         _check_progress(progress, wait)
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
         with contextlib.ExitStack() as stack:
-            parts = _submit_parts(recipe, weights, dataset, model_id, stack)
+            parts = _submit_parts(recipe, weights, dataset, model_id, stack, heldout)
             job: dict[str, Any] = await self._request("POST", "/v1/jobs", headers=headers, **parts)
         if wait:
             return await self.wait(job["id"], progress=progress, timeout=timeout)

@@ -250,3 +250,24 @@ def test_import_hawada_stays_light() -> None:
         "HawadaConnectionError; sys.exit(0 if light and 'torch' not in sys.modules else 1)"
     )
     assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0
+
+
+def test_submit_sends_dataset_and_heldout_files(
+    api_server: Any, api_settings: Any, weights: Path, tmp_path: Path
+) -> None:
+    import numpy as np
+
+    from hawada.store import jobs as repo
+    from hawada.store.db import session_scope
+
+    for name, n in (("train.npz", 12), ("test.npz", 5)):
+        np.savez(tmp_path / name, x=np.zeros((n, 8, 8), np.uint8), y=np.arange(n) % 3)
+    recipe = {**RECIPE, "data": {"source": "upload"}}
+    with HawadaClient(api_server.url) as hc:
+        job = hc.submit(recipe, weights, tmp_path / "train.npz", heldout=tmp_path / "test.npz")
+        with pytest.raises(ValueError, match="heldout"):
+            hc.submit(recipe, model_id="0" * 32, heldout=tmp_path / "test.npz")
+    with session_scope(api_settings.database_url) as session:
+        row = repo.load_job(session, job["id"])
+        assert Path(row.heldout_path).read_bytes() == (tmp_path / "test.npz").read_bytes()
+        assert Path(row.dataset_path).read_bytes() == (tmp_path / "train.npz").read_bytes()

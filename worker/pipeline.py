@@ -142,7 +142,7 @@ def _heldout_accuracy(
     """Top-1 on the held-out split; None when the labels are noise (synthetic data)."""
     if not data.labelled:
         return None
-    return accuracy(model, data.heldout_batches(recipe.data.batch_size), device)
+    return accuracy(model, data.heldout_batches(recipe.data.batch_size, device=device), device)
 
 
 def _target(recipe: Recipe, baseline: Mapping[str, Any]) -> dict[str, Any]:
