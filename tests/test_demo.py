@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -40,11 +41,33 @@ def _wait_for(log: Path, text: str, proc: subprocess.Popen, timeout: float) -> s
     pytest.fail(f"no {text!r} within {timeout:.0f} s:\n{log.read_text(errors='replace')}")
 
 
+def _installed() -> bool:
+    """`make demo` would not reinstall first (its stamp is newer than pyproject.toml)."""
+    stamp = ROOT / ".venv" / ".hawada-installed"
+    return (
+        shutil.which("make") is not None
+        and stamp.is_file()
+        and stamp.stat().st_mtime >= (ROOT / "pyproject.toml").stat().st_mtime
+    )
+
+
+_NEEDS_MAKE = pytest.mark.skipif(not _installed(), reason="needs make and an installed .venv")
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads the process tree from /proc")
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+@pytest.mark.parametrize(
+    ("launcher", "signum", "exit_code"),
+    [
+        pytest.param("python", signal.SIGTERM, 130, id="SIGTERM"),
+        pytest.param("python", signal.SIGINT, 130, id="SIGINT"),
+        # `make demo` as the README says: make passes SIGTERM on to the demo, waits for it to
+        # clean up, then ends by the same signal
+        pytest.param("make", signal.SIGTERM, -signal.SIGTERM, id="make-SIGTERM", marks=_NEEDS_MAKE),
+    ],
+)
 def test_demo_prints_progress_to_a_file_and_a_signal_leaves_no_process(
-    tmp_path: Path, signum: signal.Signals
+    tmp_path: Path, launcher: str, signum: signal.Signals, exit_code: int
 ) -> None:
     log = tmp_path / "demo.log"
     env = {
@@ -55,7 +78,7 @@ def test_demo_prints_progress_to_a_file_and_a_signal_leaves_no_process(
     }
     with log.open("wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "hawada.demo"],
+            ["make", "demo"] if launcher == "make" else [sys.executable, "-m", "hawada.demo"],
             cwd=ROOT,
             env=env,
             stdout=out,
@@ -94,5 +117,5 @@ def test_demo_prints_progress_to_a_file_and_a_signal_leaves_no_process(
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
     assert survivors == [], f"still running after {signum.name}: {survivors}"
-    assert code == 130, log.read_text(errors="replace")
+    assert code == exit_code, log.read_text(errors="replace")
     assert "stopping the service" in log.read_text(errors="replace")
