@@ -515,3 +515,24 @@ def test_webdataset_bad_input(tmp_path: Path) -> None:
         load_data(_recipe({**data, "path": str(tmp_path)}, size=16, num_classes=5))
     with pytest.raises(DataError, match="not found"):
         load_data(_recipe({**data, "path": str(root / "x-{0..3}.tar")}, size=16, num_classes=5))
+
+
+def _stream_in_daemon(root: str, queue: object) -> None:
+    bundle = load_data(
+        _recipe({"source": "folder", "path": root, "loader": "stream", "workers": 2}, size=16)
+    )
+    queue.put(sum(len(y) for _, y in bundle.heldout_batches(4)) + bundle.n_train)  # type: ignore[attr-defined]
+
+
+def test_stream_workers_start_inside_a_celery_prefork_child(tmp_path: Path) -> None:
+    """Celery runs jobs in daemonic billiard children; DataLoader workers must still start
+    (multiprocessing refuses children to daemons unless the loader lifts the flag)."""
+    billiard = pytest.importorskip("billiard")
+    _jpeg_folder(tmp_path / "imgs", {"a": 5, "b": 5}, size=(20, 20))
+    queue = billiard.Queue()
+    child = billiard.Process(
+        target=_stream_in_daemon, args=(str(tmp_path / "imgs"), queue), daemon=True
+    )
+    child.start()
+    child.join(120)
+    assert child.exitcode == 0 and queue.get(timeout=5) == 10

@@ -14,6 +14,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, Protocol
 
 import torch
@@ -24,7 +25,14 @@ from hawada.core.data.bundle import Batch, DataBundle
 from hawada.core.data.folder import FolderIndex, decode_image
 from hawada.core.errors import DataError
 
-__all__ = ["FolderSamples", "FolderSource", "StreamBundle", "StreamSource", "default_workers"]
+__all__ = [
+    "FolderSamples",
+    "FolderSource",
+    "StreamBundle",
+    "StreamSource",
+    "children_allowed",
+    "default_workers",
+]
 
 PREFETCH = 4  # batches per worker in flight
 #: (uint8 3×H×W image, label, "" or the name of a file that did not decode)
@@ -46,15 +54,33 @@ class StreamSource(Protocol):
 
 
 def default_workers(requested: int) -> int:
-    """`requested` DataLoader workers, at most the CPUs this process may use, and none inside a
-    daemonic process (which may not start children)."""
+    """`requested` DataLoader workers, at most the CPUs this process may use."""
     try:
         cpus = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         cpus = os.cpu_count() or 1
-    if multiprocessing.current_process().daemon:
-        return 0
     return max(0, min(requested, cpus))
+
+
+@contextmanager
+def children_allowed() -> Iterator[None]:
+    """Let DataLoader workers start inside a daemonic process (a Celery prefork child).
+
+    multiprocessing refuses children to a daemon so that none outlive it. DataLoader workers are
+    daemons themselves, are joined by their DataLoader and exit when their parent dies (torch's
+    watchdog polls it), so the flag is lifted only while they start; without this a service job
+    would decode every image in its training process.
+    """
+    proc = multiprocessing.current_process()
+    config: dict[str, Any] = proc._config  # type: ignore[attr-defined]  # stdlib private
+    lifted = bool(config.get("daemon"))
+    if lifted:
+        config["daemon"] = False
+    try:
+        yield
+    finally:
+        if lifted:
+            config["daemon"] = True
 
 
 class FolderSamples(Dataset[Item]):
@@ -196,7 +222,10 @@ class StreamBundle(DataBundle):
     def _batches(
         self, source: StreamSource, bs: int, *, train: bool, seed: int, device: torch.device
     ) -> Iterator[Batch]:
-        for item in self._loader(source, bs, train=train, seed=seed, device=device):
+        loader = self._loader(source, bs, train=train, seed=seed, device=device)
+        with children_allowed():
+            items = iter(loader)  # starts the workers
+        for item in items:
             batch = self._batch(item, source, device)
             if batch is not None:
                 yield batch
@@ -211,9 +240,18 @@ class StreamBundle(DataBundle):
         bs = batch_size or self.batch_size
         dev = torch.device(device) if device is not None else torch.device("cpu")
         loader = self._loader(self.train_source, bs, train=True, seed=seed, device=dev)
+        epoch = 0
         while True:  # each pass reshuffles (the loader's generator moves on)
+            if epoch and not self.train_source.loader_shuffles:
+                # Shards shuffle inside the stream, seeded: a new seed gives a new order.
+                loader = self._loader(
+                    self.train_source, bs, train=True, seed=seed + epoch, device=dev
+                )
+            epoch += 1
+            with children_allowed():
+                items = iter(loader)  # starts (or, persistent, reuses) the workers
             empty = True
-            for item in loader:
+            for item in items:
                 batch = self._batch(item, self.train_source, dev)
                 if batch is not None:
                     empty = False
