@@ -237,8 +237,25 @@ def fmt(value: Any, unit: str = "") -> str:
     return f"{value}{unit}"
 
 
+def _stderr(report: dict[str, Any], block: str, accuracy: Any) -> float | None:
+    """The accuracy's standard error: report.json's heldout block, else sqrt(p(1-p)/n)."""
+    heldout = report.get("heldout") if isinstance(report.get("heldout"), dict) else {}
+    assert isinstance(heldout, dict)
+    given = heldout.get("stderr_baseline" if block == "baseline" else "stderr")
+    if isinstance(given, (int, float)):
+        return float(given)
+    n = heldout.get("size") or (report.get("data") or {}).get("n_heldout")
+    if isinstance(accuracy, (int, float)) and isinstance(n, int) and n > 0:
+        return float((accuracy * (1 - accuracy) / n) ** 0.5)
+    return None
+
+
 def before_after_table(report: dict[str, Any]) -> Table:
-    """The before/after table of a report (params, FLOPs, latency, held-out accuracy)."""
+    """The before/after table of a report (params, FLOPs, latency, held-out accuracy).
+
+    From a full report.json the accuracy cells carry their standard error and the latency
+    cells their p10-p90 range; from a job's ``metrics`` (headline numbers only) the bare values.
+    """
     base, pruned = report.get("baseline", {}), report.get("pruned", {})
     table = Table(title="HawAda result")
     table.add_column("")
@@ -250,19 +267,47 @@ def before_after_table(report: dict[str, Any]) -> Table:
         value = block.get("latency_ms")
         return value.get("median_ms") if isinstance(value, dict) else value
 
+    def lat_cell(block: dict[str, Any]) -> str:
+        spread = block.get("latency")
+        text = fmt(lat(block))
+        if isinstance(spread, dict) and isinstance(spread.get("p10_ms"), (int, float)):
+            text += f" ({spread['p10_ms']:.3g}-{spread['p90_ms']:.3g})"
+        return text
+
+    def acc_cell(name: str, block: dict[str, Any]) -> str:
+        acc = block.get("accuracy")
+        if not isinstance(acc, (int, float)):
+            return fmt(acc)
+        se = _stderr(report, name, acc)
+        return f"{acc:.1%}" + (f" ± {se:.1%}" if se is not None else "")
+
     rows = [
-        ("params", base.get("params"), pruned.get("params")),
-        ("FLOPs", base.get("flops"), pruned.get("flops")),
-        ("latency ms", lat(base), lat(pruned)),
-        ("accuracy", base.get("accuracy"), pruned.get("accuracy")),
+        ("params", base.get("params"), pruned.get("params"), fmt(base.get("params")), None),
+        ("FLOPs", base.get("flops"), pruned.get("flops"), fmt(base.get("flops")), None),
+        (
+            "latency ms (p10-p90)" if isinstance(base.get("latency"), dict) else "latency ms",
+            lat(base),
+            lat(pruned),
+            lat_cell(base),
+            lat_cell(pruned),
+        ),
+        (
+            "held-out accuracy",
+            base.get("accuracy"),
+            pruned.get("accuracy"),
+            acc_cell("baseline", base),
+            acc_cell("pruned", pruned),
+        ),
     ]
-    for name, before, after in rows:
+    for name, before, after, before_text, after_text in rows:
         ratio = (
             f"{after / before:.3f}"
             if isinstance(before, (int, float)) and before and isinstance(after, (int, float))
             else "-"
         )
-        table.add_row(name, fmt(before), fmt(after), ratio)
+        table.add_row(
+            name, before_text, after_text if after_text is not None else fmt(after), ratio
+        )
     target = report.get("target")
     if isinstance(target, dict) and "target_met" in report:
         goal = (

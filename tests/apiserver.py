@@ -90,6 +90,7 @@ class FakeWorker:
                     "pruned": {"params": 5, "flops": 50, "latency_ms": 1.0, "accuracy": 0.88},
                     "target": {"metric": "flops", "ratio": 0.5},
                     "target_met": True,
+                    "warnings": [{"code": "latency_noisy", "message": "latency varied widely"}],
                 }
                 jobs.finish_job(session, job_id, "succeeded", metrics=metrics)
             elif outcome == "failed":

@@ -107,7 +107,8 @@ def test_exit_codes_follow_the_job(
     if outcome == "failed":
         assert "weights_mismatch: fc.weight has shape [5, 512]" in res.stdout
     if outcome == "succeeded":
-        assert "accuracy" in res.stdout and "0.88" in res.stdout  # the before/after table
+        assert "held-out accuracy" in res.stdout and "88.0%" in res.stdout  # before/after table
+        assert "warning latency varied widely" in res.stdout  # the report's warnings
 
     assert _invoke("watch", job_id, "--url", url).exit_code == code
     assert _invoke("status", job_id, "--url", url).exit_code == code

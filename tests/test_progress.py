@@ -11,7 +11,7 @@ from typing import Any
 
 from rich.console import Console
 
-from hawada.console import ProgressView, clock_text
+from hawada.console import ProgressView, before_after_table, clock_text
 
 T0 = datetime(2026, 3, 1, 12, 0, 0, tzinfo=UTC)
 
@@ -132,3 +132,24 @@ def test_progress_events_come_every_log_every_steps_and_at_the_end() -> None:
         "target": 0.6,
         "target_ratio": 0.5,
     }
+
+
+def test_before_after_table_gives_accuracy_error_and_latency_range() -> None:
+    def lat(median: float) -> dict:
+        return {"median_ms": median, "p10_ms": median * 0.9, "p90_ms": median * 1.2}
+
+    report = {
+        "baseline": {"params": 100, "flops": 400, "latency_ms": 2.0, "latency": lat(2.0),
+                     "accuracy": 0.95},
+        "pruned": {"params": 50, "flops": 200, "latency_ms": 1.0, "latency": lat(1.0),
+                   "accuracy": 0.9},
+        "heldout": {"source": "split", "size": 400},  # no stderr given: sqrt(p(1-p)/n)
+        "target": {"metric": "flops", "ratio": 0.5},
+        "target_met": True,
+    }  # fmt: skip
+    out = Console(record=True, width=120)
+    out.print(before_after_table(report))
+    text = out.export_text()
+    assert "95.0% ± 1.1%" in text and "90.0% ± 1.5%" in text
+    assert "2 (1.8-2.4)" in text and "1 (0.9-1.2)" in text
+    assert "target: flops <= 0.50 x baseline: met" in text
