@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
+import time
 from collections.abc import Iterator
 from typing import Annotated
 
 from fastapi import Depends, Request
 from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
 
 from hawada.api.errors import ApiError
 from hawada.api.schemas import JobPublic
@@ -23,7 +26,7 @@ LOCAL_OWNER = "local"
 OBJECT_ID = re.compile(r"^[0-9a-f]{32}$")
 
 
-def get_app_settings(request: Request) -> Settings:
+async def get_app_settings(request: Request) -> Settings:
     """The settings the app was created with."""
     return request.app.state.settings
 
@@ -40,7 +43,7 @@ def get_db(settings: SettingsDep) -> Iterator[Session]:
 SessionDep = Annotated[Session, Depends(get_db)]
 
 
-def get_store(request: Request) -> ArtifactStore:
+async def get_store(request: Request) -> ArtifactStore:
     """The artifact store of the app."""
     return request.app.state.store
 
@@ -50,17 +53,57 @@ StoreDep = Annotated[ArtifactStore, Depends(get_store)]
 _UNAUTHORIZED = {"WWW-Authenticate": "Bearer"}
 
 
-def get_owner(request: Request, settings: SettingsDep) -> str:
-    """Who is calling: the owner of the bearer key, or "local" when auth is off."""
+#: Resolved keys are remembered this long: polling clients cost no key lookup per request.
+#: A revoked key stops working within this many seconds.
+KEY_CACHE_S = 5.0
+_KEY_CACHE_MAX = 10_000
+
+
+class _KeyCache:
+    """sha256(key) -> (owner or None, expiry): a small TTL cache per process."""
+
+    def __init__(self) -> None:
+        self._entries: dict[str, tuple[str | None, float]] = {}
+
+    def get(self, digest: str) -> tuple[bool, str | None]:
+        hit = self._entries.get(digest)
+        if hit is None or hit[1] < time.monotonic():
+            return False, None
+        return True, hit[0]
+
+    def put(self, digest: str, owner: str | None) -> None:
+        if len(self._entries) >= _KEY_CACHE_MAX:
+            self._entries.clear()  # bounded: a flood of random keys cannot grow it
+        self._entries[digest] = (owner, time.monotonic() + KEY_CACHE_S)
+
+
+_key_cache = _KeyCache()
+
+
+def _resolve(database_url: str, token: str) -> str | None:
+    # A short session of its own: async handlers must not hold a connection for the request.
+    with session_scope(database_url) as session:
+        return resolve_key(session, token)
+
+
+async def get_owner(request: Request, settings: SettingsDep) -> str:
+    """Who is calling: the owner of the bearer key, or "local" when auth is off.
+
+    Async, so a request without auth costs no thread hop; a key is looked up in the database
+    at most every `KEY_CACHE_S` seconds per process.
+    """
     if not settings.auth_required:
         return LOCAL_OWNER
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token:
         raise ApiError(401, "unauthorized", "missing bearer API key", headers=_UNAUTHORIZED)
-    # A short session of its own: async handlers must not hold a connection for the request.
-    with session_scope(settings.database_url) as session:
-        owner = resolve_key(session, token.strip())
+    digest = hashlib.sha256(token.encode()).hexdigest()
+    known, owner = _key_cache.get(digest)
+    if not known:
+        owner = await run_in_threadpool(_resolve, settings.database_url, token)
+        _key_cache.put(digest, owner)
     if owner is None:
         raise ApiError(401, "unauthorized", "invalid or revoked API key", headers=_UNAUTHORIZED)
     return owner
@@ -78,5 +121,7 @@ def job_or_404(session: Session, owner: str, job_id: str) -> Job:
 
 
 def public_job(session: Session, job: Job) -> JobPublic:
-    """A job as the API shows it, with its artifacts."""
+    """A job as the API shows it, with its artifacts (only a succeeded job has any)."""
+    if job.status != "succeeded":
+        return JobPublic.build(job, [])
     return JobPublic.build(job, repo.list_artifacts(session, [job.id])[job.id])

@@ -1,14 +1,17 @@
-"""API benchmark: status-polling throughput/latency and a submission burst, loopback only.
+"""API benchmark: status-polling throughput/latency against a naive anchor, and a burst.
 
 Starts the embedded API (`hawada api`, SQLite + filesystem broker in a temporary var dir) in a
 subprocess; no worker runs, so submitted jobs stay queued with their message in the broker.
+In the same run it starts the naive anchor (`bench/naive_app.py`: FastAPI + sync SQLAlchemy on
+the same SQLite file, one route, one uvicorn process) and measures both with `wrk` (Debian
+package `wrk`) at the same connection counts, one after the other, and prints the ratio.
 
-    .venv/bin/python bench/api.py [--clients 50 200] [--seconds 10] [--burst 1000] [--record]
+    .venv/bin/python bench/api.py [--connections 50] [--seconds 10] [--burst 1000] [--record]
+    .venv/bin/python bench/api.py --quick      # a smoke run: 2 s, 10 connections, 50 submissions
 
-Measures, for each client count, how many `GET /v1/jobs/{id}` a second the API answers and
-their p50/p99 latency; then fires `--burst` submissions at once and checks none was lost:
-ids returned == job rows in the database == messages in the broker queue. `--record` writes
-the table with the machine description into the "API" section of bench/RESULTS.md.
+Then it fires `--burst` submissions at once and checks none was lost: ids returned == job rows
+in the database == messages in the broker queue. `--record` writes the tables with the machine
+description and load average into the "API" section of bench/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -20,9 +23,9 @@ import io
 import json
 import os
 import platform
+import shutil
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -42,11 +45,27 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _tiny_safetensors() -> bytes:
-    """A valid one-tensor safetensors file built by hand (the API never imports torch)."""
-    header = json.dumps({"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}).encode()
-    header += b" " * (-len(header) % 8)
-    return len(header).to_bytes(8, "little") + header + b"\x00" * 16
+def _fitting_safetensors() -> bytes:
+    """Zero-valued weights with the names and shapes the recipe's model needs (torch-free)."""
+    import math
+
+    from hawada.core.architectures import expected_state_dict
+    from hawada.core.recipe import parse_recipe
+
+    model = parse_recipe(RECIPE).model
+    shapes = expected_state_dict(model.arch, model.num_classes, model.stem) or {}
+    header, offset = {}, 0
+    for name, shape in shapes.items():
+        size = math.prod(shape)
+        header[name] = {
+            "dtype": "U8",
+            "shape": list(shape),
+            "data_offsets": [offset, offset + size],
+        }
+        offset += size
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    return len(raw).to_bytes(8, "little") + raw + bytes(offset)
 
 
 def machine() -> str:
@@ -71,44 +90,6 @@ def pct(values: list[float], q: float) -> float:
     if not ordered:
         return float("nan")
     return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
-
-
-async def poll(
-    url: str, job_id: str, clients: int, seconds: float, max_requests: int
-) -> dict[str, Any]:
-    """`clients` concurrent loops of GET /v1/jobs/{id} for `seconds` (or `max_requests`)."""
-    latencies: list[float] = []
-    errors = 0
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=30.0) as http:
-        deadline = time.perf_counter() + seconds
-
-        async def one_client() -> None:
-            nonlocal errors
-            while time.perf_counter() < deadline and len(latencies) < max_requests:
-                t0 = time.perf_counter()
-                try:
-                    resp = await http.get(f"/v1/jobs/{job_id}")
-                    ok = resp.status_code == 200
-                except httpx.HTTPError:
-                    ok = False
-                if ok:
-                    latencies.append((time.perf_counter() - t0) * 1000.0)
-                else:
-                    errors += 1
-
-        start = time.perf_counter()
-        await asyncio.gather(*(one_client() for _ in range(clients)))
-        elapsed = time.perf_counter() - start
-    return {
-        "clients": clients,
-        "requests": len(latencies),
-        "errors": errors,
-        "rps": len(latencies) / elapsed,
-        "p50_ms": pct(latencies, 0.5),
-        "p99_ms": pct(latencies, 0.99),
-        "mean_ms": statistics.fmean(latencies) if latencies else float("nan"),
-    }
 
 
 async def burst(url: str, model_id: str, count: int, concurrency: int) -> dict[str, Any]:
@@ -140,6 +121,93 @@ async def burst(url: str, model_id: str, count: int, concurrency: int) -> dict[s
     }
 
 
+_UNITS = {"us": 0.001, "ms": 1.0, "s": 1000.0}
+
+
+def _ms(text: str) -> float:
+    for unit in ("us", "ms", "s"):
+        if text.endswith(unit):
+            return float(text[: -len(unit)]) * _UNITS[unit]
+    raise ValueError(f"no unit in {text!r}")
+
+
+def run_wrk(url: str, connections: int, seconds: float) -> dict[str, Any]:
+    """`wrk --latency` on one URL: requests/s, p50/p99 in ms, non-2xx and socket errors."""
+    out = subprocess.run(
+        ["wrk", "-t", "2", "-c", str(connections), "-d", f"{seconds:.0f}s", "--latency", url],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    result: dict[str, Any] = {"connections": connections, "errors": 0}
+    for line in out.splitlines():
+        parts = line.split()
+        if line.startswith("Requests/sec:"):
+            result["rps"] = float(parts[1])
+        elif len(parts) == 2 and parts[0] in ("50%", "99%"):
+            result["p50_ms" if parts[0] == "50%" else "p99_ms"] = _ms(parts[1])
+        elif line.strip().startswith("Non-2xx"):
+            result["errors"] += int(parts[-1])
+        elif line.strip().startswith("Socket errors"):
+            result["errors"] += sum(int(x.strip(",")) for x in parts if x.strip(",").isdigit())
+        elif "requests in" in line:
+            result["requests"] = int(parts[0])
+    return result
+
+
+def start_naive(db: Path, port: int, log: Path) -> subprocess.Popen:
+    """The anchor app (bench/naive_app.py) on loopback, reading HawAda's database file."""
+    env = {**os.environ, "HAWADA_BENCH_DB": str(db)}
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "--factory",
+            "naive_app:create_app",
+            "--app-dir",
+            str(ROOT / "bench"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+        ],
+        env=env,
+        stdout=open(log, "ab"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+
+
+def render_side_by_side(rows: list[tuple[str, dict[str, Any]]]) -> str:
+    """HawAda and the anchor, per connection count, with the throughput and p99 ratios."""
+    lines = [
+        "| app | connections | requests | errors | req/s | p50 ms | p99 ms |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, r in rows:
+        lines.append(
+            f"| {name} | {r['connections']} | {r.get('requests', 0)} | {r['errors']} | "
+            f"{r.get('rps', 0):.0f} | {r.get('p50_ms', float('nan')):.1f} | "
+            f"{r.get('p99_ms', float('nan')):.1f} |"
+        )
+    by_conn: dict[int, dict[str, dict[str, Any]]] = {}
+    for name, r in rows:
+        by_conn.setdefault(r["connections"], {})[name] = r
+    for conn, pair in sorted(by_conn.items()):
+        if {"hawada", "naive"} <= set(pair) and pair["naive"].get("rps"):
+            h, n = pair["hawada"], pair["naive"]
+            ratio = h.get("rps", 0) / n["rps"]
+            h99, n99 = h.get("p99_ms", float("nan")), n.get("p99_ms", float("nan"))
+            lines.append(
+                f"\nAt {conn} connections HawAda serves {ratio:.2f}x the naive app's requests/s "
+                f"(goal >= 1.5x); p99 {h99:.0f} ms (goal < 50 ms) vs {n99:.0f} ms."
+            )
+    return "\n".join(lines)
+
+
 def count_rows(database_url: str) -> int:
     """Job rows in the database."""
     from sqlalchemy import func, select
@@ -155,6 +223,7 @@ def start_api(var_dir: Path, port: int) -> subprocess.Popen:
     """`hawada api` on loopback with state under var_dir."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("HAWADA_")}
     env["HAWADA_VAR_DIR"] = str(var_dir)
+    env["HAWADA_MAX_ACTIVE_JOBS_PER_OWNER"] = "1000000"  # the burst queues every job
     return subprocess.Popen(
         [sys.executable, "-m", "hawada.cli", "api", "--host", "127.0.0.1", "--port", str(port)],
         cwd=ROOT,
@@ -165,14 +234,16 @@ def start_api(var_dir: Path, port: int) -> subprocess.Popen:
     )
 
 
-def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 60.0) -> None:
-    """Poll /readyz until it answers 200."""
+def wait_ready(
+    url: str, proc: subprocess.Popen, timeout: float = 60.0, path: str = "/healthz"
+) -> None:
+    """Poll /healthz until it answers 200 (/readyz would wait for a worker; none runs here)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError("the API exited; see api.log")
         try:
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+            if httpx.get(f"{url}{path}", timeout=2).status_code == 200:
                 return
         except httpx.HTTPError:
             pass
@@ -180,28 +251,19 @@ def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 60.0) -> None:
     raise TimeoutError("API not ready")
 
 
-def render(polls: list[dict[str, Any]], sub: dict[str, Any], rows: int, queued: int) -> str:
-    """Markdown tables of the results."""
-    lines = [
-        "| clients | requests | errors | req/s | p50 ms | p99 ms |",
-        "|---:|---:|---:|---:|---:|---:|",
-    ]
-    lines += [
-        f"| {p['clients']} | {p['requests']} | {p['errors']} | {p['rps']:.0f} | "
-        f"{p['p50_ms']:.1f} | {p['p99_ms']:.1f} |"
-        for p in polls
-    ]
+def render_burst(sub: dict[str, Any], rows: int, queued: int) -> str:
+    """Markdown table of the submission burst."""
     lost = sub["count"] - len(set(sub["ids"]))
-    lines += [
-        "",
-        "| submissions | seconds | per second | 202 answers | unique ids | job rows "
-        "| broker messages | lost |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|",
-        f"| {sub['count']} | {sub['seconds']:.1f} | {sub['rate']:.0f} | "
-        f"{sub['statuses'].get(202, 0)} | {len(set(sub['ids']))} | {rows} | {queued} "
-        f"| {lost} |",
-    ]
-    return "\n".join(lines)
+    return "\n".join(
+        [
+            "| submissions | seconds | per second | 202 answers | unique ids | job rows "
+            "| broker messages | lost |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|",
+            f"| {sub['count']} | {sub['seconds']:.1f} | {sub['rate']:.0f} | "
+            f"{sub['statuses'].get(202, 0)} | {len(set(sub['ids']))} | {rows} | {queued} "
+            f"| {lost} |",
+        ]
+    )
 
 
 def record(text: str) -> None:
@@ -220,14 +282,20 @@ def record(text: str) -> None:
 def main() -> int:
     """Run the benchmark and print (and optionally record) its tables."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--clients", type=int, nargs="+", default=[50, 200])
+    parser.add_argument("--connections", type=int, nargs="+", default=[50])
     parser.add_argument("--seconds", type=float, default=10.0)
-    parser.add_argument("--max-requests", type=int, default=20000)
     parser.add_argument("--burst", type=int, default=1000)
     parser.add_argument("--burst-concurrency", type=int, default=100)
+    parser.add_argument("--quick", action="store_true", help="smoke run: 2 s, 10 conns, burst 50")
     parser.add_argument("--record", action="store_true")
     args = parser.parse_args()
+    if args.quick:
+        args.connections, args.seconds, args.burst, args.burst_concurrency = [10], 2.0, 50, 10
+    if shutil.which("wrk") is None:
+        print("wrk is not installed (Debian: apt-get install wrk)", file=sys.stderr)
+        return 2
 
+    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
     with tempfile.TemporaryDirectory(prefix="hawada-bench-") as tmp:
         var_dir = Path(tmp)
         port = _free_port()
@@ -238,7 +306,7 @@ def main() -> int:
             model = httpx.post(
                 f"{url}/v1/models",
                 timeout=30,
-                files={"weights": ("w.safetensors", io.BytesIO(_tiny_safetensors()))},
+                files={"weights": ("w.safetensors", io.BytesIO(_fitting_safetensors()))},
             )
             model.raise_for_status()
             model_id = model.json()["id"]
@@ -246,12 +314,23 @@ def main() -> int:
                 f"{url}/v1/jobs", json={"recipe": RECIPE, "model_id": model_id}, timeout=30
             )
             job.raise_for_status()
-            polls = [
-                asyncio.run(poll(url, job.json()["id"], n, args.seconds, args.max_requests))
-                for n in args.clients
-            ]
+            job_url = f"{url}/v1/jobs/{job.json()['id']}"
+            naive_port = _free_port()
+            naive = start_naive(var_dir / "hawada.db", naive_port, var_dir / "naive.log")
+            try:
+                wait_ready(
+                    f"http://127.0.0.1:{naive_port}", naive, path=f"/jobs/{job.json()['id']}"
+                )
+                rows: list[tuple[str, dict[str, Any]]] = []
+                for conns in args.connections:  # measured in the same run, one after the other
+                    rows.append(("hawada", run_wrk(job_url, conns, args.seconds)))
+                    naive_url = f"http://127.0.0.1:{naive_port}/jobs/{job.json()['id']}"
+                    rows.append(("naive", run_wrk(naive_url, conns, args.seconds)))
+            finally:
+                naive.send_signal(signal.SIGINT)
+                naive.wait(15)
             sub = asyncio.run(burst(url, model_id, args.burst, args.burst_concurrency))
-            rows = count_rows(f"sqlite:///{var_dir / 'hawada.db'}") - 1  # minus the poll target
+            job_rows = count_rows(f"sqlite:///{var_dir / 'hawada.db'}") - 1  # minus the target
             queued = sum(1 for _ in (var_dir / "broker" / "queue").glob("*.msg")) - 1
         finally:
             proc.send_signal(signal.SIGINT)
@@ -259,20 +338,21 @@ def main() -> int:
                 proc.wait(15)
             except subprocess.TimeoutExpired:
                 proc.kill()
-    table = render(polls, sub, rows, queued)
+    table = render_side_by_side(rows) + "\n\n" + render_burst(sub, job_rows, queued)
     print(table)
     if args.record:
         when = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
         record(
             f"## API\n\n`bench/api.py` (embedded API: SQLite + filesystem broker, one uvicorn "
-            f"process, loopback, no worker), {when}.\nMachine: {machine()}; shared with other "
-            f"work while measured, so treat the numbers as a lower bound.\n"
-            f"Polling: each client loops `GET /v1/jobs/{{id}}` for {args.seconds:.0f} s. "
+            f"process, loopback, no worker; the naive anchor app on the same database), {when}."
+            f"\nMachine: {machine()}; load average before the run: {load}.\n"
+            f"Polling: `wrk -t2 -c N --latency` on `GET /v1/jobs/{{id}}` for "
+            f"{args.seconds:.0f} s per app. "
             f"Burst: {args.burst} JSON submissions (`model_id`), {args.burst_concurrency} in "
             f"flight.\n\n{table}\n"
         )
     lost = args.burst - len(set(sub["ids"]))
-    return 0 if lost == 0 and rows == args.burst and queued == args.burst else 1
+    return 0 if lost == 0 and job_rows == args.burst and queued == args.burst else 1
 
 
 if __name__ == "__main__":

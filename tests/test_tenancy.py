@@ -235,3 +235,22 @@ def test_leases_use_the_database_clock(settings: Any, monkeypatch: pytest.Monkey
     with session_scope(settings.database_url) as s:
         assert repo.requeue_expired(s) == []  # another host's reaper: the lease has not lapsed
         assert repo.load_job(s, job_id).status == "running"
+
+
+def test_revoked_key_stops_working_once_its_cache_entry_expires(
+    secured: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Keys are cached per process for KEY_CACHE_S (polling costs no lookup); revocation holds
+    after that."""
+    import time
+
+    from hawada.api import deps
+
+    monkeypatch.setattr(deps, "KEY_CACHE_S", 0.3)
+    with TestClient(create_app(secured, enqueue=lambda _: None)) as client:
+        as_alice, _ = make_keys(secured)
+        assert client.get("/v1/jobs", headers=as_alice).status_code == 200
+        with session_scope(secured.database_url) as s:
+            assert keys.revoke_key(s, keys.list_keys(s, "alice")[0].id)
+        time.sleep(0.5)
+        assert client.get("/v1/jobs", headers=as_alice).status_code == 401

@@ -160,13 +160,22 @@ def list_jobs(
     except repo.InvalidCursor as exc:
         raise ApiError(400, "invalid_cursor", str(exc)) from None
     arts = repo.list_artifacts(session, [j.id for j in page])
-    return JobList(items=[JobPublic.build(j, arts[j.id]) for j in page], next_cursor=next_cursor)
+    items = [JobPublic.build(j, arts[j.id] if j.status == "succeeded" else []) for j in page]
+    return JobList(items=items, next_cursor=next_cursor)
+
+
+def _job_json(database_url: str, owner: str, job_id: str) -> bytes:
+    with session_scope(database_url) as session:
+        return public_job(session, job_or_404(session, owner, job_id)).model_dump_json().encode()
 
 
 @router.get("/{job_id}", response_model=JobPublic, responses=ERRORS)
-def get_job(job_id: str, session: SessionDep, owner: CurrentOwner) -> JobPublic:
+async def get_job(job_id: str, owner: CurrentOwner, settings: SettingsDep) -> Response:
     """One job: state, phase, progress, error, metrics and artifacts."""
-    return public_job(session, job_or_404(session, owner, job_id))
+    # The hottest route (clients poll it): one thread hop for session, query and serialisation,
+    # and the JSON is the response (FastAPI does not validate and re-encode a Response).
+    body = await run_in_threadpool(_job_json, settings.database_url, owner, job_id)
+    return Response(body, media_type="application/json")
 
 
 @router.post("/{job_id}/cancel", status_code=202, response_model=JobPublic, responses=ERRORS)
