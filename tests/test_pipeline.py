@@ -473,3 +473,38 @@ def test_user_heldout_upload_is_what_the_report_measures(weights: Path, tmp_path
     assert report["baseline"]["accuracy"] is not None  # real labels: accuracy measured
     logs = [e["message"] for e in events if e["kind"] == "log"]
     assert any("40 training / 13 held-out" in m and "the upload" in m for m in logs)
+
+
+@pytest.mark.slow
+def test_job_streams_a_folder_through_every_phase(weights: Path, tmp_path: Path) -> None:
+    """Gate training, fine-tuning, BN recalibration, the export check and held-out accuracy
+    all read a streamed folder (DataLoader workers), and a corrupt file is skipped and counted."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c in range(4):
+        (tmp_path / "imgs" / f"c{c}").mkdir(parents=True)
+        for i in range(8):
+            arr = rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)
+            Image.fromarray(arr).save(tmp_path / "imgs" / f"c{c}" / f"{i}.jpg")
+    (tmp_path / "imgs" / "c1" / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    recipe = _recipe(finetune=0.5).model_copy(deep=True)
+    recipe.data = recipe.data.model_copy(
+        update={
+            "source": "folder",
+            "path": str(tmp_path / "imgs"),
+            "limit": None,
+            "loader": "stream",
+            "workers": 2,
+            "on_corrupt": "skip",
+            "val_fraction": 0.25,
+        }
+    )
+    report = _run(weights, tmp_path / "out", recipe)
+    data = report["data"]
+    assert (data["loader"], data["n_train"] + data["n_heldout"]) == ("stream", 33)
+    assert data["skipped_files"] == 1 and data["skipped_examples"] == ["c1/broken.jpg"]
+    assert report["baseline"]["accuracy"] is not None and report["pruned"]["accuracy"] is not None
+    assert report["export_max_abs_diff"] < 1e-3
+    assert report["finetune_history"]

@@ -147,6 +147,7 @@ class StreamBundle(DataBundle):
         self.on_corrupt = on_corrupt
         self.crop = crop
         self.skipped_files: list[str] = []  # the first few, for the log and the report
+        self._skipped_names: set[str] = set()
         _, h, w = self.input_size
         self._size = (h, w)
 
@@ -204,8 +205,10 @@ class StreamBundle(DataBundle):
                     f"cannot decode {broken[0]} in {source.where} (set data.on_corrupt: skip "
                     "to skip and count unreadable files)"
                 )
-            self.skipped += len(broken)
-            self.skipped_files.extend(broken[: max(0, 10 - len(self.skipped_files))])
+            fresh = [n for n in broken if n not in self._skipped_names]
+            self._skipped_names.update(fresh)
+            self.skipped = len(self._skipped_names)  # distinct files, not skips per pass
+            self.skipped_files.extend(fresh[: max(0, 10 - len(self.skipped_files))])
             keep = torch.tensor([not n for n in names])
             x, y = x[keep], y[keep]
             if len(y) == 0:
