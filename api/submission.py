@@ -195,6 +195,13 @@ def create_or_replay(
     data = inputs.recipe.data
     if data.source == "upload" and inputs.dataset_path is None:
         raise invalid_field("dataset", "file required when data.source is 'upload'")
+    if inputs.heldout_path is not None and data.source in ("folder", "webdataset"):
+        # The held-out set must have the training set's form; a folder's is data.heldout_path.
+        raise invalid_field(
+            "heldout",
+            f"an uploaded .npz held-out set needs an array source; for data.source "
+            f"{data.source!r} set data.heldout_path to a {data.source} on the worker",
+        )
     uses_upload = data.source == "upload" or (data.source == "npz" and data.path is None)
     if inputs.dataset_path is not None and not uses_upload:
         # An ignored upload would train on something other than what the user sent.

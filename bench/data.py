@@ -175,6 +175,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--root", type=Path, default=Path("var/bench-data"))
+    parser.add_argument(
+        "--loader-only", action="store_true", help="the loader pass and memory, no gate steps"
+    )
     args = parser.parse_args(argv)
     for key, value in (QUICK if args.quick else FULL).items():
         if getattr(args, key) is None:
@@ -188,6 +191,9 @@ def main(argv: list[str] | None = None) -> None:
     loader = loader_pass(folder, args)
     decoded = args.images * 3 * args.size * args.size
     print(f"loader pass done: {loader['per_s']:.0f} images/s", flush=True)
+    if args.loader_only:
+        _print_table(args, device, loader, decoded, None, None)
+        return
 
     # The anchor: the same gate training on in-memory synthetic batches (no decoding at all).
     synthetic = _recipe(folder, args, source="synthetic", path=None, limit=4 * args.batch)
@@ -196,7 +202,17 @@ def main(argv: list[str] | None = None) -> None:
     need = args.batch / anchor["step_s"]
     print(f"gate step {anchor['step_s']:.2f} s = {need:.1f} images/s", flush=True)
     fed = gate_steps(load_data(_recipe(folder, args)), _recipe(folder, args), device, args.steps)
+    _print_table(args, device, loader, decoded, anchor, fed)
 
+
+def _print_table(
+    args: argparse.Namespace,
+    device: torch.device,
+    loader: dict[str, float],
+    decoded: int,
+    anchor: dict[str, float] | None,
+    fed: dict[str, float] | None,
+) -> None:
     load1, load5, _ = os.getloadavg()
     print(
         f"\nMachine: {platform.processor() or platform.machine()}, "
@@ -212,10 +228,16 @@ def main(argv: list[str] | None = None) -> None:
     rows = [
         ("folder scan (s)", f"{loader['scan_s']:.2f}"),
         ("loader images/s (every image once)", f"{loader['per_s']:.0f}"),
-        ("gate-training images/s, in-memory batches (anchor)", f"{need:.1f}"),
-        ("loader / gate-training rate", f"{loader['per_s'] / need:.1f}x"),
-        ("fed run: s per step (anchor)", f"{fed['step_s']:.2f} ({anchor['step_s']:.2f})"),
-        ("fed run: share of time waiting for data", f"{fed['wait_s'] / fed['total_s']:.1%}"),
+    ]
+    if anchor is not None and fed is not None:
+        need = args.batch / anchor["step_s"]
+        rows += [
+            ("gate-training images/s, in-memory batches (anchor)", f"{need:.1f}"),
+            ("loader / gate-training rate", f"{loader['per_s'] / need:.1f}x"),
+            ("fed run: s per step (anchor)", f"{fed['step_s']:.2f} ({anchor['step_s']:.2f})"),
+            ("fed run: share of time waiting for data", f"{fed['wait_s'] / fed['total_s']:.1%}"),
+        ]
+    rows += [
         ("peak RSS growth, training process (MiB)", f"{loader['main_peak_growth'] / 2**20:.0f}"),
         ("peak RSS, largest worker (MiB)", f"{loader['worker_peak_rss'] / 2**20:.0f}"),
         ("decoded dataset (MiB)", f"{decoded / 2**20:.0f}"),

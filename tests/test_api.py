@@ -597,6 +597,13 @@ def test_form_parts_that_cannot_be_used_are_refused(client: TestClient, settings
     # a dataset the recipe would ignore: refused rather than silently unused
     body = assert_error(submit(client, dataset=("d.npz", npz_bytes())), 422, "invalid_request")
     assert "data.source is 'synthetic'" in body["message"] and uploads(settings) == []
+    # an .npz held-out set next to a folder source (the worker could not use it)
+    folder = {**RECIPE, "data": {"source": "folder", "path": "/data/train"}}
+    settings.data_roots = [Path("/data")]
+    files["heldout"] = ("h.npz", npz_bytes())
+    resp = client.post("/v1/jobs", data={"recipe": yaml.safe_dump(folder)}, files=files)
+    assert "data.heldout_path" in assert_error(resp, 422, "invalid_request")["message"]
+    assert uploads(settings) == []
     # both a held-out path and a held-out file
     recipe = {**RECIPE, "data": {**RECIPE["data"], "heldout_path": "/data/h"}}
     settings.data_roots = [Path("/data")]
