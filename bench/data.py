@@ -222,7 +222,8 @@ def _print_table(
     print(
         f"Folder: {args.images} JPEGs {SOURCE_SIZE[0]}x{SOURCE_SIZE[1]}, decoded at "
         f"{args.size}px = {decoded / 2**30:.2f} GiB; {args.workers} workers, batch {args.batch}, "
-        f"standard augmentation; gate training {args.arch}, {args.steps} steps"
+        "standard augmentation"
+        + ("" if anchor is None else f"; gate training {args.arch}, {args.steps} steps")
     )
     print("\n| measure | value |\n|---|---:|")
     rows = [
