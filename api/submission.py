@@ -87,6 +87,25 @@ def _outside_roots_message(field: str, path: str, settings: Settings) -> str:
     )
 
 
+def check_recipe_limits(recipe: Recipe, settings: Settings) -> None:
+    """Refuse a recipe whose latency measurement alone would run for hours (422, naming the
+    fields): images pushed through the model, batch_size x (warmup + repeats), are capped by
+    HAWADA_MAX_LATENCY_IMAGES."""
+    spec = recipe.latency
+    images = spec.batch_size * (spec.warmup + spec.repeats)
+    if images > settings.max_latency_images:
+        message = (
+            f"batch_size x (warmup + repeats) = {images} images exceeds this service's limit of "
+            f"{settings.max_latency_images}; lower latency.repeats or latency.batch_size"
+        )
+        raise ApiError(
+            422,
+            "invalid_recipe",
+            f"latency.repeats: {message}",
+            [{"path": "latency.repeats", "message": message}],
+        )
+
+
 def check_data_path(recipe: Recipe, settings: Settings) -> None:
     """Refuse a `data.path`/`data.heldout_path` outside HAWADA_DATA_ROOTS before anything is
     stored or queued.
@@ -128,6 +147,7 @@ def from_multipart(form: Any, store: ArtifactStore, settings: Settings) -> Submi
         recipe_field = recipe_field.file.read(MAX_RECIPE_BYTES + 1)  # parse_recipe refuses more
     recipe = parse_recipe(recipe_field)
     check_data_path(recipe, settings)
+    check_recipe_limits(recipe, settings)
     weights = form.get("weights")
     if not isinstance(weights, UploadFile):
         raise invalid_field("weights", "file required")
@@ -178,6 +198,7 @@ def from_json(body: Any, owner: str, settings: Settings) -> Submission:
         ) from None
     recipe = parse_recipe(req.recipe)
     check_data_path(recipe, settings)
+    check_recipe_limits(recipe, settings)
     with session_scope(settings.database_url) as session:
         model = get_model(session, owner, req.model_id) if OBJECT_ID.match(req.model_id) else None
     if model is None:

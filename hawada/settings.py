@@ -55,6 +55,8 @@ class Settings(BaseSettings):
     max_active_jobs_per_owner: int = 20
     max_event_streams: int = 200
     max_event_streams_per_owner: int = 8
+    # Images one latency measurement may push through a model: batch_size x (warmup + repeats).
+    max_latency_images: int = 200_000
     device: Literal["auto", "cpu", "cuda"] = "auto"
     lut_dir: Path = Path("./var/lut")
     # Folders a service job's `data.path` may name (JSON list in HAWADA_DATA_ROOTS). Empty: the

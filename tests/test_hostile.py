@@ -167,3 +167,13 @@ def test_dataset_with_object_arrays_is_refused(hostile: TestClient) -> None:
     resp = submit_dataset(hostile, npz_declaring((4,), descr="|O"))
     assert_4xx(resp, 400, "bad_dataset")
     assert "object" in resp.json()["error"]["message"]
+
+
+def test_latency_block_that_would_run_for_hours_is_422(hostile: TestClient) -> None:
+    recipe = {**RECIPE, "latency": {"batch_size": 4096, "repeats": 100000}}
+    resp = submit(hostile, json.dumps(recipe))
+    assert_4xx(resp, 422, "invalid_recipe")
+    assert resp.json()["error"]["details"][0]["path"] == "latency.repeats"
+    assert "409640960 images" in resp.json()["error"]["message"]  # 4096 x (10 + 100000)
+    ok = {**RECIPE, "latency": {"batch_size": 64, "repeats": 200}}
+    assert submit(hostile, json.dumps(ok)).status_code == 202

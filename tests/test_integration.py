@@ -25,6 +25,8 @@ from typing import Any
 import pytest
 from services import Service, base_env, tiny_recipe
 
+from hawada.client.client import HawadaAPIError
+
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -159,11 +161,27 @@ def test_cancel_while_training_ends_quickly(service: Service, weights: Path) -> 
     assert final["artifacts"] == []
 
 
+@pytest.fixture(scope="module")
+def weights_pt(weights: Path) -> Path:
+    """The same weights as a torch.save state dict (shapes are checked by the worker)."""
+    import torch
+    from safetensors.torch import load_file
+
+    path = weights.with_suffix(".pt")
+    torch.save(load_file(str(weights)), path)
+    return path
+
+
 def test_weights_of_another_arch_fail_with_weights_mismatch(
-    service: Service, weights: Path
+    service: Service, weights: Path, weights_pt: Path
 ) -> None:
     recipe = tiny_recipe(model={"arch": "resnet34"})
-    job = _wait(service, service.client.submit(recipe, weights)["id"], timeout=120)
+    # .safetensors: refused at submission (the API reads the header's shapes), nothing queued.
+    with pytest.raises(HawadaAPIError) as refused:
+        service.client.submit(recipe, weights)
+    assert refused.value.status == 422 and refused.value.code == "weights_mismatch"
+    # .pt: the worker finds the mismatch when it loads the state dict.
+    job = _wait(service, service.client.submit(recipe, weights_pt)["id"], timeout=120)
     assert job["status"] == "failed"
     assert job["error"]["code"] == "weights_mismatch", job["error"]
     assert job["artifacts"] == []
@@ -182,10 +200,11 @@ def _loads_torch(pid: int) -> bool:
 
 
 @pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="needs Linux /proc")
-def test_torch_lives_only_in_the_worker_child(service: Service, weights: Path) -> None:
+def test_torch_lives_only_in_the_worker_child(service: Service, weights_pt: Path) -> None:
     """The API and the Celery parent never load torch; the child that ran jobs does."""
     # Make sure at least one job has run in this service's worker child.
-    _wait(service, service.client.submit(tiny_recipe(model={"arch": "resnet34"}), weights)["id"])
+    recipe = tiny_recipe(model={"arch": "resnet34"})
+    _wait(service, service.client.submit(recipe, weights_pt)["id"])
     if len(service.procs) == 1:  # embedded: serve (API) -> celery parent -> child
         api_pid = service.procs[0].pid
         parents = [

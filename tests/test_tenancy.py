@@ -254,3 +254,61 @@ def test_revoked_key_stops_working_once_its_cache_entry_expires(
             assert keys.revoke_key(s, keys.list_keys(s, "alice")[0].id)
         time.sleep(0.5)
         assert client.get("/v1/jobs", headers=as_alice).status_code == 401
+
+
+def test_event_streams_share_a_few_threads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Many open streams poll through at most STREAM_THREADS worker threads together, so they
+    cannot take the thread pool that `GET /v1/jobs/{id}` needs (a real server on loopback)."""
+    import time
+
+    import httpx
+    from apiserver import ApiServer
+
+    from hawada.api.routes import events
+    from hawada.settings import Settings
+
+    busy = {"now": 0, "max": 0}
+    lock = threading.Lock()
+    real_page = events._page
+
+    def slow_page(*args: Any) -> Any:
+        with lock:
+            busy["now"] += 1
+            busy["max"] = max(busy["max"], busy["now"])
+        try:
+            time.sleep(0.05)
+            return real_page(*args)
+        finally:
+            with lock:
+                busy["now"] -= 1
+
+    monkeypatch.setattr(events, "_page", slow_page)
+    monkeypatch.setattr(events, "POLL_S", 0.01)
+    settings = Settings(var_dir=tmp_path / "var", max_event_streams_per_owner=50)
+    server = ApiServer(settings)
+    try:
+        with httpx.Client(base_url=server.url, timeout=30) as client:
+            job_id = submit(client).json()["id"]  # the fake worker leaves it queued
+            with session_scope(settings.database_url) as s:
+                assert repo.claim_job(s, job_id, "w", 60)  # running: its streams stay open
+
+            def follow() -> None:
+                with (
+                    httpx.Client(base_url=server.url, timeout=30) as own,
+                    own.stream(
+                        "GET", f"/v1/jobs/{job_id}/events", headers={"accept": "text/event-stream"}
+                    ) as resp,
+                ):
+                    assert resp.status_code == 200
+                    time.sleep(1.5)  # open and polling
+
+            threads = [threading.Thread(target=follow) for _ in range(16)]
+            for t in threads:
+                t.start()
+            time.sleep(0.7)
+            assert client.get(f"/v1/jobs/{job_id}").status_code == 200
+            for t in threads:
+                t.join(30)
+    finally:
+        server.stop()
+    assert 1 <= busy["max"] <= events.STREAM_THREADS, busy

@@ -7,6 +7,8 @@ import json
 from collections.abc import AsyncIterator
 from typing import Annotated
 
+import anyio
+import anyio.to_thread
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
@@ -35,6 +37,20 @@ def _page(
         job = job_or_404(session, owner, job_id)
         events = [EventPublic.build(e) for e in repo.list_events(session, job_id, after, limit)]
         return events, job.is_terminal
+
+
+#: Worker threads the open event streams may use together for their polls. Without this bound
+#: hundreds of streams polling every POLL_S would hold most of the thread pool (40 threads) and
+#: starve `GET /v1/jobs/{id}`; with it they wait for each other instead.
+STREAM_THREADS = 4
+
+
+def _stream_threads(request: Request) -> anyio.CapacityLimiter:
+    state = request.app.state
+    if getattr(state, "stream_threads", None) is None:  # made inside the loop that uses it
+        state.stream_threads = anyio.CapacityLimiter(STREAM_THREADS)
+    limiter: anyio.CapacityLimiter = state.stream_threads
+    return limiter
 
 
 def _admit_stream(streams: dict[str, int], owner: str, settings: Settings) -> None:
@@ -83,7 +99,9 @@ async def _follow_events(
     yield "retry: 2000\n\n"
     while True:
         try:
-            events, ended = await run_in_threadpool(_page, database_url, owner, job_id, after, 500)
+            events, ended = await anyio.to_thread.run_sync(
+                _page, database_url, owner, job_id, after, 500, limiter=_stream_threads(request)
+            )
         except ApiError:  # the job was deleted while we were following it
             yield "event: end\ndata: {}\n\n"
             return
@@ -129,7 +147,10 @@ async def job_events(
             # A reconnecting EventSource resumes here; a number past any seq means "nothing yet".
             seq = int(last_event_id) if len(last_event_id) <= 10 else MAX_SEQ
             after = max(after, min(seq, MAX_SEQ))
-        await run_in_threadpool(_page, url, owner, job_id, after, 1)  # 404 before streaming
+        # 404 before streaming; through the streams' own threads like every poll of a stream.
+        await anyio.to_thread.run_sync(
+            _page, url, owner, job_id, after, 1, limiter=_stream_threads(request)
+        )
         _admit_stream(request.app.state.event_streams, owner, settings)
         return StreamingResponse(
             _follow(request, url, owner, job_id, after),
