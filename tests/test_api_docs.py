@@ -135,7 +135,7 @@ def test_cli_md_documents_every_command() -> None:
     ]
     assert len(names) >= 14
     for name in names:
-        (section,) = [h for h in headings if re.search(rf"`hawada {name}\b", h)]
+        (section,) = [h for h in headings if re.search(rf"`hawada {name}[` ]", h)]
         body = doc.split(f"### {section}", 1)[1].split("\n### ", 1)[0]
         assert "```bash" in body and f"hawada {name}" in body, f"no example for {name}"
         if name not in ("serve", "api", "worker"):  # long-running: stopped, not finished
