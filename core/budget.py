@@ -1,26 +1,31 @@
-"""Fit the trained gates' widths to the cost budget before export.
+"""Fit the trained gates' widths to the cost budget before export: a small final correction.
 
-Training lands the *expected* cost near the target; the snapped, exported widths can still miss
-it, and for latency only a measurement tells. ``fit_to_budget`` walks every group along its
-staircase of allowed widths (``round_units`` multiples, floored, full width always allowed):
+Gate training already penalises the widths export keeps, so its hard-gated cost lands near the
+target; the snapped staircase (and, for latency, only a measurement) can leave it a little over.
+``fit_to_budget`` corrects that without undoing training:
 
-1. cut: while the predicted cost is over the target, remove the next step from the group whose
-   cut buys the largest cost drop per unit of lost gate importance (the lowest-logit units of a
-   group go first). On a latency staircase a one-step cut may buy nothing; the search looks a
-   few steps further down that group for the first width where the cost actually drops.
-2. staircase: grow groups back step by step while the predicted cost does not increase (equal
-   latency -> keep the widest), then (``fill``) spend any slack left under the target on the
-   units with the most importance per cost.
-3. measure (optional): re-measure the exported model; while it is over the target, shrink the
-   predicted goal by the measured/predicted ratio and cut again, undoing cuts that did not make
-   the measured latency drop.
+* it starts from the trained widths (``Gates.kept_units``) and never goes above them: a unit that
+  training closed is never re-opened;
+* cut: while the predicted cost is over the target, close open units, least important (lowest
+  logit) first within a group. Between groups it takes the cut that loses the least gate
+  importance per unit of cost saved, and as soon as one step suffices, the sufficient step
+  that loses the least importance (the smallest sufficient cut, not the biggest cost drop).
+  On a latency staircase a one-step cut may buy nothing; the search looks a few steps further
+  down that group for the first width where the cost actually drops;
+* refill (``fill``): slack left under the target is spent re-opening units this correction
+  closed (most important per cost first), never beyond the trained width;
+* measure (optional): re-measure the exported model; while it is over the target, shrink the
+  predicted goal by the measured/predicted ratio and cut again, undoing cuts that did not make
+  the measured latency drop.
 
-The result is written back to the gates (kept logits > 0, removed < 0) so ``Gates.kept_units``
-— the one definition of kept — agrees with what is exported.
+The gates are not modified: ``gates.safetensors`` keeps what training learned. The result is the
+exported keep set; ``gated_like(gates, keep)`` gives a copy of the gates whose hard mask is that
+keep set (for the hard-gated model after the correction).
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
@@ -60,6 +65,8 @@ class BudgetResult(Mapping[str, Tensor]):
     reason: str | None = None
     measure_rounds: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
+    #: widths (channels) at the end of gate training, before this correction
+    trained: dict[str, int] = field(default_factory=dict)
 
     def __getitem__(self, key: str) -> Tensor:
         return self.keep[key]
@@ -79,8 +86,15 @@ class BudgetResult(Mapping[str, Tensor]):
             "met": self.met,
             "reason": self.reason,
             "widths": dict(self.widths),
+            "trained": dict(self.trained),
+            "closed_channels": self.closed_channels,
             "measure_rounds": self.measure_rounds,
         }
+
+    @property
+    def closed_channels(self) -> int:
+        """Channels the correction closed on top of training (0: training alone met it)."""
+        return sum(self.trained.get(n, w) - w for n, w in self.widths.items())
 
 
 def ladder(group: GateGroup) -> list[int]:
@@ -97,22 +111,26 @@ class _State:
     def __init__(self, gates: Gates, groups: Sequence[GateGroup], cost_fn: CostFn) -> None:
         self.groups = {g.name: g for g in groups}
         self.cost_fn = cost_fn
-        self.ladders = {n: ladder(g) for n, g in self.groups.items()}
         self.order: dict[str, Tensor] = {}
         self.importance: dict[str, Tensor] = {}
         self.units: dict[str, int] = {}
-        for n in self.groups:
+        self.ladders: dict[str, list[int]] = {}
+        self.trained: dict[str, int] = {}
+        for n, g in self.groups.items():
             logit = gates.logit(n).detach().float().cpu()
-            # highest logit first (stable: ties resolve to the lower index, as Gates does)
+            # highest logit first (stable: ties resolve to the lower index, as Gates does), so
+            # the first k of `order` are exactly the trained hard mask when k is the kept count
             order = torch.sort(logit, descending=True, stable=True).indices
             self.order[n] = order
-            # softplus: ~logit for confident units, ~0 for units the gates already turned off
+            # softplus: ~logit for confident units, ~0 for units barely open (snapped up);
             # suffix sums with a trailing 0: units at positions a..b-1 weigh S[a] - S[b]
             suffix = torch.cumsum(F.softplus(logit[order].double()).flip(0), 0).flip(0)
             self.importance[n] = torch.cat([suffix, suffix.new_zeros(1)])
             k = len(gates.kept_units(n))
-            lad = self.ladders[n]
-            self.units[n] = min(lad, key=lambda v: (abs(v - k), -v))  # already on it, normally
+            self.trained[n] = k
+            # the trained width is the ceiling: nothing training closed comes back
+            self.ladders[n] = [v for v in ladder(g) if v < k] + [k]
+            self.units[n] = k
         self.cost = self.predict(self.units)
 
     def widths(self, units: Mapping[str, int]) -> dict[str, int]:
@@ -129,6 +147,15 @@ class _State:
         s = self.importance[name]
         a, b = sorted((self.units[name], k_new))
         return float(s[a] - s[b])
+
+    def keep(self) -> dict[str, Tensor]:
+        """Kept channel indices per group (ascending): the top ``units`` logits of each."""
+        out: dict[str, Tensor] = {}
+        for n, g in self.groups.items():
+            units = self.order[n][: self.units[n]].sort().values
+            w = int(g.unit_width)
+            out[n] = units if w == 1 else (units[:, None] * w + torch.arange(w)).reshape(-1)
+        return out
 
 
 def _cut_candidates(st: _State, banned: set[str]) -> Iterator[tuple[float, str, int, float]]:
@@ -151,13 +178,21 @@ def _cut_candidates(st: _State, banned: set[str]) -> Iterator[tuple[float, str, 
 def _cut_to(
     st: _State, goal: float, banned: AbstractSet[str] = frozenset(), at_least_one: bool = False
 ) -> list[tuple[str, int]]:
-    """Greedy cuts until the predicted cost is <= goal; returns the (group, old units) undo log."""
+    """Greedy cuts until the predicted cost is <= goal; returns the (group, old units) undo log.
+
+    Each round: if some candidate alone reaches the goal, the one losing the least importance;
+    otherwise the one losing the least importance per cost saved.
+    """
     undo: list[tuple[str, int]] = []
     while st.cost > goal or (at_least_one and not undo):
-        best = max(_cut_candidates(st, set(banned)), default=None)
-        if best is None:
+        candidates = list(_cut_candidates(st, set(banned)))
+        if not candidates:
             break
-        _, n, k_new, c = best
+        sufficient = [c for c in candidates if c[3] <= goal]
+        if sufficient:
+            _, n, k_new, c = min(sufficient, key=lambda t: (st.lost(t[1], t[2]), t[3]))
+        else:
+            _, n, k_new, c = max(candidates)
         undo.append((n, st.units[n]))
         st.units[n], st.cost = k_new, c
     return undo
@@ -198,26 +233,24 @@ def _grow(st: _State, target: float, plateau_tol: float, fill: bool) -> None:
         st.units[n], st.cost = k_new, c
 
 
-def _write_back(gates: Gates, st: _State) -> dict[str, Tensor]:
-    """Make the gates' logits say exactly the fitted widths; return keep from the gates."""
+def gated_like(gates: Gates, keep: Mapping[str, Tensor]) -> Gates:
+    """A copy of ``gates`` whose hard mask keeps exactly ``keep`` (group -> channel indices).
+
+    Kept units get logits >= +margin, the others <= -margin; the trained logits in ``gates``
+    are untouched. Used to evaluate the hard-gated model after the budget correction.
+    """
+    out = copy.deepcopy(gates)
     with torch.no_grad():
-        for n in st.groups:
-            p = gates.logit(n)
-            order = st.order[n].to(p.device)
-            k = st.units[n]
-            kept, removed = order[:k], order[k:]
-            p[kept] = p[kept].clamp_min(_MARGIN)
-            p[removed] = p[removed].clamp_max(-_MARGIN)
-    keep: dict[str, Tensor] = {}
-    for n, g in st.groups.items():
-        ch = gates.kept_channels(n)
-        if len(ch) != st.units[n] * int(g.unit_width):  # the one definition of kept must agree
-            raise RuntimeError(
-                f"group {n}: gates keep {len(ch)} channels, budget chose "
-                f"{st.units[n] * int(g.unit_width)}"
-            )
-        keep[n] = ch
-    return keep
+        for n, g in out.groups.items():
+            p = out.logit(n)
+            mask = torch.zeros(g.units, dtype=torch.bool, device=p.device)
+            units = keep[n].to(p.device).div(g.unit_width, rounding_mode="floor")
+            mask[units] = True
+            p.copy_(torch.where(mask, p.clamp_min(_MARGIN), p.clamp_max(-_MARGIN)))
+    for n in out.groups:  # the one definition of kept must agree with the keep set
+        if not torch.equal(out.kept_channels(n).cpu(), keep[n].cpu()):
+            raise RuntimeError(f"group {n}: the keep set is not a width the gates can express")
+    return out
 
 
 def _as_cost_fn(cost_model: CostModel | CostFn) -> CostFn:
@@ -240,17 +273,19 @@ def fit_to_budget(
 ) -> BudgetResult:
     """Fit kept widths under ``target_value`` (in the cost's unit); returns the keep.
 
-    ``gates``: ``core.gates.Gates`` (its logits decide the removal order; ``groups`` defaults
-    to ``gates.groups``). ``cost_fn``: a CostModel (its ``metric`` picks the defaults below) or
-    a plain ``widths -> cost`` function (treated as an analytic cost). ``measure(keep) -> ms``
-    enables the measured loop of at most ``max_rounds`` re-measurements. ``fill`` spends slack
-    under the target on the most important units. ``plateau_tol`` is the relative cost
-    increase still counted as "equal" by the staircase rule (default 0.5% for latency — timing
-    noise — and 0 otherwise). ``margin``: the fit aims this fraction under the target (default
-    2% for latency, so that the independent final measurement of the job also lands under it;
-    0 otherwise); ``met`` is judged against the target itself. The gates' logits are updated so
-    ``kept_units`` agrees with the result. The returned BudgetResult is a Mapping group -> kept
-    channel indices with ``met``/``reason``/costs.
+    ``gates``: ``core.gates.Gates`` (its hard mask is the starting point and the ceiling, its
+    logits the removal order; it is not modified; ``groups`` defaults to ``gates.groups``).
+    ``cost_fn``: a CostModel (its ``metric`` picks the defaults below) or a plain
+    ``widths -> cost`` function (treated as an analytic cost). ``measure(keep) -> ms`` enables
+    the measured loop of at most ``max_rounds`` re-measurements. ``fill`` spends slack under the
+    target re-opening the most important units this correction closed. ``plateau_tol`` is the
+    relative cost increase still counted as "equal" by the staircase rule (default 0.5% for
+    latency — timing noise — and 0 otherwise). ``margin``: the fit aims this fraction under the
+    target (default 2% for latency, so that the independent final measurement of the job also
+    lands under it; 0 otherwise); ``met`` is judged against the target itself. The returned
+    BudgetResult is a
+    Mapping group -> kept channel indices with ``met``/``reason``/costs and the ``trained``
+    widths; ``gated_like(gates, result)`` expresses it as gates.
     """
     groups = list(groups) if groups is not None else list(gates.groups.values())
     # The metric sets the defaults below; a bare function counts as an analytic cost.
@@ -277,7 +312,7 @@ def fit_to_budget(
                 f"{st.cost:.6g} (every group at its minimum width)"
             )
         if measure is not None:
-            keep = _write_back(gates, st)
+            keep = st.keep()
             measured = float(measure(keep))
             history.append({"stage": "measured", "predicted": st.cost, "measured": measured})
             banned: set[str] = set()
@@ -295,7 +330,7 @@ def fit_to_budget(
                         f"every group is at its minimum width"
                     )
                     break
-                keep = _write_back(gates, st)
+                keep = st.keep()
                 m = float(measure(keep))
                 history.append({"stage": "measured", "predicted": st.cost, "measured": m})
                 if m >= measured and len(banned) + 1 < len(st.groups):
@@ -313,7 +348,7 @@ def fit_to_budget(
                 )
             elif measured <= target:
                 reason = None
-    keep = _write_back(gates, st)
+    keep = st.keep()
     final = measured if measured is not None else st.cost
     met = final <= target
     if met:
@@ -330,6 +365,7 @@ def fit_to_budget(
         reason=reason,
         measure_rounds=rounds,
         history=history,
+        trained=st.widths(st.trained),
     )
 
 
@@ -340,4 +376,4 @@ def cost_floor(groups: Sequence[GateGroup], cost_model: CostModel | CostFn) -> f
         return float(fn({g.name: float(ladder(g)[0] * int(g.unit_width)) for g in groups}))
 
 
-__all__ = ["BudgetResult", "cost_floor", "fit_to_budget", "ladder"]
+__all__ = ["BudgetResult", "cost_floor", "fit_to_budget", "gated_like", "ladder"]

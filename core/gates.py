@@ -20,8 +20,8 @@ from typing import Literal, cast
 import torch
 from torch import Tensor, nn
 
-GateMode = Literal["off", "soft", "hard"]
-MODES: tuple[str, ...] = ("off", "soft", "hard")
+GateMode = Literal["off", "soft", "hard", "ste"]
+MODES: tuple[str, ...] = ("off", "soft", "hard", "ste")
 
 
 @dataclass(frozen=True)
@@ -113,7 +113,9 @@ class Gates(nn.Module):
     """One logit per unit per group; masks are recomputed on every use (nothing goes stale).
 
     `temperature` is set by the trainer; `mode` is "off" (identity, the teacher), "soft"
-    (sigmoid(logit / T)) or "hard" (0/1 from `kept_units`).
+    (sigmoid(logit / T)), "hard" (0/1 from `kept_units`) or "ste" (gate training: the forward
+    value is exactly the hard 0/1 mask, the gradient is that of sigmoid(logit / T), a
+    straight-through estimator, so training sees the model that export produces).
     """
 
     def __init__(
@@ -199,7 +201,12 @@ class Gates(nn.Module):
             return None
         if self._mode == "soft":
             return self.probs(g)
-        return self.hard_unit_mask(g).to(self.logit(g).dtype)
+        hard = self.hard_unit_mask(g).to(self.logit(g).dtype)
+        if self._mode == "ste":
+            probs = self.probs(g)
+            # value: exactly `hard` (probs - probs == 0); gradient: d probs / d logit
+            return hard + (probs - probs.detach())
+        return hard
 
     def channel_mask(self, g: str | GateGroup) -> Tensor | None:
         """Per-channel mask for the current mode (None when off)."""
@@ -208,11 +215,15 @@ class Gates(nn.Module):
         return mask if mask is None or w == 1 else mask.repeat_interleave(w)
 
     def expected_units(self, g: str | GateGroup) -> Tensor:
-        """Expected kept units: sum(probs) in soft mode (differentiable), len(kept) otherwise."""
+        """Kept units as the cost model sees them: sum(probs) in soft mode, the snapped hard
+        count otherwise; in "ste" mode that count carries the gradient of sum(probs)."""
         if self._mode == "soft":
             return self.probs(g).sum()
-        logit = self.logit(g)
-        return torch.tensor(float(len(self.kept_units(g))), device=logit.device)
+        hard = self.hard_unit_mask(g).sum().to(self.logit(g).dtype)
+        if self._mode == "ste":
+            probs = self.probs(g).sum()
+            return hard + (probs - probs.detach())
+        return hard
 
     def expected_widths(self) -> dict[str, Tensor]:
         """Expected kept channels per group, the `widths` a cost model takes."""

@@ -226,10 +226,14 @@ class GatesSpec(_Block):
 
 
 class KD(_Block):
-    """Distillation from the unpruned model: loss = alpha * KD + (1 - alpha) * CE."""
+    """Distillation from the unpruned model: loss = alpha * KD + (1 - alpha) * CE.
+
+    CE needs labels: on unlabelled data (synthetic) the loss is pure KD whatever alpha says.
+    The default mixes both so a teacher's mistakes are not copied blindly.
+    """
 
     temperature: float = Field(default=4.0, gt=0.0, le=100.0)
-    alpha: float = Field(default=1.0, ge=0.0, le=1.0)
+    alpha: float = Field(default=0.5, ge=0.0, le=1.0)
 
 
 class TrainSpec(_Block):

@@ -5,6 +5,7 @@ Pure data in, data out; the HTML rendering of a report is `core.report_html`.
 
 from __future__ import annotations
 
+import math
 import platform
 from collections.abc import Mapping, Sequence
 from importlib import metadata
@@ -40,14 +41,42 @@ def versions() -> dict[str, str | None]:
 def model_block(
     *, params: int, flops: int, accuracy: float | None, latency: Mapping[str, Any] | None
 ) -> dict[str, Any]:
-    """One `baseline` / `pruned` block of the report; `latency` is `LatencyStats.to_dict()`."""
+    """One `baseline` / `pruned` block of the report; `latency` is `LatencyStats.to_dict()`.
+
+    `flops` counts conv and linear layers as 2 x multiply-accumulates; `macs` is given too.
+    """
     lat = None if latency is None else dict(latency)
     return {
         "params": int(params),
         "flops": int(flops),
+        "macs": int(flops) // 2,
         "latency_ms": None if lat is None else float(lat["median_ms"]),
         "latency": lat,
         "accuracy": None if accuracy is None else float(accuracy),
+    }
+
+
+def heldout_block(
+    *,
+    source: str,
+    size: int,
+    fingerprint: str,
+    accuracy: float | None,
+    baseline_accuracy: float | None = None,
+) -> dict[str, Any]:
+    """Where the reported accuracy was measured: the held-out `source`, its `size`, the standard
+    error sqrt(p (1 - p) / n) of the pruned model's accuracy (`stderr`; the baseline's as
+    `stderr_baseline`) and a `fingerprint` of the held-out sample indices."""
+
+    def stderr(p: float | None) -> float | None:
+        return None if p is None or size <= 0 else math.sqrt(p * (1.0 - p) / size)
+
+    return {
+        "source": source,
+        "size": int(size),
+        "stderr": stderr(accuracy),
+        "stderr_baseline": stderr(baseline_accuracy),
+        "fingerprint": fingerprint,
     }
 
 

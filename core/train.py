@@ -2,8 +2,12 @@
 
 Gate training (`train_gates`) learns only the gate logits. The base model is frozen and in eval
 mode, so its BN statistics never move; the teacher is the same model with gates "off" (no copy),
-the student the same model with soft gates. The cost penalty is an augmented Lagrangian whose
-multiplier follows dual ascent, so the expected cost is driven to the recipe's target ratio.
+the student the same model with straight-through gates ("ste"): the forward pass is the hard
+0/1-gated model that export produces, gradients flow through sigmoid(logit / T). Logits start
+positive, so at step 0 the student *is* the teacher (KD 0, agreement 100%). The cost penalty acts
+on the snapped, floored widths export keeps; an augmented Lagrangian controller raises or lowers
+its multiplier on that cost against the (gliding) target, so training neither stops short of
+the target nor overshoots it.
 """
 
 from __future__ import annotations
@@ -44,13 +48,12 @@ class TrainState(TypedDict):
 
 CheckpointCallback = Callable[[TrainState], None]
 
-# Augmented-Lagrangian defaults, tuned on ResNet-18 (digits 16x16, Fashion-MNIST 32x32, Adam at
-# lr 0.05): the expected cost glides onto the target within 100-150 steps without overshooting.
+# Augmented-Lagrangian controller on the hard (exported) cost ratio.
 DUAL_STEP = 0.2  # eta: multiplier += eta * (ratio - target) each step
 PENALTY_RHO = 20.0  # rho: the quadratic (proportional) term reacts at once; the multiplier
 # only fills in the rest, so it never winds up while gates are in transit
 TARGET_WARMUP = 0.6  # the target glides from the initial ratio to target.ratio over this share
-INIT_LOGIT = 2.0  # mean initial logit: gates start almost open so KD sees the base model
+INIT_LOGIT = 1.0  # mean initial logit; every logit starts > 0: all gates open, student = teacher
 INIT_SPREAD = 0.5  # initial logits span INIT_LOGIT * (1 +- INIT_SPREAD), ordered by |BN gamma|
 CHECKPOINT_EVERY_S = 10.0
 CHECKPOINT_EVERY_STEPS = 50
@@ -104,10 +107,12 @@ def _distill_objective(
 
 
 class _WidthReader:
-    """Expected kept channels per group from all gate logits in one fused pass.
+    """Kept channels per group as export will keep them, from all gate logits in one fused pass.
 
-    Concatenates every group's logits, applies one sigmoid and one segment sum, so the cost of
-    computing the widths does not grow with the number of groups (no host syncs either).
+    The value is the snapped, floored count of positive logits (exactly `Gates.hard_unit_mask`'s
+    count); the gradient is that of sum(sigmoid(logit / T)) (straight-through). Concatenates
+    every group's logits, so the cost does not grow with the number of groups and nothing is
+    read back to the host.
     """
 
     def __init__(self, gates: Gates, device: torch.device) -> None:
@@ -117,12 +122,58 @@ class _WidthReader:
         sizes = torch.tensor([g.units for g in groups], device=device)
         self.segment = torch.repeat_interleave(torch.arange(len(groups), device=device), sizes)
         self.unit_width = torch.tensor([float(g.unit_width) for g in groups], device=device)
+        self.units = torch.tensor([float(g.units) for g in groups], device=device)
+        self.step = torch.tensor([float(g.round_units) for g in groups], device=device)
+        self.floor = torch.tensor(
+            [float(-(-g.min_units // g.round_units) * g.round_units) for g in groups],
+            device=device,
+        )
+
+    def snap(self, count: torch.Tensor) -> torch.Tensor:
+        """`gates.snap_units` for every group at once (float tensors, same tie rules)."""
+        r, units = self.step, self.units
+        below = torch.div(count, r, rounding_mode="floor") * r
+        up = below + r
+        best = torch.where((up <= units) & (up - count <= count - below), up, below)
+        best = torch.where(units - count <= (count - best).abs(), units, best)
+        return torch.minimum(torch.maximum(best, self.floor), units)
 
     def __call__(self, temperature: float) -> dict[str, torch.Tensor]:
         flat = torch.cat([self.gates.logit(n) for n in self.names])
         probs = torch.sigmoid(flat / temperature)
-        units = torch.zeros_like(self.unit_width).index_add(0, self.segment, probs)
+        soft = torch.zeros_like(self.unit_width).index_add(0, self.segment, probs)
+        positive = torch.zeros_like(self.unit_width).index_add(
+            0, self.segment, (flat.detach() > 0).to(probs.dtype)
+        )
+        units = self.snap(positive) + (soft - soft.detach())
         return dict(zip(self.names, (units * self.unit_width).unbind(), strict=True))
+
+
+class NormalizedSGD(torch.optim.Optimizer):
+    """SGD whose step is scaled by the root-mean-square of all gradients of the group.
+
+    Straight-through gradients vary by orders of magnitude over training (they scale with the
+    multiplier and 1/T); normalising keeps the per-step movement of the logits at about `lr`
+    while their *relative* sizes still decide which gates move most (Adam would move every
+    logit by ~lr, whatever its gradient). No state, no host sync.
+    """
+
+    def __init__(self, params: Any, lr: float) -> None:
+        super().__init__(params, {"lr": lr})
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> None:  # type: ignore[override]
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            grads = [p.grad for p in params]
+            total = torch.stack([g.pow(2).sum() for g in grads]).sum()
+            count = sum(g.numel() for g in grads)
+            scale = group["lr"] / ((total / count).sqrt() + 1e-12)
+            for p, g in zip(params, grads, strict=True):
+                p.sub_(g * scale)
+        return None
 
 
 def init_gate_logits(
@@ -177,12 +228,16 @@ def train_gates(
 ) -> list[dict[str, float]]:
     """Train the gate logits of `gates` (already attached to `model`) towards the cost target.
 
-    Only `gates` change: `model` is frozen and kept in eval mode. A fresh run (no `state`)
-    first sets the logits with `init_gate_logits` (ranked by BN scale). `target_ratio` defaults to
+    Only `gates` change: `model` is frozen and kept in eval mode (BN uses its running
+    statistics). A fresh run (no `state`) first sets the logits with `init_gate_logits` (all
+    positive, ranked by BN scale), so step 0 is the teacher. The student's forward pass and the
+    penalty use the hard widths export keeps (straight-through gates); the learning rate of the
+    normalised SGD follows a cosine to zero so the widths settle. `target_ratio` defaults to
     `recipe.target.ratio` (the pipeline passes it for absolute latency targets). `state` (from a
     checkpoint: gates state dict, multiplier, optimizer state, history) resumes at `start_step`.
     `on_checkpoint(state)` receives such a state every `checkpoint_every_s` seconds or
-    `checkpoint_every_steps` steps. Returns history rows (every `train.log_every` steps + last).
+    `checkpoint_every_steps` steps. Returns history rows (every `train.log_every` steps + last);
+    `on_step` receives the same rows (values are read back from the device only then).
     Raises `JobCancelled` as soon as `should_stop()` turns true.
     """
     device = torch.device(device)
@@ -202,7 +257,7 @@ def train_gates(
     model.requires_grad_(False)
     model.eval()
     gates.requires_grad_(True)
-    opt = torch.optim.Adam(gates.parameters(), lr=float(tr.lr))
+    opt = NormalizedSGD(gates.parameters(), lr=float(tr.lr))
     history: list[dict[str, float]] = []
     multiplier = torch.zeros((), device=device)
     if state is None:
@@ -239,13 +294,14 @@ def train_gates(
             raise JobCancelled(f"cancelled at gate-training step {step}")
         temperature = temperature_at(step, steps, t_start, t_end)
         gates.temperature = temperature
+        _cosine_lr(opt, float(tr.lr), step, steps)
         x, y = next(batches)
         x = x.to(device, non_blocking=True)
         labels = y.to(device, non_blocking=True) if labelled else None
 
         with torch.no_grad(), gates.using("off"):
             teacher = model(x)
-        with gates.using("soft"):
+        with gates.using("ste"):
             student = model(x)
             ratio = (cost_model.cost(widths_of(temperature)) / baseline).float()
         if start_ratio is None:
@@ -264,8 +320,8 @@ def train_gates(
             multiplier += DUAL_STEP * gap.detach()
 
         last = step == steps - 1
-        if on_step is not None or (step + 1) % log_every == 0 or last:
-            # The only host sync of the step: all logged scalars in one transfer.
+        if (step + 1) % log_every == 0 or last:
+            # The only host sync, on logging steps only: all logged scalars in one transfer.
             loss_v, kd_v, ce_v, ratio_v, mult_v = torch.stack(
                 [loss.detach(), kd.detach(), ce.detach(), ratio.detach(), multiplier]
             ).tolist()
@@ -280,8 +336,7 @@ def train_gates(
                 "multiplier": mult_v,
                 "temperature": temperature,
             }
-            if (step + 1) % log_every == 0 or last:
-                history.append(row)
+            history.append(row)
             if on_step is not None:
                 on_step(row)
         if on_checkpoint is not None and not last:
@@ -355,7 +410,7 @@ def finetune(
             loss.backward()
             opt.step()
             last = step == steps - 1
-            if on_step is not None or (step + 1) % log_every == 0 or last:
+            if (step + 1) % log_every == 0 or last:  # host sync on logging steps only
                 loss_v, kd_v, ce_v = torch.stack([loss.detach(), kd.detach(), ce.detach()]).tolist()
                 row = {
                     "step": step + 1,
@@ -365,8 +420,7 @@ def finetune(
                     "ce": ce_v,
                     "lr": opt.param_groups[0]["lr"],
                 }
-                if (step + 1) % log_every == 0 or last:
-                    history.append(row)
+                history.append(row)
                 if on_step is not None:
                     on_step(row)
     finally:

@@ -10,7 +10,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from hawada.adapters.torchvision import build_model, get_adapter
-from hawada.core.budget import BudgetResult, cost_floor, fit_to_budget, ladder
+from hawada.core.budget import BudgetResult, cost_floor, fit_to_budget, gated_like, ladder
 from hawada.core.cost import FlopsCost
 from hawada.core.gates import GateGroup, Gates, keep_from_gates
 from hawada.core.recipe import GatesSpec, LatencySpec
@@ -42,19 +42,27 @@ def test_flops_target_half_is_met_on_the_staircase(resnet18) -> None:
     model, adapter, gates, layers = resnet18
     cost = FlopsCost(layers)
     target = 0.5 * cost.baseline()
+    trained_logits = {k: v.clone() for k, v in gates.named_logits().items()}
+    trained_keep = {k: set(v.tolist()) for k, v in keep_from_gates(gates).items()}
     result = fit_to_budget(gates, cost.cost, target)
     assert isinstance(result, BudgetResult) and result.met and result.reason is None
     assert result.predicted <= target
+    # the trained gates are left as trained (gates.safetensors holds what training learned)
+    assert all(torch.equal(v, trained_logits[k]) for k, v in gates.named_logits().items())
+    exported = gated_like(gates, result)
     for name, g in gates.groups.items():
         width = len(result[name])
         assert width > 0  # never removes a group entirely
         assert width == g.channels or width % 16 == 0
         assert width >= 16
-        # one definition of kept: the gates now say exactly what the budget chose
-        assert torch.equal(gates.kept_channels(name), result[name])
-    assert {k: v.tolist() for k, v in keep_from_gates(gates).items()} == {
-        k: v.tolist() for k, v in result.items()
-    }
+        # only units training left open survive; nothing closed comes back
+        assert set(result[name].tolist()) <= trained_keep[name]
+        assert result.trained[name] == len(trained_keep[name]) >= width
+        # one definition of kept: gates expressing the keep set say exactly that
+        assert torch.equal(exported.kept_channels(name), result[name])
+    assert result.closed_channels == sum(result.trained.values()) - sum(
+        len(v) for v in result.values()
+    )
     pruned = adapter.export_pruned(model, dict(result))
     assert _flops(pruned) <= target
     # slack filling leaves little on the table: one more step anywhere would break the target
@@ -69,7 +77,46 @@ def test_lowest_logits_are_removed_first() -> None:
         gates.logit("g").copy_(logits)
     result = fit_to_budget(gates, lambda w: w.get("g", 8.0), 4.0, fill=False)
     assert result["g"].tolist() == [0, 2, 4, 7]  # the four highest logits
-    assert gates.kept_units("g").tolist() == [0, 2, 4, 7]
+    assert result.trained == {"g": 7} and result.closed_channels == 3
+    assert gates.kept_units("g").tolist() == [0, 2, 3, 4, 5, 6, 7]  # trained gates untouched
+
+
+def test_smallest_sufficient_cut_wins_over_the_biggest_drop() -> None:
+    # "b" channels cost 10x more; its weakest units are still clearly on (logit 1.0), "a"'s
+    # weakest are barely on (0.5). One step of either meets the target: the correction must
+    # close the least important units ("a"), not take the biggest cost drop ("b").
+    groups = [
+        GateGroup.from_channels(n, 64, modules=[], covers=[], round_to=8, min_channels=8)
+        for n in ("a", "b")
+    ]
+    gates = Gates(groups)
+    with torch.no_grad():
+        gates.logit("a").copy_(torch.linspace(0.5, 5.0, 64))
+        gates.logit("b").copy_(torch.linspace(1.0, 5.0, 64))
+
+    def cost(w: Mapping[str, float]) -> float:
+        return float(w.get("a", 64.0)) + 10.0 * float(w.get("b", 64.0))
+
+    result = fit_to_budget(gates, cost, 64 + 640 - 5, fill=False)
+    assert (len(result["a"]), len(result["b"])) == (56, 64)
+    assert result["a"].tolist() == list(range(8, 64))  # the eight lowest logits went
+
+
+def test_correction_never_reopens_what_training_closed() -> None:
+    gates = _two_groups()
+    with torch.no_grad():
+        gates.logit("b")[24:] = -3.0  # training closed 40 of b's 64 channels
+
+    def cost(w: Mapping[str, float]) -> float:
+        return float(w.get("a", 64.0)) + float(w.get("b", 64.0))
+
+    result = fit_to_budget(gates, cost, 120.0)  # plenty of slack: 64 + 24 = 88 <= 120
+    assert (len(result["a"]), len(result["b"])) == (64, 24)
+    assert result.closed_channels == 0 and result.met
+    # over budget: cuts come only from open units; b's closed ones stay closed
+    tight = fit_to_budget(gates, cost, 70.0)
+    assert set(tight["b"].tolist()) <= set(range(24))
+    assert tight.predicted <= 70.0 and tight.trained == {"a": 64, "b": 24}
 
 
 def _two_groups(min_channels: int = 8) -> Gates:
@@ -100,17 +147,14 @@ def test_staircase_keeps_the_widest_of_equal_cost() -> None:
     assert result.met and result.predicted == 3.0
 
 
-def test_staircase_grows_back_over_a_plateau() -> None:
+def test_staircase_regrowth_stops_at_the_trained_width() -> None:
     gates = _two_groups()
     with torch.no_grad():  # trained gates kept 16 channels of "a"
         gates.logit("a")[16:] = -2.0
-    no_fill = fit_to_budget(gates, StairCost(), 4.0, fill=False, margin=0.0)
-    assert len(no_fill["a"]) == 32  # grew 16 -> 32 at equal cost, stopped before the next tile
-    gates2 = _two_groups()
-    with torch.no_grad():
-        gates2.logit("a")[16:] = -2.0
-    filled = fit_to_budget(gates2, StairCost(), 4.0, margin=0.0)
-    assert len(filled["a"]) == 64  # the slack under the target is spent
+    for fill in (False, True):
+        result = fit_to_budget(gates, StairCost(), 4.0, fill=fill, margin=0.0)
+        # a wider "a" would cost nothing more, but training closed those channels
+        assert (len(result["a"]), len(result["b"])) == (16, 64)
 
 
 def test_target_below_the_floor_is_reported() -> None:
@@ -187,8 +231,9 @@ def test_latency_budget_with_real_table_and_measurements(resnet18) -> None:
     assert result.met or result.reason
     # the reported measurement is of the widths that were returned
     assert measured_keeps and result.widths in measured_keeps
+    exported = gated_like(gates, result)
     for name, g in gates.groups.items():
-        assert torch.equal(gates.kept_channels(name), result[name])
+        assert torch.equal(exported.kept_channels(name), result[name])
         assert len(result[name]) == g.channels or len(result[name]) % 16 == 0
 
 

@@ -89,10 +89,34 @@ def test_mnist_5k_labels_are_the_last_column() -> None:
 
 
 @pytest.mark.slow
-def test_fashion_mnist_pools_train_and_test() -> None:
+def test_fashion_mnist_trains_on_train_and_holds_out_from_test() -> None:
     bundle = load_data(_recipe({"source": "fashion-mnist"}, size=28))
-    assert bundle.n_train + bundle.n_heldout == 70_000
+    assert bundle.n_train == 60_000  # the whole official train split, nothing pooled
     assert bundle.n_heldout == 7_000 and bundle.num_classes == 10
+    assert bundle.heldout_source == "official-test"
+    assert int(bundle.heldout_ids.max()) < 10_000
+
+
+def test_fashion_mnist_heldout_comes_only_from_the_test_split(tmp_path: Path) -> None:
+    # train images are filled with 1..60, test images with 101..140: pixels reveal the split
+    x_tr = np.broadcast_to(np.arange(1, 61, dtype=np.uint8)[:, None, None], (60, 28, 28)).copy()
+    x_te = np.broadcast_to(np.arange(101, 141, dtype=np.uint8)[:, None, None], (40, 28, 28))
+    _write_idx(tmp_path / "train-images-idx3-ubyte", x_tr, False)
+    _write_idx(tmp_path / "train-labels-idx1-ubyte", np.arange(60) % 3, False)
+    _write_idx(tmp_path / "t10k-images-idx3-ubyte", x_te.copy(), False)
+    _write_idx(tmp_path / "t10k-labels-idx1-ubyte", np.arange(40) % 3, False)
+    spec = {"source": "fashion-mnist", "path": str(tmp_path), "limit": 50, "val_fraction": 0.2}
+    bundle = load_data(_recipe(spec, size=28))
+    assert (bundle.n_train, bundle.n_heldout) == (40, 10)
+    train_px = bundle.images[bundle.train_idx][:, 0, 0, 0]
+    held_px = bundle.images[bundle.heldout_idx][:, 0, 0, 0]
+    assert bool((train_px <= 60).all()) and bool((held_px > 100).all())
+    assert held_px.tolist() == (bundle.heldout_ids + 101).tolist()  # ids index the test split
+    same = load_data(_recipe(spec, size=28))
+    other = load_data(_recipe({**spec, "seed": 1}, size=28))
+    assert same.heldout_fingerprint() == bundle.heldout_fingerprint()
+    assert other.heldout_fingerprint() != bundle.heldout_fingerprint()
+    assert bundle.describe()["heldout_source"] == "official-test"
 
 
 def _write_idx(path: Path, arr: np.ndarray, gz: bool) -> None:

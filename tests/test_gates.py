@@ -216,3 +216,22 @@ def test_logits_roundtrip_through_safetensors(tmp_path: Path) -> None:
     assert "layer1.0.inner" in load_file(str(tmp_path / "gates.safetensors"))
     with pytest.raises(ValueError, match="missing"):
         again.load_logits({})
+
+
+def test_ste_mode_forward_is_hard_gradient_is_soft() -> None:
+    g = GateGroup.from_channels("g", 8, modules=[], covers=[], round_to=1, min_channels=1)
+    gates = Gates([g])
+    with torch.no_grad():
+        gates.logit("g").copy_(torch.tensor([2.0, -1.0, 0.5, -0.2, 3.0, -4.0, 1.0, 0.1]))
+    gates.temperature = 0.5
+    with gates.using("hard"):
+        hard = gates.unit_mask("g")
+    with gates.using("ste"):
+        ste = gates.unit_mask("g")
+        units = gates.expected_units("g")
+    assert hard is not None and ste is not None
+    assert torch.equal(ste.detach(), hard) and float(units.detach()) == float(hard.sum())
+    (ste * torch.arange(8.0)).sum().backward()
+    p = gates.logit("g").detach()
+    s = torch.sigmoid(p / 0.5)
+    torch.testing.assert_close(gates.logit("g").grad, torch.arange(8.0) * s * (1 - s) / 0.5)

@@ -11,6 +11,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from hawada.adapters.torchvision import build_model, get_adapter, load_pruned
+from hawada.core.budget import gated_like
 from hawada.core.errors import HawadaError, JobCancelled, WeightsError
 from hawada.core.gates import Gates, attach
 from hawada.core.recipe import parse_recipe
@@ -149,8 +150,86 @@ def test_report_fields_present_and_typed(plain_job) -> None:
     assert report["lut"] is None
     assert report["weights_mapping"] is not None
     for layer in report["layers"]:
-        assert layer["after"] == len(layer["kept"]) <= layer["before"]
+        assert layer["after"] == len(layer["kept"]) <= layer["trained"] <= layer["before"]
         assert layer["kept"] == sorted(layer["kept"]) and layer["modules"]
+    closed = sum(r["trained"] - r["after"] for r in report["layers"])
+    assert report["correction"]["closed_channels"] == closed
+    assert report["correction"]["cost_ratio_after"] <= report["target"]["ratio"] + 1e-9
+    for block in ("baseline", "pruned"):
+        assert report[block]["macs"] * 2 == report[block]["flops"]
+    held = report["heldout"]
+    assert held["size"] == report["data"]["n_heldout"] and held["stderr"] is None
+    assert held["source"] == "split" and len(held["fingerprint"]) == 16
+
+
+def test_gates_file_holds_trained_logits_and_keep_separately(plain_job) -> None:
+    out, report, _ = plain_job
+    logits = load_file(str(out / "gates.safetensors"))
+    with safe_open(str(out / "gates.safetensors"), "pt") as f:
+        groups = {g["name"]: g for g in json.loads(f.metadata()["groups"])}
+    for layer in report["layers"]:
+        trained = logits[layer["name"]]
+        g = groups[layer["name"]]
+        assert g["kept"] == layer["kept"] and g["trained"] == layer["trained"]
+        # the stored logits are what training left: their hard mask is the trained width
+        gates = Gates([_group_of(g)])
+        with torch.no_grad():
+            gates.logit(layer["name"]).copy_(trained)
+        assert len(gates.kept_channels(layer["name"])) == layer["trained"]
+
+
+def _group_of(meta: dict):
+    from hawada.core.gates import GateGroup
+
+    return GateGroup(
+        meta["name"],
+        meta["units"],
+        meta["unit_width"],
+        meta["modules"],
+        meta["min_units"],
+        meta["round_units"],
+        meta["covers"],
+    )
+
+
+def test_labelled_job_reports_hard_gated_accuracy_before_and_after_correction(
+    tmp_path: Path,
+) -> None:
+    torch.manual_seed(0)
+    model = build_model("resnet18", num_classes=10, stem="cifar")
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.uniform_(0.2, 2.0)
+    weights = tmp_path / "w.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
+    recipe = parse_recipe(
+        {
+            "model": {
+                "arch": "resnet18",
+                "num_classes": 10,
+                "stem": "cifar",
+                "input_size": [3, 16, 16],
+            },
+            "data": {"source": "digits", "limit": 96, "batch_size": 16, "val_fraction": 0.25},
+            "target": {"metric": "flops", "ratio": 0.3},
+            "train": {"steps": 4, "log_every": 2},
+            "finetune": {"epochs": 0},
+            "latency": {"batch_size": 2, "repeats": 2, "warmup": 0},
+        }
+    )
+    report = _run(weights, tmp_path / "out", recipe)
+    corr = report["correction"]
+    # 4 steps cannot reach 30%: the correction closes channels, and says what that cost
+    assert corr["closed_channels"] > 0 and corr["cost_ratio_trained"] > 0.3
+    assert 0.0 <= corr["accuracy_before"] <= 1.0 and 0.0 <= corr["accuracy_after"] <= 1.0
+    # no fine-tune: the exported model is the corrected hard-gated model, same accuracy
+    assert report["pruned"]["accuracy"] == pytest.approx(corr["accuracy_after"])
+    assert report["target_met"] is True
+    held = report["heldout"]
+    acc = report["pruned"]["accuracy"]
+    assert held["size"] == 24
+    assert held["stderr"] == pytest.approx((acc * (1 - acc) / 24) ** 0.5)
 
 
 def test_report_times_both_models_interleaved_and_costs_every_layer(plain_job) -> None:
@@ -184,7 +263,8 @@ def test_keepall_equals_input_weights(plain_job, weights: Path) -> None:
 
 
 def test_load_pruned_equals_hard_gated_model(plain_job) -> None:
-    """Exported artifacts reproduce keepall + gates in hard mode (one definition of kept)."""
+    """Exported artifacts reproduce keepall gated by the recorded keep set (one definition of
+    kept)."""
     out, report, _ = plain_job
     pruned = load_pruned(out / "pruned.json", out / "pruned.safetensors")
     assert type(pruned).__name__ == "ResNet"
@@ -200,6 +280,8 @@ def test_load_pruned_equals_hard_gated_model(plain_job) -> None:
     assert {g["name"]: g["kept"] for g in groups_meta} == {
         r["name"]: r["kept"] for r in report["layers"]
     }
+    # the stored logits are the trained ones; the exported keep set is recorded beside them
+    gates = gated_like(gates, {g["name"]: torch.tensor(g["kept"]) for g in groups_meta})
     attach(model, gates)
     x = torch.randn(4, 3, 16, 16)
     with torch.no_grad(), gates.using("hard"):

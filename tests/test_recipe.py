@@ -62,7 +62,7 @@ def test_minimal_recipe_gets_design_defaults() -> None:
         and r.gates.temperature.start == 1.0
         and r.gates.temperature.end == 0.05
     )
-    assert r.train.steps == 300 and r.train.kd.alpha == 1.0 and r.train.log_every == 10
+    assert r.train.steps == 300 and r.train.kd.alpha == 0.5 and r.train.log_every == 10
     assert r.finetune.epochs == 1.0 and r.latency.warmup == 10 and r.latency.device == "auto"
     assert r.export.formats == ["safetensors"]
 

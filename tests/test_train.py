@@ -14,7 +14,9 @@ from hawada.core.gates import GateGroup, Gates, attach, keep_from_gates
 from hawada.core.layers import LayerSpec
 from hawada.core.recipe import parse_recipe
 from hawada.core.train import (
+    _WidthReader,
     finetune,
+    init_gate_logits,
     recalibrate_bn,
     temperature_at,
     train_classifier,
@@ -193,7 +195,7 @@ def test_resume_continues_exactly() -> None:
         start_step=state["step"],
         state=state,
     )
-    assert [r["step"] for r in rows] == [5, 6, 7, 8]
+    assert [r["step"] for r in rows] == [6, 8]  # on_step gets the logged rows only
     assert [r["step"] for r in resumed] == [r["step"] for r in full]
     for name, logits in gates3.named_logits().items():
         torch.testing.assert_close(logits, expected[name])
@@ -235,3 +237,67 @@ def test_train_classifier_learns_separable_data() -> None:
     from hawada.core.evaluate import accuracy
 
     assert accuracy(model, data.heldout_batches(64), "cpu") > 0.5
+
+
+def test_step_zero_is_the_teacher() -> None:
+    """Gate training starts at the teacher: KD 0 and 100% top-1 agreement at step 0."""
+    torch.manual_seed(0)
+    recipe = _recipe(
+        model={"num_classes": 10},
+        data={"source": "digits", "limit": 64, "batch_size": 16},
+        train={"steps": 1, "log_every": 1},
+    )
+    data = load_data(recipe)
+    model = build_model("resnet18", 10, stem="cifar").eval()
+    with torch.no_grad():  # trained-looking, non-trivial outputs
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+                m.running_var.uniform_(0.5, 2.0)
+    gates = Gates(get_adapter("resnet18").gate_groups(model, recipe.gates))
+    init_gate_logits(gates, model)
+    handle = attach(model, gates)
+    x, _ = next(data.train_batches(16, seed=0))
+    with torch.no_grad():
+        with gates.using("off"):
+            teacher = model(x)
+        with gates.using("ste"):
+            student = model(x)
+    assert torch.equal(student, teacher)
+    assert bool((student.argmax(1) == teacher.argmax(1)).all())
+    cost = make_cost_model("flops", get_adapter("resnet18").layers(model, (3, 16, 16)))
+    rows: list[dict] = []
+    train_gates(model, gates, cost, data, recipe, device="cpu", on_step=rows.append)
+    handle.remove()
+    assert rows[0]["kd"] == pytest.approx(0.0, abs=1e-6)  # the loss of step 0, before its update
+    assert rows[0]["cost_ratio"] == pytest.approx(1.0)
+
+
+def test_penalty_sees_the_exported_widths() -> None:
+    """The width reader's value is the snapped hard count, its gradient that of sum(sigmoid)."""
+    _model, gates, cost = _tiny_setup()
+    with torch.no_grad():
+        gates.logit("g1").copy_(torch.linspace(-2.0, 2.0, 32))  # 16 positive -> snapped 16
+        gates.logit("g2").copy_(torch.linspace(-3.0, 0.2, 32))  # 2 positive -> floor 4
+    reader = _WidthReader(gates, torch.device("cpu"))
+    widths = reader(0.5)
+    kept = {n: float(len(k)) for n, k in keep_from_gates(gates).items()}
+    assert {n: float(w) for n, w in widths.items()} == kept == {"g1": 16.0, "g2": 4.0}
+    widths["g2"].backward()
+    expected = torch.autograd.grad(torch.sigmoid(gates.logit("g2") / 0.5).sum(), gates.logit("g2"))
+    torch.testing.assert_close(gates.logit("g2").grad, expected[0])
+    ratio = float(cost.cost(widths)) / cost.baseline()
+    assert ratio == pytest.approx(float(cost.cost(kept)) / cost.baseline())
+
+
+@pytest.mark.parametrize("count", range(33))
+def test_width_reader_snaps_like_the_gates(count: int) -> None:
+    _model, gates, _cost = _tiny_setup()
+    with torch.no_grad():
+        for n in ("g1", "g2"):
+            logit = torch.full((32,), -1.0)
+            logit[:count] = 1.0
+            gates.logit(n).copy_(logit)
+    widths = _WidthReader(gates, torch.device("cpu"))(1.0)
+    for n in ("g1", "g2"):
+        assert float(widths[n]) == float(len(gates.kept_channels(n)))

@@ -40,7 +40,8 @@ def write_safetensors(
 
 
 def gates_metadata(gates: Gates, keep: Mapping[str, Tensor]) -> dict[str, str]:
-    """The `gates.safetensors` header: every group's shape and kept channels, the temperature."""
+    """The `gates.safetensors` header: every group's shape, trained width and exported keep set
+    (the tensors themselves are the trained logits), the temperature."""
     groups = [
         {
             "name": n,
@@ -50,7 +51,8 @@ def gates_metadata(gates: Gates, keep: Mapping[str, Tensor]) -> dict[str, str]:
             "round_units": g.round_units,
             "modules": list(g.modules),
             "covers": list(g.covers),
-            "kept": keep[n].tolist(),
+            "trained": int(gates.kept_channels(n).numel()),  # width training ended with
+            "kept": keep[n].tolist(),  # the exported keep set (after the budget correction)
         }
         for n, g in gates.groups.items()
     ]

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from hawada.adapters.torchvision import FamilyAdapter, build_model, get_adapter
-from hawada.core.budget import fit_to_budget
+from hawada.core.budget import BudgetResult, fit_to_budget, gated_like
 from hawada.core.cost import make_cost_model
 from hawada.core.data import DataBundle, load_data
 from hawada.core.device import device_name, resolve_device
@@ -37,7 +37,7 @@ from hawada.core.lut import (
 )
 from hawada.core.profile import module_costs
 from hawada.core.recipe import Recipe, parse_recipe, recipe_to_dict
-from hawada.core.report import build_report, model_block, target_block
+from hawada.core.report import build_report, heldout_block, model_block, target_block
 from hawada.core.train import INIT_LOGIT, HistoryRow, TrainState, finetune, train_gates
 from hawada.core.weights import load_weights
 from hawada.lifecycle import PHASES
@@ -160,20 +160,50 @@ def _target(recipe: Recipe, baseline: Mapping[str, Any]) -> dict[str, Any]:
     )
 
 
-def _layers_rows(gates: Gates, keep: Mapping[str, Tensor]) -> list[dict[str, Any]]:
+def _layers_rows(gates: Gates, budget: BudgetResult) -> list[dict[str, Any]]:
+    """Per coupling group: full width, width at the end of training, exported width and keep."""
     rows = []
     for name, g in gates.groups.items():
-        kept = keep[name].tolist()
+        kept = budget[name].tolist()
         rows.append(
             {
                 "name": name,
                 "modules": list(g.covers or g.modules),
                 "before": g.channels,
+                "trained": int(budget.trained.get(name, g.channels)),
                 "after": len(kept),
                 "kept": kept,
             }
         )
     return rows
+
+
+def _gated_accuracy(
+    model: nn.Module, gates: Gates, data: DataBundle, recipe: Recipe, device: torch.device
+) -> float | None:
+    """Held-out top-1 of `model` with `gates` attached in hard mode (what export produces)."""
+    handle = attach(model, gates)
+    try:
+        with gates.using("hard"):
+            return _heldout_accuracy(model, data, recipe, device)
+    finally:
+        handle.remove()
+
+
+def _correction_block(
+    budget: BudgetResult,
+    baseline_cost: float,
+    accuracy_before: float | None,
+    accuracy_after: float | None,
+) -> dict[str, Any]:
+    """What the final budget correction changed, and what it cost in held-out accuracy."""
+    return {
+        "cost_ratio_trained": budget.history[0]["predicted"] / baseline_cost,
+        "cost_ratio_after": budget.predicted / baseline_cost,
+        "closed_channels": budget.closed_channels,
+        "accuracy_before": accuracy_before,
+        "accuracy_after": accuracy_after,
+    }
 
 
 def _train(
@@ -376,11 +406,27 @@ def run_job(ctx: JobContext) -> dict[str, Any]:
                 exported = adapter.export_pruned(model, keep)
                 return measure_latency(exported, input_size, recipe.latency, lat_device).median_ms
 
+        trained_acc = _gated_accuracy(model, gates, data, recipe, device)
         budget = fit_to_budget(gates, cost_model, target_cost, measure=measure)
         keep = {k: v.to("cpu") for k, v in budget.items()}
+        # `gates` keeps the trained logits (gates.safetensors); the exported keep set may be
+        # a little narrower after the correction: these gates express exactly that.
+        exported_gates = gated_like(gates, keep)
+        corrected_acc = (
+            trained_acc
+            if budget.closed_channels == 0
+            else _gated_accuracy(model, exported_gates, data, recipe, device)
+        )
+        correction = _correction_block(
+            budget, float(cost_model.baseline()), trained_acc, corrected_acc
+        )
+        phase.log(
+            f"budget correction closed {budget.closed_channels} channels; hard-gated held-out "
+            f"accuracy {trained_acc} -> {corrected_acc}"
+        )
         keepall = model.state_dict()  # the frozen input weights, bit for bit
         pruned = adapter.export_pruned(model, keep).to(device).eval()
-        export_diff = _export_check(model, gates, pruned, data, recipe, device)
+        export_diff = _export_check(model, exported_gates, pruned, data, recipe, device)
         phase.log(f"hard-gated vs exported max abs diff {export_diff:.3g}")
     check_cancel()
 
@@ -435,7 +481,7 @@ def run_job(ctx: JobContext) -> dict[str, Any]:
             pruned=pruned_block,
             target=target,
             history=history,
-            layers=_layers_rows(gates, keep),
+            layers=_layers_rows(gates, budget),
             weights_mapping=mapping.to_dict(),
             data=_data_block(recipe, data),
             phases=phase.seconds,
@@ -447,8 +493,14 @@ def run_job(ctx: JobContext) -> dict[str, Any]:
                 "export_max_abs_diff": export_diff,
                 "latency_device": device_name(lat_device),
                 "budget": budget.to_dict(),
-                "heldout": data.heldout_info(),
                 "layer_costs": layer_costs,
+                "correction": correction,
+                "heldout": heldout_block(
+                    **data.heldout_info(),
+                    fingerprint=data.heldout_fingerprint(),
+                    accuracy=pruned_block["accuracy"],
+                    baseline_accuracy=baseline["accuracy"],
+                ),
             },
         )
         write_artifacts(out, recipe, adapter, model, pruned, keep, keepall, gates, report)

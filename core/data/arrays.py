@@ -117,6 +117,33 @@ def fashion_mnist(directory: Path) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate(xs), np.concatenate(ys).astype(np.int64)
 
 
+def fashion_mnist_splits(
+    directory: Path,
+) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray] | None]:
+    """The official train split and, when its files are there, the official test (t10k) split,
+    kept apart: a job trains on the first and holds out from the second."""
+    splits: list[tuple[np.ndarray, np.ndarray] | None] = []
+    for split in ("train", "t10k"):
+        images = _find_idx(directory, split, "images", 3)
+        labels = _find_idx(directory, split, "labels", 1)
+        if images is None or labels is None:
+            if split == "train":
+                raise DataError(
+                    f"Fashion-MNIST not found in {directory}: expected "
+                    "train-images-idx3-ubyte[.gz] and train-labels-idx1-ubyte[.gz] "
+                    "(set data.path to their folder)"
+                )
+            splits.append(None)
+            continue
+        x, y = _read_idx(images), _read_idx(labels)
+        if x.ndim != 3 or y.ndim != 1 or len(x) != len(y):
+            raise DataError(f"{images.name} and {labels.name} do not match")
+        splits.append((x, y.astype(np.int64)))
+    train = splits[0]
+    assert train is not None
+    return train, splits[1]
+
+
 def digits() -> tuple[np.ndarray, np.ndarray]:
     from sklearn.datasets import load_digits
 

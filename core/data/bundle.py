@@ -8,6 +8,8 @@ way to the device and normalise there: 4x less host-to-device traffic than float
 
 from __future__ import annotations
 
+import hashlib
+
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
@@ -101,7 +103,7 @@ class DataBundle(ABC):
         self.batch_size = batch_size
         #: Training batches get random resized crops + flips (held-out batches never do).
         self.augment = augment
-        #: `split` (a seeded split of the source), `heldout_path` or `upload`.
+        #: `split` (a seeded split of the source), `heldout_path`, `upload` or `official-test`.
         self.heldout_source = heldout_source
         #: Files that could not be decoded and were skipped (`data.on_corrupt: skip`).
         self.skipped = 0
@@ -140,6 +142,10 @@ class DataBundle(ABC):
     def heldout_info(self) -> dict[str, Any]:
         """Which held-out set accuracy was measured on, and its size (report `heldout`)."""
         return {"source": self.heldout_source, "size": self.n_heldout}
+
+    def heldout_fingerprint(self) -> str | None:
+        """A short hash of the held-out sample indices (None where samples stream by key)."""
+        return None
 
     def batches_per_epoch(self, batch_size: int | None = None) -> int:
         """Batches one `train_epoch` yields (the last partial batch is dropped)."""
@@ -190,6 +196,7 @@ class TensorBundle(DataBundle):
         labels: Tensor,
         train_idx: Tensor,
         heldout_idx: Tensor,
+        heldout_ids: Tensor | None = None,
         **kw: Any,
     ) -> None:
         super().__init__(**kw)
@@ -197,6 +204,16 @@ class TensorBundle(DataBundle):
         self.labels = labels
         self.train_idx = train_idx
         self.heldout_idx = heldout_idx
+        #: The held-out samples' indices in their source's own numbering (rows of a seeded
+        #: split, or of the official test split): what the fingerprint hashes.
+        self.heldout_ids = heldout_idx if heldout_ids is None else heldout_ids
+
+    def heldout_fingerprint(self) -> str | None:
+        """sha256 (16 hex digits) of the source, held-out set kind and sample indices: equal
+        fingerprints mean accuracy was measured on the same images."""
+        ids = self.heldout_ids.to(torch.int64).cpu().numpy().astype("<i8").tobytes()
+        tag = f"{self.source}:{self.heldout_source}".encode()
+        return hashlib.sha256(tag + b"\0" + ids).hexdigest()[:16]
 
     @property
     def n_train(self) -> int:
@@ -237,12 +254,24 @@ class TensorBundle(DataBundle):
         *,
         device: torch.device | str | None = None,
     ) -> Iterator[Batch]:
+        for _idx, x, y in self.train_batches_indexed(batch_size, seed, device=device):
+            yield x, y
+
+    def train_batches_indexed(
+        self,
+        batch_size: int | None = None,
+        seed: int = 0,
+        *,
+        device: torch.device | str | None = None,
+    ) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+        """`train_batches` with each batch's row indices first (a CPU int64 tensor): the same
+        batches in the same order; per-sample caches (teacher logits) key on them."""
         bs = batch_size or self.batch_size
         generator = torch.Generator().manual_seed(seed)
         aug = self._aug_generator(seed)
         while True:
             for idx in self._epoch_orders(bs, generator):
-                yield self._batch(idx, device, aug)
+                yield (idx, *self._batch(idx, device, aug))
 
     def train_epoch(
         self,

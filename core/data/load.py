@@ -21,6 +21,7 @@ from hawada.core.data.arrays import (
     SYNTHETIC_SAMPLES,
     digits,
     fashion_mnist,
+    fashion_mnist_splits,
     mnist_5k,
     npz,
     resize,
@@ -40,6 +41,8 @@ __all__ = ["AUGMENT_ABOVE_PX", "load_data", "resolve_augment"]
 #: `data.augment: auto` augments training batches for inputs larger than this (in pixels).
 AUGMENT_ABOVE_PX = 64
 HELDOUT_MISMATCH = "heldout_mismatch"
+#: `heldout_source` of Fashion-MNIST's held-out set drawn from its official test split.
+OFFICIAL_TEST = "official-test"
 
 
 def resolve_augment(spec: DataSpec, size: tuple[int, int]) -> bool:
@@ -368,6 +371,10 @@ def _load_arrays(
             common=common,
             labelled=False,
         )
+    if spec.source == "fashion-mnist" and held_path is None:
+        official = _fashion_mnist_official(recipe, allowed_roots, generator, common)
+        if official is not None:
+            return official
     x, y = _arrays(recipe, upload, allowed_roots)
     if len(x) < (1 if held_path is not None else 2):
         need = 1 if held_path is not None else 2
@@ -397,6 +404,50 @@ def _load_arrays(
     stacked, split = _stack(to_nchw(x), hx, size)
     labels = torch.cat([labels, torch.from_numpy(np.ascontiguousarray(hy))])
     return _tensor_bundle(stacked, labels, split, num_classes=data_classes, common=common)
+
+
+def _fashion_mnist_official(
+    recipe: Recipe,
+    allowed_roots: Sequence[Path] | None,
+    generator: torch.Generator,
+    common: dict[str, Any],
+) -> TensorBundle | None:
+    """Fashion-MNIST never pooled: training samples from the official train split, held-out
+    ones from the official test split (None when the t10k files are absent).
+
+    `limit` caps the total and `val_fraction` is the held-out share of it, as for every source;
+    only where the samples come from differs, so no held-out image is one that a model trained
+    on the official split has seen.
+    """
+    spec = recipe.data
+    directory = (
+        _resolve(spec.path, allowed_roots, "data.path") if spec.path else DEFAULT_FASHION_MNIST_DIR
+    )
+    (x_tr, y_tr), test = fashion_mnist_splits(directory)
+    if test is None:
+        return None
+    x_te, y_te = test
+    data_classes = int(max(y_tr.max(), y_te.max())) + 1
+    _check_classes(data_classes, recipe)
+    available = len(x_tr) + len(x_te)
+    total = min(spec.limit or available, available)
+    n_held = min(len(x_te), max(1, round(total * spec.val_fraction)))
+    n_train = min(len(x_tr), total - n_held)
+    if n_train < 1:
+        raise DataError(f"{total} samples are too few to split into training and held-out sets")
+    tr_pick = torch.randperm(len(x_tr), generator=generator)[:n_train].sort().values.numpy()
+    held_ids = torch.randperm(len(x_te), generator=generator)[:n_held].sort().values
+    size = (recipe.model.input_size[1], recipe.model.input_size[2])
+    images, split = _stack(to_nchw(x_tr[tr_pick]), x_te[held_ids.numpy()], size)
+    labels = torch.from_numpy(np.concatenate([y_tr[tr_pick], y_te[held_ids.numpy()]]))
+    return TensorBundle(
+        images,
+        labels,
+        *split,
+        heldout_ids=held_ids,
+        num_classes=data_classes,
+        **{**common, "heldout_source": OFFICIAL_TEST},
+    )
 
 
 def _take(x: np.ndarray, y: np.ndarray, pick: Tensor | None) -> tuple[np.ndarray, np.ndarray]:
