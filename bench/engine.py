@@ -136,6 +136,7 @@ def step_time_ratio(
     steps = WARMUP_STEPS + timed
     timing_recipe = recipe.model_copy(deep=True)
     timing_recipe.train.steps = steps
+    timing_recipe.train.log_every = 1  # on_step (the timestamps) fires on logged steps only
     plain: list[float] = []
     gated: list[float] = []
     for _ in range(rounds):  # interleaved: a neighbour's burst hits both kinds, not one

@@ -290,9 +290,15 @@ class ExportSpec(_Block):
 # --- the recipe ------------------------------------------------------------------------------
 
 
+#: `gates` (trained gates, the default) or a baseline through the same pipeline
+#: (core/baselines.py): `l1` filter magnitude, `slimming` BN-scale sparsity, `uniform` width.
+Method = Literal["gates", "l1", "slimming", "uniform"]
+
+
 class Recipe(_Block):
     """A whole compression job description (docs/contract.md, "Recipe")."""
 
+    method: Method = "gates"
     model: ModelSpec
     data: DataSpec  # required: no silent default data set
     target: Target = Field(default_factory=Target)

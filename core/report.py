@@ -60,7 +60,7 @@ def heldout_block(
     *,
     source: str,
     size: int,
-    fingerprint: str,
+    fingerprint: str | None,
     accuracy: float | None,
     baseline_accuracy: float | None = None,
 ) -> dict[str, Any]:

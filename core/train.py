@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hawada.core.data import Batch, DataBundle
+from hawada.core.data import Batch, DataBundle, TensorBundle
 from hawada.core.errors import JobCancelled
 from hawada.core.gates import Gates
 from hawada.core.layers import CostModel
@@ -60,6 +60,87 @@ CHECKPOINT_EVERY_STEPS = 50
 RECALIBRATE_BATCHES = 50
 
 
+#: Teacher-logit caches larger than this are not kept (recomputed every step instead).
+TEACHER_CACHE_MAX_BYTES = 512 * 1024**2
+
+
+class TeacherCache:
+    """Teacher logits per training sample, computed once and reused by every later step.
+
+    Valid only when a sample always looks the same (no data augmentation) and the teacher does
+    not change (frozen, eval mode): then gate training and fine-tuning, which distil from the
+    same model on the same images, need each sample's teacher pass once. Keyed by the sample
+    indices `TensorBundle.train_batches_indexed` yields (CPU tensors): which samples are missing
+    is known on the host without reading anything back from the device, and only those go
+    through the teacher (eval-mode BN makes a sub-batch give the same logits). Memory is
+    bounded: `n_samples * num_classes` floats, refused over `max_bytes` (`enabled` is False).
+    """
+
+    def __init__(
+        self,
+        n_samples: int,
+        num_classes: int,
+        device: torch.device | str,
+        max_bytes: int = TEACHER_CACHE_MAX_BYTES,
+    ) -> None:
+        self.enabled = n_samples * num_classes * 4 <= max_bytes
+        self.device = torch.device(device)
+        shape = (n_samples, num_classes) if self.enabled else (0, num_classes)
+        self.logits = torch.empty(shape, device=self.device)
+        self.filled = torch.zeros(shape[0], dtype=torch.bool)  # host side: no device sync
+        self.computed = 0  # samples the teacher actually ran on (for tests and benchmarks)
+
+    def __call__(
+        self, teacher: Callable[[torch.Tensor], torch.Tensor], idx: torch.Tensor, x: torch.Tensor
+    ) -> torch.Tensor:
+        """Teacher logits for the batch `x` whose sample indices are `idx`."""
+        if not self.enabled:
+            self.computed += len(idx)
+            with torch.no_grad():
+                return teacher(x)
+        missing = (~self.filled[idx]).nonzero().reshape(-1)
+        if len(missing):
+            with torch.no_grad():
+                out = teacher(x if len(missing) == len(idx) else x[missing.to(x.device)])
+            self.logits[idx[missing].to(self.device)] = out.to(self.logits.dtype)
+            self.filled[idx[missing]] = True
+            self.computed += len(missing)
+        return self.logits[idx.to(self.device)]
+
+
+IndexedBatch = tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]
+
+
+def indexed_batches(
+    data: DataBundle,
+    batch_size: int,
+    seed: int,
+    device: torch.device,
+    cache: TeacherCache | None,
+) -> Iterator[IndexedBatch]:
+    """Training batches as (sample indices or None, x, y): indexed where a teacher cache needs
+    them (in-memory data without augmentation), plain otherwise; the same batches either way."""
+    if cache is not None and isinstance(data, TensorBundle) and not data.augment:
+        yield from data.train_batches_indexed(batch_size, seed, device=device)
+        return
+    for x, y in data.train_batches(batch_size, seed, device=device):
+        yield None, x, y
+
+
+def teacher_logits(
+    cache: TeacherCache | None,
+    teacher: Callable[[torch.Tensor], torch.Tensor],
+    idx: torch.Tensor | None,
+    x: torch.Tensor,
+) -> torch.Tensor:
+    """The teacher's logits for batch `x`: from the cache when there is one and the batch is
+    indexed, else one teacher pass without autograd."""
+    if cache is not None and idx is not None:
+        return cache(teacher, idx, x)
+    with torch.no_grad():
+        return teacher(x)
+
+
 def temperature_at(step: int, steps: int, start: float, end: float) -> float:
     """Geometric anneal: `start` at step 0, `end` at the last step (steps - 1)."""
     if steps <= 1 or start == end:
@@ -93,7 +174,7 @@ def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) ->
     ) * (t * t)
 
 
-def _distill_objective(
+def distill_objective(
     student: torch.Tensor, teacher: torch.Tensor, y: torch.Tensor | None, alpha: float, kd_t: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """alpha * KD + (1 - alpha) * CE; CE only when labels exist. Returns (objective, kd, ce)."""
@@ -225,6 +306,7 @@ def train_gates(
     on_checkpoint: CheckpointCallback | None = None,
     checkpoint_every_s: float = CHECKPOINT_EVERY_S,
     checkpoint_every_steps: int = CHECKPOINT_EVERY_STEPS,
+    teacher_cache: TeacherCache | None = None,
 ) -> list[dict[str, float]]:
     """Train the gate logits of `gates` (already attached to `model`) towards the cost target.
 
@@ -238,6 +320,7 @@ def train_gates(
     `on_checkpoint(state)` receives such a state every `checkpoint_every_s` seconds or
     `checkpoint_every_steps` steps. Returns history rows (every `train.log_every` steps + last);
     `on_step` receives the same rows (values are read back from the device only then).
+    `teacher_cache` (no augmentation only) serves the teacher's logits per sample.
     Raises `JobCancelled` as soon as `should_stop()` turns true.
     """
     device = torch.device(device)
@@ -274,10 +357,15 @@ def train_gates(
     widths_of = _WidthReader(gates, device)
     penalty_scale = math.sqrt(float(sum(g.units for g in gates.groups.values())))
     baseline = torch.as_tensor(cost_model.baseline(), dtype=torch.float32, device=device)
-    batches = data.train_batches(recipe.data.batch_size, recipe.data.seed, device=device)
+    batches = indexed_batches(data, recipe.data.batch_size, recipe.data.seed, device, teacher_cache)
     # A resumed run sees the batches the interrupted one would have seen: exact continuation.
     batches = itertools.islice(batches, start_step, None)
     last_ckpt = time.monotonic()
+
+    def teacher_fn(inputs: torch.Tensor) -> torch.Tensor:
+        with gates.using("off"):  # the same frozen model, ungated: the teacher, bit for bit
+            out: torch.Tensor = model(inputs)
+        return out
 
     def snapshot(step_done: int) -> TrainState:
         return {
@@ -294,20 +382,19 @@ def train_gates(
             raise JobCancelled(f"cancelled at gate-training step {step}")
         temperature = temperature_at(step, steps, t_start, t_end)
         gates.temperature = temperature
-        _cosine_lr(opt, float(tr.lr), step, steps)
-        x, y = next(batches)
+        cosine_lr(opt, float(tr.lr), step, steps)
+        idx, x, y = next(batches)
         x = x.to(device, non_blocking=True)
         labels = y.to(device, non_blocking=True) if labelled else None
 
-        with torch.no_grad(), gates.using("off"):
-            teacher = model(x)
+        teacher = teacher_logits(teacher_cache, teacher_fn, idx, x)
         with gates.using("ste"):
             student = model(x)
             ratio = (cost_model.cost(widths_of(temperature)) / baseline).float()
         if start_ratio is None:
             start_ratio = float(ratio.item())  # once per run: where the target schedule starts
         tgt = target_at(step, steps, target, start_ratio)
-        objective, kd, ce = _distill_objective(student, teacher, labels, alpha, kd_t)
+        objective, kd, ce = distill_objective(student, teacher, labels, alpha, kd_t)
         gap = ratio - tgt
         # Augmented Lagrangian; the multiplier is a constant within the step. The sqrt(units)
         # scale gives the penalty's gradient (over all logits) a norm of order one, like the
@@ -347,7 +434,7 @@ def train_gates(
     return history
 
 
-def _cosine_lr(
+def cosine_lr(
     opt: torch.optim.Optimizer, base_lr: float, step: int, steps: int, warmup: int = 0
 ) -> None:
     """Set the learning rate for `step` of `steps`: linear warm-up, then cosine to zero."""
@@ -373,12 +460,14 @@ def finetune(
     device: torch.device | str,
     on_step: StepCallback | None = None,
     should_stop: StopCheck | None = None,
+    teacher_cache: TeacherCache | None = None,
 ) -> list[dict[str, float]]:
     """Fine-tune the pruned `student`'s weights with KD from the unpruned `teacher` (+ CE).
 
     SGD with momentum, cosine learning rate from `finetune.lr` over `finetune.epochs` epochs
     (fractional allowed); BN statistics are recalibrated afterwards when the recipe asks.
-    The teacher runs in eval mode without autograd and is not modified. Returns history rows.
+    The teacher runs in eval mode without autograd and is not modified; `teacher_cache` (no
+    augmentation only) serves its logits per sample. Returns history rows.
     """
     device = torch.device(device)
     ft = recipe.finetune
@@ -393,19 +482,19 @@ def finetune(
     student.requires_grad_(True)
     student.train()
     opt = torch.optim.SGD(student.parameters(), lr=float(ft.lr), momentum=0.9, nesterov=True)
-    batches = data.train_batches(bs, recipe.data.seed + 7919, device=device)  # not training's order
+    # not training's order
+    batches = indexed_batches(data, bs, recipe.data.seed + 7919, device, teacher_cache)
     history: list[dict[str, float]] = []
     try:
         for step in range(steps):
             if should_stop is not None and should_stop():
                 raise JobCancelled(f"cancelled at fine-tune step {step}")
-            _cosine_lr(opt, float(ft.lr), step, steps)
-            x, y = next(batches)
+            cosine_lr(opt, float(ft.lr), step, steps)
+            idx, x, y = next(batches)
             x = x.to(device, non_blocking=True)
             labels = y.to(device, non_blocking=True) if labelled else None
-            with torch.no_grad():
-                t_logits = teacher(x)
-            loss, kd, ce = _distill_objective(student(x), t_logits, labels, alpha, kd_t)
+            t_logits = teacher_logits(teacher_cache, teacher, idx, x)
+            loss, kd, ce = distill_objective(student(x), t_logits, labels, alpha, kd_t)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -503,7 +592,7 @@ def train_classifier(
     for step in range(steps):
         # From scratch full-size first steps blow the loss up: warm up over ~20 steps (5% of
         # long runs, at most a quarter of short ones).
-        _cosine_lr(opt, lr, step, steps, warmup=min(steps // 4, max(steps // 20, 20)))
+        cosine_lr(opt, lr, step, steps, warmup=min(steps // 4, max(steps // 20, 20)))
         x, y = next(batches)
         x = x.to(device, non_blocking=True)
         y = y.to(device, non_blocking=True)

@@ -14,6 +14,7 @@ from hawada.core.gates import GateGroup, Gates, attach, keep_from_gates
 from hawada.core.layers import LayerSpec
 from hawada.core.recipe import parse_recipe
 from hawada.core.train import (
+    TeacherCache,
     _WidthReader,
     finetune,
     init_gate_logits,
@@ -301,3 +302,40 @@ def test_width_reader_snaps_like_the_gates(count: int) -> None:
     widths = _WidthReader(gates, torch.device("cpu"))(1.0)
     for n in ("g1", "g2"):
         assert float(widths[n]) == float(len(gates.kept_channels(n)))
+
+
+def test_teacher_cache_runs_the_teacher_once_per_sample_with_the_same_logits() -> None:
+    model, gates, cost = _tiny_setup()
+    recipe = _recipe(
+        model={"input_size": [3, 8, 8]},
+        data={"limit": 40, "batch_size": 8, "val_fraction": 0.2},  # 32 train: 4 batches/epoch
+        train={"steps": 12, "log_every": 4},  # three epochs
+    )
+    data = load_data(recipe)
+    cache = TeacherCache(len(data.images), 4, "cpu")
+    cached = train_gates(model, gates, cost, data, recipe, device="cpu", teacher_cache=cache)
+    assert cache.computed == data.n_train  # 96 samples seen, the teacher ran on 32
+    model2, gates2, cost2 = _tiny_setup()
+    plain = train_gates(model2, gates2, cost2, data, recipe, device="cpu")
+    for a, b in zip(cached, plain, strict=True):  # the same training, step for step
+        assert a["kd"] == pytest.approx(b["kd"], abs=1e-5)
+        assert a["cost_ratio"] == pytest.approx(b["cost_ratio"])
+    # fine-tuning distils from the same teacher on the same samples: nothing new to compute
+    recipe.finetune.epochs = 1.0
+    finetune(Tiny(), model, data, recipe, device="cpu", teacher_cache=cache)
+    assert cache.computed == data.n_train
+    teacher = Tiny().eval()
+    refill = TeacherCache(len(data.images), 4, "cpu")
+    x = data.images[:8].float()
+    first = refill(teacher, torch.arange(8), x)
+    again = refill(teacher, torch.arange(8), torch.zeros_like(x))  # served, not recomputed
+    assert torch.equal(first, again) and refill.computed == 8
+
+
+def test_teacher_cache_over_its_memory_bound_is_off() -> None:
+    cache = TeacherCache(1000, 1000, "cpu", max_bytes=1024)
+    assert not cache.enabled
+    teacher = nn.Linear(3, 1000)
+    x = torch.randn(4, 3)
+    out = cache(teacher, torch.arange(4), x)
+    assert torch.equal(out, teacher(x).detach()) and cache.computed == 4

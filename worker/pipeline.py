@@ -8,6 +8,7 @@ context; progress leaves through `ctx.on_event` only.
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -19,9 +20,10 @@ import torch
 from torch import Tensor, nn
 
 from hawada.adapters.torchvision import FamilyAdapter, build_model, get_adapter
+from hawada.core import baselines
 from hawada.core.budget import BudgetResult, fit_to_budget, gated_like
 from hawada.core.cost import make_cost_model
-from hawada.core.data import DataBundle, load_data
+from hawada.core.data import DataBundle, TensorBundle, load_data
 from hawada.core.device import device_name, resolve_device
 from hawada.core.errors import JobCancelled, JobError
 from hawada.core.evaluate import accuracy, count_flops, count_params
@@ -38,7 +40,14 @@ from hawada.core.lut import (
 from hawada.core.profile import module_costs
 from hawada.core.recipe import Recipe, parse_recipe, recipe_to_dict
 from hawada.core.report import build_report, heldout_block, model_block, target_block
-from hawada.core.train import INIT_LOGIT, HistoryRow, TrainState, finetune, train_gates
+from hawada.core.train import (
+    INIT_LOGIT,
+    HistoryRow,
+    TeacherCache,
+    TrainState,
+    finetune,
+    train_gates,
+)
 from hawada.core.weights import load_weights
 from hawada.lifecycle import PHASES
 from hawada.worker.checkpoint import (
@@ -215,6 +224,7 @@ def _train(
     target_ratio: float,
     device: torch.device,
     phase: _Phases,
+    teacher_cache: TeacherCache | None,
 ) -> list[HistoryRow]:
     """Gate training with checkpoints in `ctx.checkpoint_dir`, resuming from one if present."""
     recipe = ctx.recipe
@@ -248,9 +258,42 @@ def _train(
             on_checkpoint=on_checkpoint,
             checkpoint_every_s=CHECKPOINT_EVERY_S,
             checkpoint_every_steps=CHECKPOINT_EVERY_STEPS,
+            teacher_cache=teacher_cache,
         )
     finally:
         handle.remove()  # export and fine-tune see the plain model
+
+
+def _baseline(
+    ctx: JobContext,
+    model: nn.Module,
+    gates: Gates,
+    cost_model: CostModel,
+    data: DataBundle,
+    target_cost: float,
+    device: torch.device,
+    teacher_cache: TeacherCache | None,
+) -> tuple[nn.Module, Gates, list[HistoryRow]]:
+    """A baseline method's keep set as gates: (weights to cut, gates, history)."""
+    method = ctx.recipe.method
+    if method == "l1":
+        return model, baselines.select_l1(model, gates, cost_model, target_cost), []
+    if method == "uniform":
+        return model, baselines.select_uniform(model, gates, cost_model, target_cost), []
+    slim = copy.deepcopy(model)
+    history = baselines.slimming_train(
+        slim,
+        gates,
+        model,
+        data,
+        ctx.recipe,
+        device=device,
+        on_step=_progress_emitter(ctx, "training", ctx.recipe.train.log_every),
+        should_stop=ctx.should_cancel,
+        teacher_cache=teacher_cache,
+    )
+    scores = baselines.bn_scores(slim, gates)
+    return slim, baselines.select_threshold(gates, scores, cost_model, target_cost), history
 
 
 def _latency_table(
@@ -391,10 +434,27 @@ def run_job(ctx: JobContext) -> dict[str, Any]:
         target_cost = float(target["ratio"]) * float(cost_model.baseline())
     ratio = min(1.0, target_cost / float(cost_model.baseline()))
 
-    # -- training
+    # Without augmentation the teacher (the frozen input model) sees each in-memory training
+    # sample as it is stored, so its logits are computed once per sample for gate training,
+    # slimming and fine-tuning alike; augmented or streamed data runs the teacher every step.
+    teacher_cache = (
+        TeacherCache(len(data.images), recipe.model.num_classes, device)
+        if isinstance(data, TensorBundle) and not data.augment
+        else None
+    )
+
+    # -- training (gates), or a baseline method's selection (and slimming's sparsity training)
     with phase("training"):
         gates = Gates(groups, init_logit=INIT_LOGIT).to(device)
-        history = _train(ctx, model, gates, cost_model, data, ratio, device, phase)
+        base = model  # the weights export cuts; slimming trains a copy, the teacher stays
+        if recipe.method == "gates":
+            history = _train(
+                ctx, model, gates, cost_model, data, ratio, device, phase, teacher_cache
+            )
+        else:
+            base, gates, history = _baseline(
+                ctx, model, gates, cost_model, data, target_cost, device, teacher_cache
+            )
         gates.requires_grad_(False)
 
     # -- exporting
@@ -403,10 +463,10 @@ def run_job(ctx: JobContext) -> dict[str, Any]:
         if recipe.target.metric == "latency":
 
             def measure(keep: Mapping[str, Tensor]) -> float:
-                exported = adapter.export_pruned(model, keep)
+                exported = adapter.export_pruned(base, keep)
                 return measure_latency(exported, input_size, recipe.latency, lat_device).median_ms
 
-        trained_acc = _gated_accuracy(model, gates, data, recipe, device)
+        trained_acc = _gated_accuracy(base, gates, data, recipe, device)
         budget = fit_to_budget(gates, cost_model, target_cost, measure=measure)
         keep = {k: v.to("cpu") for k, v in budget.items()}
         # `gates` keeps the trained logits (gates.safetensors); the exported keep set may be
@@ -415,7 +475,7 @@ def run_job(ctx: JobContext) -> dict[str, Any]:
         corrected_acc = (
             trained_acc
             if budget.closed_channels == 0
-            else _gated_accuracy(model, exported_gates, data, recipe, device)
+            else _gated_accuracy(base, exported_gates, data, recipe, device)
         )
         correction = _correction_block(
             budget, float(cost_model.baseline()), trained_acc, corrected_acc
@@ -425,8 +485,8 @@ def run_job(ctx: JobContext) -> dict[str, Any]:
             f"accuracy {trained_acc} -> {corrected_acc}"
         )
         keepall = model.state_dict()  # the frozen input weights, bit for bit
-        pruned = adapter.export_pruned(model, keep).to(device).eval()
-        export_diff = _export_check(model, exported_gates, pruned, data, recipe, device)
+        pruned = adapter.export_pruned(base, keep).to(device).eval()
+        export_diff = _export_check(base, exported_gates, pruned, data, recipe, device)
         phase.log(f"hard-gated vs exported max abs diff {export_diff:.3g}")
     check_cancel()
 
@@ -442,6 +502,7 @@ def run_job(ctx: JobContext) -> dict[str, Any]:
                 device=device,
                 on_step=_progress_emitter(ctx, "finetuning", recipe.train.log_every),
                 should_stop=ctx.should_cancel,
+                teacher_cache=teacher_cache,
             )
     pruned.eval().requires_grad_(False)
     check_cancel()
@@ -492,6 +553,7 @@ def run_job(ctx: JobContext) -> dict[str, Any]:
             extra={
                 "export_max_abs_diff": export_diff,
                 "latency_device": device_name(lat_device),
+                "method": recipe.method,
                 "budget": budget.to_dict(),
                 "layer_costs": layer_costs,
                 "correction": correction,

@@ -9,7 +9,6 @@ way to the device and normalise there: 4x less host-to-device traffic than float
 from __future__ import annotations
 
 import hashlib
-
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence

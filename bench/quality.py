@@ -1,0 +1,285 @@
+"""Compression quality: `gates` against the baselines at equal step budgets, on real data.
+
+    python bench/quality.py [--quick] [--cells 0.5:0,0.25:0,0.25:1,0.1:0,0.1:1,u0.1:0]
+                            [--methods gates,l1,slimming,uniform,tp] [--cache DIR] [--threads 2]
+
+Setup (the issue's): a ResNet-18 (cifar stem) teacher trained once (cached) on 10,000 images of
+the official Fashion-MNIST train split at 32x32; held-out = 2,000 images of the official test
+split (the job's `fashion-mnist` source does exactly that with `limit: 12000` and
+`val_fraction: 1/6`). Every method gets the same post-teacher step budget (`--budget`, 256):
+`gates` and `slimming` spend `--train-steps` (96) on gate / sparsity training and the rest on
+fine-tuning, `l1`, `uniform` and Torch-Pruning's group-magnitude pruner (`tp`, from the `bench`
+extra) spend it all on fine-tuning. Fine-tuning is the pipeline's (`core.train.finetune`: the
+recipe's KD + CE mix from the same teacher, cosine lr, BN recalibration) for every method,
+Torch-Pruning included. A cell is `RATIO:SEED`; `u` marks the under-trained teacher (the same
+recipe stopped after one epoch). The seed is `data.seed`: it draws the training images, the
+held-out images and the batch order; within a cell every method sees the same images.
+
+Every finished run is cached as JSON in `--cache`, so an interrupted grid resumes. Prints one
+Markdown table (mean and spread over seeds, FLOPs ratio reached). Nothing here is tuned to a
+method: all share the recipe below; the anchor (Torch-Pruning) runs in the same invocation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from hawada.adapters.torchvision import build_model
+from hawada.core.data import load_data
+from hawada.core.evaluate import accuracy, count_flops
+from hawada.core.recipe import Recipe, parse_recipe
+from hawada.core.train import finetune, train_classifier
+from hawada.worker.baseline import save_weights
+from hawada.worker.pipeline import JobContext, run_job
+
+FULL = {
+    "size": 32,
+    "n_train": 10_000,
+    "n_heldout": 2_000,
+    "batch": 64,
+    "teacher_steps": 624,  # ~4 epochs of 10k images
+    "budget": 256,
+    "train_steps": 96,
+    "cells": "0.5:0,0.25:0,0.25:1,0.1:0,0.1:1,u0.1:0",
+}
+QUICK = {
+    "size": 16,
+    "n_train": 2_000,
+    "n_heldout": 500,
+    "batch": 32,
+    "teacher_steps": 150,
+    "budget": 48,
+    "train_steps": 16,
+    "cells": "0.25:0",
+}
+METHODS = ("gates", "l1", "slimming", "uniform", "tp")
+UNDER_METHODS = ("gates", "tp")  # the under-trained-teacher cell: gates against Torch-Pruning
+
+
+def make_recipe(
+    cfg: dict[str, Any], *, method: str, ratio: float, seed: int, ft_steps: int, train_steps: int
+) -> Recipe:
+    """The one recipe every method shares (only `method` and the step split differ)."""
+    total = cfg["n_train"] + cfg["n_heldout"]
+    epochs = ft_steps * cfg["batch"] / cfg["n_train"]
+    return parse_recipe(
+        {
+            "method": method,
+            "model": {
+                "arch": "resnet18",
+                "num_classes": 10,
+                "stem": "cifar",
+                "input_size": [3, cfg["size"], cfg["size"]],
+                "normalize": {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]},
+            },
+            "data": {
+                "source": "fashion-mnist",
+                "limit": total,
+                "val_fraction": cfg["n_heldout"] / total,
+                "batch_size": cfg["batch"],
+                "seed": seed,
+            },
+            "target": {"metric": "flops", "ratio": ratio},
+            "train": {"steps": max(1, train_steps), "log_every": 16},
+            "finetune": {"epochs": epochs, "lr": 0.01},
+            "latency": {"batch_size": 1, "repeats": 3, "warmup": 1},
+        }
+    )
+
+
+def teacher(cfg: dict[str, Any], cache: Path, *, under: bool) -> Path:
+    """Train (once) and cache the teacher; `under`: the same recipe stopped after one epoch."""
+    steps = cfg["n_train"] // cfg["batch"] if under else cfg["teacher_steps"]
+    path = cache / f"teacher-{cfg['size']}px-{cfg['n_train']}-{steps}.safetensors"
+    if path.exists():
+        return path
+    recipe = make_recipe(cfg, method="gates", ratio=0.5, seed=0, ft_steps=1, train_steps=1)
+    data = load_data(recipe)
+    torch.manual_seed(0)
+    model = build_model("resnet18", num_classes=10, stem="cifar")
+    t0 = time.perf_counter()
+    train_classifier(model, data, steps=steps, lr=0.05, device="cpu", batch_size=cfg["batch"])
+    acc = accuracy(model, data.heldout_batches(256), "cpu")
+    print(
+        f"teacher {path.name}: {steps} steps, held-out {acc:.4f}, {time.perf_counter() - t0:.0f} s",
+        flush=True,
+    )
+    save_weights(model, path)
+    return path
+
+
+def run_tp(recipe: Recipe, weights: Path) -> dict[str, Any]:
+    """Torch-Pruning group-magnitude pruning (per-layer ratio found by bisection on FLOPs) plus
+    the pipeline's fine-tune; accuracy on the job's held-out images."""
+    import torch_pruning as tp
+    from safetensors.torch import load_file
+
+    data = load_data(recipe)
+    size = tuple(recipe.model.input_size)
+    model = build_model("resnet18", num_classes=10, stem="cifar")
+    model.load_state_dict(load_file(str(weights)))
+    model.eval()
+    base_flops = count_flops(model, size)
+    goal = float(recipe.target.ratio or 0.5) * base_flops
+    example = torch.zeros(1, *size)
+
+    def pruned_at(ratio: float) -> torch.nn.Module:
+        m = copy.deepcopy(model)
+        pruner = tp.pruner.MetaPruner(
+            m,
+            example,
+            importance=tp.importance.GroupMagnitudeImportance(p=2),
+            pruning_ratio=ratio,
+            ignored_layers=[m.fc],
+            round_to=recipe.gates.round_to,
+        )
+        pruner.step()
+        return m
+
+    lo, hi = 0.0, 0.99
+    for _ in range(12):  # largest kept share whose FLOPs fit the target
+        mid = 0.5 * (lo + hi)
+        if count_flops(pruned_at(mid), size) <= goal:
+            hi = mid
+        else:
+            lo = mid
+    student = pruned_at(hi)
+    student.train()
+    finetune(student, model, data, recipe, device="cpu")
+    return {
+        "accuracy": accuracy(student, data.heldout_batches(256), "cpu"),
+        "flops_ratio": count_flops(student, size) / base_flops,
+        "baseline_accuracy": accuracy(model, data.heldout_batches(256), "cpu"),
+    }
+
+
+def run_one(cfg: dict[str, Any], cache: Path, cell: str, method: str) -> dict[str, Any]:
+    """One method in one cell, cached as JSON."""
+    under = cell.startswith("u")
+    ratio_s, seed_s = cell.lstrip("u").split(":")
+    ratio, seed = float(ratio_s), int(seed_s)
+    out = cache / f"run-{cfg['size']}px-{cell}-{method}-{cfg['budget']}.json"
+    if out.exists():
+        return dict(json.loads(out.read_text()))
+    weights = teacher(cfg, cache, under=under)
+    trains = method in ("gates", "slimming")
+    train_steps = cfg["train_steps"] if trains else 0
+    recipe = make_recipe(
+        cfg,
+        method="gates" if method == "tp" else method,
+        ratio=ratio,
+        seed=seed,
+        ft_steps=cfg["budget"] - train_steps,
+        train_steps=train_steps,
+    )
+    t0 = time.perf_counter()
+    if method == "tp":
+        row = run_tp(recipe, weights)
+    else:
+        job_dir = cache / f"job-{cfg['size']}px-{cell}-{method}"
+        report = run_job(JobContext(recipe=recipe, weights=weights, out_dir=job_dir, device="cpu"))
+        corr = report["correction"]
+        row = {
+            "accuracy": report["pruned"]["accuracy"],
+            "flops_ratio": report["pruned"]["flops"] / report["baseline"]["flops"],
+            "baseline_accuracy": report["baseline"]["accuracy"],
+            "trained_ratio": corr["cost_ratio_trained"],
+            "acc_before_correction": corr["accuracy_before"],
+            "acc_after_correction": corr["accuracy_after"],
+            "closed_channels": corr["closed_channels"],
+            "heldout": report["heldout"],
+        }
+    row.update({"cell": cell, "method": method, "seconds": time.perf_counter() - t0})
+    out.write_text(json.dumps(row, indent=1))
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    """Markdown: per (teacher, ratio) and method, mean accuracy ± half-range over seeds."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in rows:
+        key = (
+            "under" if r["cell"].startswith("u") else "full",
+            r["cell"].lstrip("u").split(":")[0],
+        )
+        groups.setdefault(key, []).append(r)
+    lines = [
+        "| teacher | FLOPs target | method | seeds | held-out acc (mean ± half-range) "
+        "| FLOPs reached | gates: acc before / after correction |",
+        "|---|---:|---|---:|---:|---:|---|",
+    ]
+    for (kind, ratio), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], -float(kv[0][1]))):
+        for method in METHODS:
+            ms = [r for r in rs if r["method"] == method]
+            if not ms:
+                continue
+            accs = [r["accuracy"] for r in ms]
+            spread = (max(accs) - min(accs)) / 2
+            flops = statistics.mean(r["flops_ratio"] for r in ms)
+            extra = ""
+            if "acc_before_correction" in ms[0]:
+                extra = " ; ".join(
+                    f"{r['acc_before_correction']:.3f} / {r['acc_after_correction']:.3f} "
+                    f"(trained {r['trained_ratio']:.3f})"
+                    for r in ms
+                )
+            lines.append(
+                f"| {kind} | {ratio} | {method} | {len(ms)} | {statistics.mean(accs):.4f} ± "
+                f"{spread:.4f} | {flops:.4f} | {extra} |"
+            )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    """Run the grid (or what is asked), print the table."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="16x16, 2k images, one cell")
+    parser.add_argument("--cells", default=None)
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--cache", type=Path, default=Path("bench/.quality-cache"))
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--budget", type=int, default=None)
+    parser.add_argument("--train-steps", type=int, default=None)
+    parser.add_argument("--teacher-steps", type=int, default=None, help="smoke runs only")
+    args = parser.parse_args()
+    cfg = dict(QUICK if args.quick else FULL)
+    if args.budget is not None:
+        cfg["budget"] = args.budget
+    if args.train_steps is not None:
+        cfg["train_steps"] = args.train_steps
+    if args.teacher_steps is not None:
+        cfg["teacher_steps"] = args.teacher_steps
+    torch.set_num_threads(args.threads)
+    args.cache.mkdir(parents=True, exist_ok=True)
+    print(
+        f"machine: {platform.node()} {platform.processor() or platform.machine()}, "
+        f"{os.cpu_count()} cpus, torch {torch.__version__}, threads {args.threads}, "
+        f"load {os.getloadavg()}",
+        flush=True,
+    )
+    rows: list[dict[str, Any]] = []
+    for cell in (args.cells or cfg["cells"]).split(","):
+        allowed = UNDER_METHODS if cell.startswith("u") else METHODS
+        rows.extend(
+            run_one(cfg, args.cache, cell, m) for m in args.methods.split(",") if m in allowed
+        )
+    print(table(rows))
+    print(f"load at the end {os.getloadavg()}")
+
+
+if __name__ == "__main__":
+    main()
