@@ -135,7 +135,7 @@ def test_sigkilled_celery_parent_is_restarted_and_the_job_resumes_once(tmp_path:
     svc = Service(env, var_dir, embedded=True)
     try:
         serve_pid = svc.procs[0].pid
-        job_id = svc.client.submit(tiny_recipe(train={"steps": 400, "log_every": 10}), weights)[
+        job_id = svc.client.submit(tiny_recipe(train={"steps": 150, "log_every": 10}), weights)[
             "id"
         ]
         ckpt = var_dir / "checkpoints" / job_id / "train_state.json"
