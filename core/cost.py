@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
-from hawada.core.layers import CostModel, LayerSpec, Width, group_widths
+from hawada.core.layers import CostModel, LayerSpec, Width, group_widths, input_parts
 from hawada.core.lut.cost import LatencyCost
 from hawada.core.lut.table import LatencyTable
 
@@ -108,12 +108,13 @@ class _BilinearCost:
         return self._baseline
 
 
-def _conv_in_factor(spec: LayerSpec) -> tuple[float, _Factor]:
-    """(coefficient part, input factor) of cin/groups for a conv."""
+def _in_factors(spec: LayerSpec) -> list[tuple[float, _Factor]]:
+    """(coefficient part, input factor) pairs summing to the input features (conv: / groups)."""
     if spec.tied_groups:
         # Groups shrink with the gate: in-channels per group is a constant.
-        return float(spec.in_channels // spec.groups), (None, 1.0)
-    return 1.0 / spec.groups, (spec.in_group, float(spec.in_channels))
+        return [(float(spec.in_channels // spec.groups), (None, 1.0))]
+    per = 1.0 / spec.groups if spec.kind == "conv" else 1.0
+    return [(per * block, (g, float(c))) for g, c, block in input_parts(spec)]
 
 
 class FlopsCost(_BilinearCost):
@@ -125,10 +126,9 @@ class FlopsCost(_BilinearCost):
     def _terms(spec: LayerSpec) -> list[_Term]:
         out = (spec.out_group, float(spec.out_channels))
         if spec.kind == "linear":
-            return [(2.0, (spec.in_group, float(spec.in_channels)), out)]
-        part, in_factor = _conv_in_factor(spec)
+            return [(2.0 * part, f, out) for part, f in _in_factors(spec)]
         spatial = spec.out_hw[0] * spec.out_hw[1] * spec.kernel[0] * spec.kernel[1]
-        return [(2.0 * spatial * part, in_factor, out)]
+        return [(2.0 * spatial * part, f, out) for part, f in _in_factors(spec)]
 
 
 class ParamsCost(_BilinearCost):
@@ -140,12 +140,8 @@ class ParamsCost(_BilinearCost):
     def _terms(spec: LayerSpec) -> list[_Term]:
         out = (spec.out_group, float(spec.out_channels))
         one: _Factor = (None, 1.0)
-        if spec.kind == "linear":
-            weight = (1.0, (spec.in_group, float(spec.in_channels)), out)
-        else:
-            part, in_factor = _conv_in_factor(spec)
-            weight = (spec.kernel[0] * spec.kernel[1] * part, in_factor, out)
-        terms = [weight]
+        k = 1.0 if spec.kind == "linear" else float(spec.kernel[0] * spec.kernel[1])
+        terms = [(k * part, f, out) for part, f in _in_factors(spec)]
         if spec.bias:
             terms.append((1.0, one, out))
         if spec.norm is not None:

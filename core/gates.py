@@ -32,6 +32,8 @@ class GateGroup:
     unit is one conv group). `modules` are the norm layers whose outputs the mask multiplies;
     `covers` lists every conv/linear/norm whose output channels the group decides (report).
     Widths snap to multiples of `round_units` units and never go below `min_units`.
+    `channels_last` names the `modules` whose outputs hold channels on the last dim (a linear
+    inside ConvNeXt's channels-last block) rather than on dim 1.
     """
 
     name: str
@@ -41,6 +43,7 @@ class GateGroup:
     min_units: int
     round_units: int
     covers: list[str] = field(default_factory=list)
+    channels_last: tuple[str, ...] = ()
 
     @property
     def channels(self) -> int:
@@ -58,6 +61,7 @@ class GateGroup:
         round_to: int,
         min_channels: int,
         unit_width: int = 1,
+        channels_last: Sequence[str] = (),
     ) -> GateGroup:
         """Build a group from channel-level recipe settings (`gates.round_to`, `min_channels`).
 
@@ -76,6 +80,7 @@ class GateGroup:
             min_units,
             round_units,
             list(covers),
+            tuple(channels_last),
         )
 
 
@@ -272,18 +277,21 @@ def attach(model: nn.Module, gates: Gates) -> GateHandle:
     for name, group in gates.groups.items():
         for module_name in group.modules:
             module = model.get_submodule(module_name)
-            handles.append(module.register_forward_hook(_make_hook(gates, name)))
+            last = module_name in group.channels_last
+            handles.append(module.register_forward_hook(_make_hook(gates, name, last)))
     return GateHandle(handles)
 
 
 Hook = Callable[[nn.Module, tuple[Tensor, ...], Tensor], Tensor | None]
 
 
-def _make_hook(gates: Gates, group: str) -> Hook:
+def _make_hook(gates: Gates, group: str, channels_last: bool = False) -> Hook:
     def hook(_module: nn.Module, _inputs: tuple[Tensor, ...], output: Tensor) -> Tensor | None:
         mask = gates.channel_mask(group)
         if mask is None:
             return None  # mode off: leave the output untouched (bit-exact teacher)
+        if channels_last:
+            return output * mask.to(output.dtype)
         shape = (1, -1) + (1,) * (output.dim() - 2)
         return output * mask.to(output.dtype).view(shape)
 

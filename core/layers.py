@@ -25,6 +25,10 @@ class LayerSpec:
     fixed). `tied_groups`: grouped conv whose group count shrinks with its gate, so the input
     channels per group stay constant. `norm` names the norm layer after it (its affine
     parameters count with the layer). Spatial sizes are from one forward at the job's input size.
+
+    `in_block`: input elements per channel of `in_group` (a linear after flattening C x H x W
+    reads H * W features per channel; `in_channels` counts features). `in_segments`: the input
+    is a concatenation of (group or None, channels) segments; `in_group` is then None.
     """
 
     name: str
@@ -43,6 +47,19 @@ class LayerSpec:
     dilation: tuple[int, int] = (1, 1)
     bias: bool = False
     norm: str | None = None
+    in_block: int = 1
+    in_segments: tuple[tuple[str | None, int], ...] = ()
+
+
+def input_parts(spec: LayerSpec) -> list[tuple[str | None, int, int]]:
+    """The input channels of a layer as (group or None, channels, features per channel) parts.
+
+    Input features = sum(channels * features per channel); a part with a group varies with it.
+    """
+    if spec.in_segments:
+        return [(g, int(c), 1) for g, c in spec.in_segments]
+    block = max(1, int(spec.in_block))
+    return [(spec.in_group, spec.in_channels // block, block)]
 
 
 @runtime_checkable
@@ -67,10 +84,8 @@ def group_widths(layers: Sequence[LayerSpec]) -> dict[str, int]:
     """Full channel count of every group the layers mention (checked for consistency)."""
     full: dict[str, int] = {}
     for spec in layers:
-        for group, channels in (
-            (spec.in_group, spec.in_channels),
-            (spec.out_group, spec.out_channels),
-        ):
+        parts = [(g, c) for g, c, _ in input_parts(spec)]
+        for group, channels in (*parts, (spec.out_group, spec.out_channels)):
             if group is None:
                 continue
             if full.setdefault(group, channels) != channels:

@@ -9,6 +9,7 @@ decorates its builders with `@register_arch(name, family=...)` and its adapter c
 
 from __future__ import annotations
 
+from hawada.adapters.torchvision import families as _families  # noqa: F401  (registers them)
 from hawada.adapters.torchvision import resnet as _resnet  # noqa: F401  (registers the family)
 from hawada.adapters.torchvision.pruned import load_pruned
 from hawada.adapters.torchvision.registry import (

@@ -7,10 +7,11 @@ with narrowed layers; nothing of HawAda's training code is needed to use it.
 from __future__ import annotations
 
 import json
+from collections import OrderedDict
 from pathlib import Path
 
 from safetensors.torch import load_file
-from torch import nn
+from torch import Tensor, nn
 
 from hawada.adapters.torchvision.registry import get_adapter, tag_model
 
@@ -29,7 +30,11 @@ def load_pruned(json_path: str | Path, weights_path: str | Path) -> nn.Module:
         raise ValueError(f"{json_path}: not a pruned.json (missing {', '.join(missing)})")
     model = get_adapter(config["arch"]).pruned_skeleton(config)
     state = load_file(str(weights_path), device="cpu")
-    model.load_state_dict(state, strict=True, assign=True)
+    # A safetensors file has no per-module version metadata; give the loader the skeleton's
+    # own (MNASNet refuses a state dict without it).
+    versioned: OrderedDict[str, Tensor] = OrderedDict(state)
+    versioned._metadata = getattr(model.state_dict(), "_metadata", OrderedDict())  # type: ignore[attr-defined]
+    model.load_state_dict(versioned, strict=True, assign=True)
     unset = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
     if unset:
         raise ValueError(f"{weights_path}: no values for {unset[:5]}")

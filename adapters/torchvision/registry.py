@@ -98,6 +98,14 @@ def register_family(family: str) -> Callable[[A], A]:
     return decorate
 
 
+def register_adapter(adapter: FamilyAdapter) -> FamilyAdapter:
+    """Register an adapter instance for its `family` (for adapters built from data)."""
+    if adapter.family in _ADAPTERS:
+        raise ValueError(f"family {adapter.family!r} has two adapters")
+    _ADAPTERS[adapter.family] = adapter
+    return adapter
+
+
 def list_architectures() -> list[str]:
     """Supported architecture names, sorted."""
     return sorted(_ARCHS)

@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
-from hawada.core.layers import LayerSpec, Width, group_widths
+from hawada.core.layers import LayerSpec, Width, group_widths, input_parts
 from hawada.core.lut.table import LatencyTable, LutEntry, layer_shape
 
 
@@ -61,12 +61,18 @@ class LatencyCost:
             v[k, : len(ci), : len(co)] = torch.tensor(ms, dtype=torch.float64)
             ni[k], nj[k] = len(ci), len(co)
         tied = [s.groups_mode.startswith("tied:") for s in shapes]
-        in_slot = torch.tensor(
-            [
-                gidx[la.in_group] if (la.in_group is not None and not t) else const
-                for la, t in zip(layers, tied, strict=True)
-            ]
-        )
+        # cin = in_mat @ widths + in_const: concatenated and flattened inputs sum their parts.
+        in_mat = torch.zeros(n, len(self.groups), dtype=torch.float64)
+        in_const = torch.zeros(n, dtype=torch.float64)
+        for k, (la, t, s) in enumerate(zip(layers, tied, shapes, strict=True)):
+            if t:
+                in_const[k] = float(s.cin)
+                continue
+            for g, c, block in input_parts(la):
+                if g is None:
+                    in_const[k] += float(c * block)
+                else:
+                    in_mat[k, gidx[g]] += float(block)
         out_slot = torch.tensor(
             [gidx[la.out_group] if la.out_group is not None else const for la in layers]
         )
@@ -76,10 +82,10 @@ class LatencyCost:
             "v": v,
             "ni": ni,
             "nj": nj,
-            "in_slot": in_slot,
+            "in_mat": in_mat,
+            "in_const": in_const,
             "out_slot": out_slot,
             "rows": torch.arange(n),
-            "cin_full": torch.tensor([float(s.cin) for s in shapes], dtype=torch.float64),
             "cout_full": torch.tensor([float(s.cout) for s in shapes], dtype=torch.float64),
             "full": torch.tensor([float(full[g]) for g in self.groups], dtype=torch.float64),
         }
@@ -145,7 +151,7 @@ class LatencyCost:
         b = self._buffers(device)
         w = self._width_vector(widths, device)
         const = len(self.groups)
-        cin = torch.where(b["in_slot"] == const, b["cin_full"], w[b["in_slot"]])
+        cin = b["in_mat"] @ w[:const] + b["in_const"]
         cout = torch.where(b["out_slot"] == const, b["cout_full"], w[b["out_slot"]])
         i, t = self._interp_axis(cin, b["xi"], b["ni"])
         j, u = self._interp_axis(cout, b["xj"], b["nj"])

@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from hawada.core.layers import LayerSpec
+from hawada.core.layers import LayerSpec, input_parts
 
 LUT_VERSION = 1
 
@@ -74,7 +74,8 @@ def layer_shape(layer: LayerSpec, batch: int) -> LayerShape:
         mode = f"fixed:{groups}"
     else:
         mode = "dense"
-    cin_varies = layer.in_group is not None and not tied  # tied: cin follows cout
+    varies = any(g is not None for g, _, _ in input_parts(layer))
+    cin_varies = varies and not tied  # tied: cin follows cout
     return LayerShape(
         kind,
         kernel,
