@@ -142,10 +142,28 @@ class RecipeList(BaseModel):
     items: list[RecipePublic]
 
 
+class CouplingGroupPublic(BaseModel):
+    """Channels kept or removed together: full width, unit (a conv group), member layers."""
+
+    name: str
+    channels: int
+    unit_width: int
+    residual: bool
+    modules: list[str]
+
+
 class ArchitecturePublic(BaseModel):
     name: str
     family: str
+    groups: list[CouplingGroupPublic] = []
+
+
+class UnsupportedArchitecturePublic(BaseModel):
+    name: str
+    family: str
+    reason: str
 
 
 class ArchitectureList(BaseModel):
     items: list[ArchitecturePublic]
+    unsupported: list[UnsupportedArchitecturePublic] = []

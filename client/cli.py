@@ -402,26 +402,70 @@ def recipes(
 
 
 def archs(
+    name: Annotated[
+        str | None,
+        typer.Argument(help="Print the coupling groups of this architecture (members, widths)."),
+    ] = None,
     as_json: AsJson = False,
     url: Url = DEFAULT_URL,
     api_key: ApiKey = None,
 ) -> None:
-    """List the architectures a recipe's model.arch may name."""
+    """List the architectures a recipe's model.arch may name (and those that cannot be used,
+    with the reason), or the coupling groups of one of them."""
     with handled(), _client(url, api_key) as client:
         body = client.architectures()
+    items = body.get("items", [])
+    unsupported = body.get("unsupported", [])
+    if name is not None:
+        chosen = [a for a in items if a.get("name") == name]
+        if not chosen:
+            why = [u.get("reason") for u in unsupported if u.get("name") == name]
+            detail = f"not supported: {why[0]}" if why else "unknown"
+            error(f"architecture {name!r} is {detail}; supported: {len(items)} (hawada archs)")
+            raise typer.Exit(EXIT_USAGE)
+        groups = chosen[0].get("groups", [])
+        if as_json:
+            console.print_json(data=chosen[0])
+            return
+        table = Table(box=None, header_style="bold", pad_edge=False)
+        for column in ("group", "channels", "unit", "residual", "modules"):
+            table.add_column(column, no_wrap=column == "group")
+        for g in groups:
+            table.add_row(
+                str(g.get("name", "")),
+                str(g.get("channels", "")),
+                str(g.get("unit_width", "")),
+                _cell(g.get("residual")),
+                ", ".join(g.get("modules", [])),
+            )
+        print_table(table)
+        return
     if as_json:
         console.print_json(data=body)
         return
-    items = body.get("items", [])
     columns = ["name", "family"]
     for item in items:  # whatever else the API lists per architecture, in its order
-        columns += [k for k, v in item.items() if k not in columns and not isinstance(v, dict)]
+        columns += [
+            k for k, v in item.items() if k not in columns and not isinstance(v, (dict, list))
+        ]
     table = Table(box=None, header_style="bold", pad_edge=False)
-    for column in columns:
+    for column in (*columns, "groups", "channels"):
         table.add_column(column, no_wrap=column == "name")
     for item in items:
-        table.add_row(*(_cell(item.get(c)) for c in columns))
+        groups = item.get("groups", [])
+        table.add_row(
+            *(_cell(item.get(c)) for c in columns),
+            str(len(groups)),
+            str(sum(int(g.get("channels", 0)) for g in groups)),
+        )
     print_table(table)
+    if unsupported:
+        listing = Table(box=None, header_style="bold", pad_edge=False, title="not supported")
+        for column in ("name", "family", "reason"):
+            listing.add_column(column, no_wrap=column == "name")
+        for u in unsupported:
+            listing.add_row(*(_cell(u.get(c)) for c in ("name", "family", "reason")))
+        print_table(listing)
 
 
 def _cell(value: Any) -> str:
@@ -445,7 +489,7 @@ EXAMPLES = {
     "delete": "hawada delete 3f2c0e6a4d2f4c5e8a7b6c5d4e3f2a1b",
     "download": "hawada download 3f2c0e6a4d2f4c5e8a7b6c5d4e3f2a1b --out result/",
     "recipes": "hawada recipes resnet > my-recipe.yaml",
-    "archs": "hawada archs --json",
+    "archs": "hawada archs mobilenet_v3_small",
 }
 
 

@@ -114,6 +114,13 @@ def test_unknown_arch_is_422(client: TestClient) -> None:
     assert "model.arch" in assert_error(submit(client, bad), 422, "invalid_recipe")["message"]
 
 
+def test_unsupported_torchvision_arch_is_422_naming_the_reason(client: TestClient) -> None:
+    bad = json.loads(json.dumps(RECIPE))
+    bad["model"]["arch"] = "vit_b_16"
+    message = assert_error(submit(client, bad), 422, "invalid_recipe")["message"]
+    assert "vit_b_16" in message and "not supported" in message and "transformer" in message
+
+
 @pytest.mark.parametrize(
     ("name", "payload"),
     [
@@ -455,8 +462,15 @@ def test_readyz_reports_failed_broker(settings: Any) -> None:
 
 
 def test_catalog(client: TestClient) -> None:
-    archs = client.get("/v1/architectures").json()["items"]
-    assert {"name": "resnet18", "family": "resnet"} in archs
+    body = client.get("/v1/architectures").json()
+    archs = {a["name"]: a for a in body["items"]}
+    assert archs["resnet18"]["family"] == "resnet"
+    assert {"mobilenet_v3_small", "efficientnet_b0", "vgg11_bn", "densenet121"} <= set(archs)
+    first = archs["mobilenet_v3_small"]["groups"][0]
+    assert first["channels"] == 16 and first["modules"][:2] == ["features.0.0", "features.0.1"]
+    unsupported = {a["name"]: a["reason"] for a in body["unsupported"]}
+    assert "vit_b_16" in unsupported and "transformer" in unsupported["vit_b_16"]
+    assert not set(unsupported) & set(archs)
     recipes = {r["name"]: r["recipe"] for r in client.get("/v1/recipes").json()["items"]}
     assert recipes and all("model" in r and "target" in r for r in recipes.values())
 

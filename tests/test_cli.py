@@ -197,6 +197,16 @@ def test_catalog_commands_print_tables_or_json(api_server: Any) -> None:
         a["name"] for a in json.loads(_invoke("archs", "--json", "--url", url).stdout)["items"]
     ]
     assert "resnet18" in names
+    res = _invoke("archs", "--url", url)
+    assert re.search(r"^mobilenet_v3_small\s+mobilenetv3\s+27\s", res.stdout, re.M)
+    assert re.search(r"^vit_b_16\s+vision_transformer\s+a vision transformer", res.stdout, re.M)
+    res = _invoke("archs", "resnet18", "--url", url)
+    assert res.exit_code == 0
+    assert re.search(
+        r"^stream\.layer1\s+64\s+1\s+yes\s+conv1, bn1, layer1\.0\.conv2", res.stdout, re.M
+    )
+    res = _invoke("archs", "swin_t", "--url", url)
+    assert res.exit_code == 2 and "not supported" in res.stderr
 
 
 def _commands(group: Any, prefix: str = "") -> list[str]:

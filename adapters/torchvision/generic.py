@@ -53,9 +53,7 @@ class GraphAdapter:
         self.family = family
         self.trace_size = tuple(trace_size)
         self._stem = stem
-        self._cache: weakref.WeakKeyDictionary[nn.Module, Analysis] = (
-            weakref.WeakKeyDictionary()
-        )
+        self._cache: weakref.WeakKeyDictionary[nn.Module, Analysis] = weakref.WeakKeyDictionary()
 
     # --- analysis -------------------------------------------------------------------------
     def analysis(self, model: nn.Module) -> Analysis:
@@ -174,7 +172,7 @@ class GraphAdapter:
             if not isinstance(bn, _BatchNorm):  # pragma: no cover - recorded as batch norms
                 raise TypeError(f"{norm.name}: {type(bn).__name__}")
             new.set_submodule(norm.name, slice_bn(bn, idx.segments(norm.segs, 1)))
-        _copy_unset(new, model)
+        _copy_unset(new, model, {r.name for r in an.convs} | {n.name for n in an.norms})
         return new.train(model.training)
 
     def pruned_config(
@@ -347,20 +345,25 @@ def _num_classes(model: nn.Module, an: Analysis) -> int:
     raise TypeError(f"{last.name}: {type(module).__name__}")  # pragma: no cover
 
 
-def _copy_unset(new: nn.Module, model: nn.Module) -> None:
-    """Copy every parameter/buffer `new` still has on the meta device from `model` by name."""
+def _copy_unset(new: nn.Module, model: nn.Module, done: set[str]) -> None:
+    """Copy every parameter/buffer of `new` outside the modules in `done` from `model`."""
     params = dict(model.named_parameters())
     buffers = dict(model.named_buffers())
     for name, t in list(new.named_parameters()):
-        if t.is_meta:
-            owner, _, leaf = name.rpartition(".")
+        owner, _, leaf = name.rpartition(".")
+        if owner not in done:
             src = params[name].detach().clone()
             setattr(new.get_submodule(owner), leaf, nn.Parameter(src, t.requires_grad))
-    for name, b in list(new.named_buffers()):
-        if b.is_meta:
-            owner, _, leaf = name.rpartition(".")
+    for name, _b in list(new.named_buffers()):
+        owner, _, leaf = name.rpartition(".")
+        if owner not in done:
             setattr(new.get_submodule(owner), leaf, buffers[name].detach().clone())
-    meta = [n for n, t in (*new.named_parameters(), *new.named_buffers()) if t.is_meta]
+    source = {**params, **buffers}
+    meta = [
+        n
+        for n, t in (*new.named_parameters(), *new.named_buffers())
+        if t.is_meta and not source[n].is_meta  # a meta-device source stays structure only
+    ]
     if meta:  # pragma: no cover - every tensor exists in the source model
         raise RuntimeError(f"export left tensors unset: {meta[:5]}")
 

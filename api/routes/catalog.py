@@ -4,8 +4,15 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from hawada.api.schemas import ArchitectureList, ArchitecturePublic, RecipeList, RecipePublic
-from hawada.core.architectures import supported_architectures
+from hawada.api.schemas import (
+    ArchitectureList,
+    ArchitecturePublic,
+    CouplingGroupPublic,
+    RecipeList,
+    RecipePublic,
+    UnsupportedArchitecturePublic,
+)
+from hawada.core.architectures import catalogue
 from hawada.core.recipe import builtin_recipes, recipe_to_dict
 
 router = APIRouter(prefix="/v1", tags=["catalog"])
@@ -24,7 +31,22 @@ def list_recipes() -> RecipeList:
 
 @router.get("/architectures", response_model=ArchitectureList)
 def list_architectures() -> ArchitectureList:
-    """Architectures a recipe's `model.arch` may name, with their adapter family."""
+    """Architectures a recipe's `model.arch` may name, with their adapter family and coupling
+    groups; `unsupported` lists the other torchvision classification models with the reason."""
+    entries = sorted(catalogue().values(), key=lambda a: a.name)
     return ArchitectureList(
-        items=[ArchitecturePublic(name=n, family=f) for n, f in supported_architectures().items()]
+        items=[
+            ArchitecturePublic(
+                name=a.name,
+                family=a.family,
+                groups=[CouplingGroupPublic(**g) for g in a.details.get("groups", [])],
+            )
+            for a in entries
+            if a.supported
+        ],
+        unsupported=[
+            UnsupportedArchitecturePublic(name=a.name, family=a.family, reason=a.reason or "")
+            for a in entries
+            if not a.supported
+        ],
     )
