@@ -62,7 +62,12 @@ SIZES = {"inception_v3": (96, "imagenet")}
 
 
 def _recipe(arch: str, size: int) -> object:
-    return parse_recipe({"model": {"arch": arch, "num_classes": 10, "input_size": [3, size, size]}})
+    return parse_recipe(
+        {
+            "model": {"arch": arch, "num_classes": 10, "input_size": [3, size, size]},
+            "data": {"source": "synthetic"},
+        }
+    )
 
 
 def randomize(model: nn.Module, size: int, seed: int) -> None:
