@@ -125,8 +125,9 @@ class FlopsCost(_BilinearCost):
     @staticmethod
     def _terms(spec: LayerSpec) -> list[_Term]:
         out = (spec.out_group, float(spec.out_channels))
-        if spec.kind == "linear":
-            return [(2.0 * part, f, out) for part, f in _in_factors(spec)]
+        if spec.kind == "linear":  # out_hw: positions it runs at (ConvNeXt's channels-last MLP)
+            positions = spec.out_hw[0] * spec.out_hw[1]
+            return [(2.0 * positions * part, f, out) for part, f in _in_factors(spec)]
         spatial = spec.out_hw[0] * spec.out_hw[1] * spec.kernel[0] * spec.kernel[1]
         return [(2.0 * spatial * part, f, out) for part, f in _in_factors(spec)]
 

@@ -262,6 +262,7 @@ def test_pruned_config_naming_other_modules_is_refused() -> None:
         ("googlenet", True),  # concatenations of pruned branches
         ("regnet_y_400mf", True),  # grouped convs at group granularity
         ("densenet121", False),  # pre-activation norms over concatenations are not layer specs
+        ("convnext_tiny", False),  # linears at every position; layer norms are not layer specs
     ],
 )
 def test_flops_and_params_model_match_torch_on_the_pruned_model(

@@ -68,6 +68,7 @@ def test_job_on_a_new_family_succeeds_and_reloads(
     assert job["status"] == "succeeded", f"{job.get('error')}\n{service.tail()}"
 
     out = tmp_path / "out"
+    out.mkdir()
     for name in ("pruned.json", "pruned.safetensors", "report.json"):
         service.client.download(job["id"], name, out)
     report = json.loads((out / "report.json").read_text())

@@ -136,7 +136,7 @@ class GraphAdapter:
                         groups=1,
                         tied_groups=False,
                         kernel=(1, 1),
-                        out_hw=(1, 1),
+                        out_hw=shapes[rec.name][1],
                         bias=module.bias is not None,
                         norm=rec.norm,
                         in_block=rec.in_block,
@@ -394,9 +394,18 @@ def _io_shapes(
 
         return hook
 
+    def positions(name: str) -> Callable[[nn.Module, tuple[Tensor, ...], Tensor], None]:
+        def hook(_m: nn.Module, _inputs: tuple[Tensor, ...], output: Tensor) -> None:
+            n = output.numel() // (output.shape[0] * output.shape[-1])
+            shapes[name] = ((1, 1), (int(n), 1))  # a linear runs at every position it sees
+
+        return hook
+
     for name, module in model.named_modules():
         if isinstance(module, nn.Conv2d):
             handles.append(module.register_forward_hook(recorder(name)))
+        elif isinstance(module, nn.Linear):
+            handles.append(module.register_forward_hook(positions(name)))
     ref = next(model.parameters())
     was_training = model.training
     try:

@@ -60,6 +60,7 @@ def layer_shape(layer: LayerSpec, batch: int) -> LayerShape:
     tied = layer.tied_groups
     cin, cout = layer.in_channels, layer.out_channels
     if kind == "linear":
+        batch = batch * layer.out_hw[0] * layer.out_hw[1]  # a linear over positions: more rows
         kernel, stride, padding, dilation, in_hw, mode = (
             (1, 1),
             (1, 1),
