@@ -165,7 +165,7 @@ def test_bad_model_block(model: dict, path: str) -> None:
 @pytest.mark.parametrize(
     ("arch", "says"),
     [
-        ("vgg16", "is not supported: no HawAda adapter for the vgg family"),
+        ("vit_b_16", "is not supported: a vision transformer"),
         ("resnet9000", "unknown architecture"),
     ],
 )
@@ -178,10 +178,13 @@ def test_unsupported_arch_lists_supported_names(arch: str, says: str) -> None:
         assert name in message
 
 
-def test_the_ten_torchvision_resnets_are_supported() -> None:
+def test_every_torchvision_cnn_is_supported_and_resnets_keep_their_family() -> None:
     supported = supported_architectures()
-    assert len(supported) == 10 and set(supported.values()) == {"resnet"}
-    for arch in supported:
+    assert len(supported) == 68  # every classification CNN constructor in torchvision.models
+    assert {"vgg11_bn", "mobilenet_v3_small", "efficientnet_b0", "convnext_tiny"} <= set(supported)
+    resnets = [arch for arch, family in supported.items() if family == "resnet"]
+    assert len(resnets) == 10
+    for arch in resnets:
         assert (
             parse_recipe({**MINIMAL, "model": {"arch": arch, "num_classes": 2}}).family == "resnet"
         )
