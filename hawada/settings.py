@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MiB = 1024 * 1024
@@ -53,6 +53,12 @@ class Settings(BaseSettings):
     heartbeat_s: float = 5.0
     # Per-owner and total bounds: queued + running jobs, and open event streams (429 beyond).
     max_active_jobs_per_owner: int = 20
+    # How long an API process may answer `GET /v1/jobs/{id}` from its own copy of the job (the
+    # polling hot path; the process's own cancel/delete drop the copy at once). 0 disables.
+    job_cache_s: float = Field(default=0.5, ge=0.0, le=10.0)
+    # uvicorn's line per request (off: at polling rates it costs a third of the API's CPU;
+    # /metrics counts requests and their latency per route either way).
+    access_log: bool = False
     max_event_streams: int = 200
     max_event_streams_per_owner: int = 8
     # Images one latency measurement may push through a model: batch_size x (warmup + repeats).

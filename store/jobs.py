@@ -426,6 +426,16 @@ def job_states(session: Session, job_ids: Sequence[str]) -> dict[str, str]:
     return {row.id: row.status for row in rows}
 
 
+def event_heads(session: Session, job_ids: Sequence[str]) -> dict[str, tuple[int, bool]]:
+    """{job id: (last event seq, job ended)} for those of `job_ids` that exist: one query that
+    tells followers of many jobs which have something new (an event's seq and the job row's
+    counter are committed together)."""
+    rows = session.execute(
+        select(Job.id, Job.event_seq, Job.status).where(Job.id.in_(list(job_ids)))
+    )
+    return {row.id: (int(row.event_seq or 0), row.status in TERMINAL_STATES) for row in rows}
+
+
 def count_active(session: Session, owner: str) -> int:
     """The owner's jobs that are queued, running or cancelling."""
     return int(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import io
 import json
@@ -638,3 +639,78 @@ def test_recipe_without_data_is_422_listing_the_sources(client: TestClient, enqu
         }
     ]
     assert enqueued.job_ids == []
+
+
+def test_polls_are_answered_from_a_short_lived_copy(
+    settings: Any, enqueued: Any, monkeypatch: Any
+) -> None:
+    """GET /v1/jobs/{id} may answer from this process's copy for `job_cache_s`: a worker's
+    write shows only after that window, this process's own cancel shows at once, and 0 turns
+    the copy off (every poll reads the database)."""
+    now = [1000.0]
+    monkeypatch.setattr("hawada.api.routes.jobs.clock", lambda: now[0])
+    app_settings = settings.model_copy(update={"job_cache_s": 0.5})
+    with TestClient(create_app(app_settings, enqueue=enqueued)) as client:
+        job_id = submit(client).json()["id"]
+        assert client.get(f"/v1/jobs/{job_id}").json()["progress"] == 0
+        with session_scope(settings.database_url) as s:  # what a worker does
+            assert repo.claim_job(s, job_id, "w1", 60.0)
+            repo.set_progress(s, job_id, "training", 0.4)
+        assert client.get(f"/v1/jobs/{job_id}").json()["status"] == "queued"  # the copy
+        now[0] += 0.6
+        assert client.get(f"/v1/jobs/{job_id}").json()["progress"] == 0.4  # window over
+        assert client.post(f"/v1/jobs/{job_id}/cancel").json()["status"] == "cancelling"
+        assert client.get(f"/v1/jobs/{job_id}").json()["status"] == "cancelling"  # at once
+        assert_error(client.get("/v1/jobs/" + "0" * 24), 404, "job_not_found")
+    off = settings.model_copy(update={"job_cache_s": 0.0})
+    with TestClient(create_app(off, enqueue=enqueued)) as client:
+        job_id = submit(client).json()["id"]
+        assert client.get(f"/v1/jobs/{job_id}").json()["progress"] == 0
+        with session_scope(settings.database_url) as s:
+            assert repo.claim_job(s, job_id, "w1", 60.0)
+            repo.set_progress(s, job_id, "training", 0.25)
+        assert client.get(f"/v1/jobs/{job_id}").json()["progress"] == 0.25
+
+
+def test_event_streams_share_one_poll(client: TestClient, settings: Any, monkeypatch: Any) -> None:
+    """Streams following idle jobs cost one query per poll between them (not one each); a new
+    event wakes only the streams whose job has it; an ended or deleted job wakes its streams."""
+    import anyio
+
+    from hawada.api.routes import events as ev
+
+    monkeypatch.setattr(ev, "POLL_S", 0.05)
+    queries: list[list[str]] = []
+    real_heads = ev._heads
+
+    def counted(url: str, ids: list[str]) -> dict[str, tuple[int, bool]]:
+        queries.append(sorted(ids))
+        return real_heads(url, ids)
+
+    monkeypatch.setattr(ev, "_heads", counted)
+    ids = [submit(client).json()["id"] for _ in range(3)]
+    for job_id in ids:
+        _run_with_events(settings, job_id, finish=False)  # 4 events each, running
+
+    async def scenario() -> None:
+        watch = ev.EventWatch(settings.database_url, anyio.CapacityLimiter(2))
+        for job_id in ids * 4:  # twelve streams on three jobs
+            watch.follow(job_id)
+        waits = [watch.wait(job_id, 4, 0.3) for job_id in ids * 4]
+        assert await asyncio.gather(*waits) == [False] * 12  # nothing past seq 4
+        polls = len(queries)
+        assert polls >= 1 and all(q == sorted(ids) for q in queries)  # one query a poll
+        with session_scope(settings.database_url) as s:
+            repo.add_event(s, ids[0], "log", {"message": "new"})
+            repo.finish_job(s, ids[1], "failed", error={"code": "internal", "message": "x"})
+        woken = await asyncio.gather(*(watch.wait(j, 4, 1.0) for j in ids))
+        assert woken == [True, True, False]
+        for job_id in ids * 4:
+            watch.unfollow(job_id)
+        await asyncio.sleep(0.2)
+        assert watch.heads == {}  # nobody follows: the poll stops
+        stopped = len(queries)
+        await asyncio.sleep(0.2)
+        assert len(queries) == stopped
+
+    asyncio.run(scenario())

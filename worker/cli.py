@@ -26,7 +26,7 @@ from hawada.console import ProgressView, before_after_table, console, report_war
 from hawada.extras import MissingExtra, require
 
 #: The API application factory, by import string (uvicorn imports it in this process).
-API_FACTORY = "hawada.api.main:create_app"
+API_FACTORY = "hawada.api.main:create_serving_app"
 
 #: One example per command, shown at the end of its --help.
 EXAMPLES = {
@@ -184,8 +184,17 @@ def _init_db() -> None:
 def _uvicorn(host: str, port: int) -> None:
     import uvicorn
 
+    from hawada.settings import get_settings
+
     # The app's default enqueuer sends `hawada.run_job` through the broker (hawada.store.broker).
-    uvicorn.run(API_FACTORY, factory=True, host=host, port=port, log_level="info")
+    uvicorn.run(
+        API_FACTORY,
+        factory=True,
+        host=host,
+        port=port,
+        log_level="info",
+        access_log=get_settings().access_log,
+    )
 
 
 def serve(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import AsyncIterator
 from typing import Annotated
 
@@ -22,6 +23,7 @@ from hawada.store import jobs as repo
 from hawada.store.db import session_scope
 
 router = APIRouter(prefix="/v1/jobs", tags=["events"])
+log = logging.getLogger(__name__)
 
 POLL_S = 0.5
 #: Event sequence numbers are 32-bit integers in the database; larger cursors can match nothing.
@@ -77,30 +79,114 @@ def _sse(event: EventPublic) -> str:
     return f"id: {event.seq}\nevent: {event.kind}\ndata: {payload}\n\n"
 
 
+def _heads(database_url: str, job_ids: list[str]) -> dict[str, tuple[int, bool]]:
+    with session_scope(database_url) as session:
+        return repo.event_heads(session, job_ids)
+
+
+class EventWatch:
+    """One poll per process for every followed job: which has new events, which has ended.
+
+    Each open stream follows its job here; every POLL_S one query (`repo.event_heads`) reads
+    the last event seq and the status of all followed jobs and wakes the streams. A stream
+    reads its events only when its job has one past its cursor or has ended, so N idle streams
+    cost one query per POLL_S instead of N (and leave the threads and CPU to polling clients).
+    """
+
+    def __init__(self, database_url: str, limiter: anyio.CapacityLimiter) -> None:
+        self.database_url, self.limiter = database_url, limiter
+        self.heads: dict[str, tuple[int, bool] | None] = {}  # None: the job is gone
+        self._followers: dict[str, int] = {}
+        self._signals: dict[str, asyncio.Event] = {}  # set when that job's head changes
+        self._task: asyncio.Task[None] | None = None
+
+    def follow(self, job_id: str) -> None:
+        self._followers[job_id] = self._followers.get(job_id, 0) + 1
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._poll())
+
+    def unfollow(self, job_id: str) -> None:
+        self._followers[job_id] -= 1
+        if not self._followers[job_id]:
+            del self._followers[job_id]
+            self.heads.pop(job_id, None)
+            self._signals.pop(job_id, None)
+
+    def _news(self, job_id: str, after: int) -> bool:
+        if job_id not in self.heads:
+            return False  # not polled yet
+        head = self.heads[job_id]
+        return head is None or head[0] > after or head[1]
+
+    async def wait(self, job_id: str, after: int, timeout: float) -> bool:
+        """True once the job has an event past `after`, has ended or is gone; False after
+        `timeout` seconds without."""
+        with anyio.move_on_after(timeout):
+            while not self._news(job_id, after):
+                await self._signals.setdefault(job_id, asyncio.Event()).wait()
+            return True
+        return False
+
+    async def _poll(self) -> None:
+        while self._followers:
+            ids = list(self._followers)
+            try:
+                heads = await anyio.to_thread.run_sync(
+                    _heads, self.database_url, ids, limiter=self.limiter
+                )
+            except Exception:  # the database is away: the streams wait for the next poll
+                log.warning("event poll failed; retrying in %.1f s", POLL_S, exc_info=True)
+            else:
+                for job_id in ids:
+                    head = heads.get(job_id)
+                    if job_id not in self._followers or (
+                        job_id in self.heads and self.heads[job_id] == head
+                    ):
+                        continue  # only the streams of a job whose head changed wake up
+                    self.heads[job_id] = head
+                    signal = self._signals.pop(job_id, None)
+                    if signal is not None:
+                        signal.set()
+            await asyncio.sleep(POLL_S)
+
+
+def _event_watch(request: Request, database_url: str) -> EventWatch:
+    state = request.app.state
+    if getattr(state, "event_watch", None) is None:  # made inside the loop that uses it
+        state.event_watch = EventWatch(database_url, _stream_threads(request))
+    watch: EventWatch = state.event_watch
+    return watch
+
+
 async def _follow(
     request: Request, database_url: str, owner: str, job_id: str, after: int
 ) -> AsyncIterator[str]:
     """Yield new events until the job has ended and every event was sent."""
     streams = request.app.state.event_streams
     streams[owner] = streams.get(owner, 0) + 1
+    watch = _event_watch(request, database_url)
+    watch.follow(job_id)
     try:
-        async for chunk in _follow_events(request, database_url, owner, job_id, after):
+        async for chunk in _follow_events(request, watch, database_url, owner, job_id, after):
             yield chunk
     finally:
+        watch.unfollow(job_id)
         streams[owner] -= 1
         if not streams[owner]:
             del streams[owner]
 
 
+PAGE = 500
+
+
 async def _follow_events(
-    request: Request, database_url: str, owner: str, job_id: str, after: int
+    request: Request, watch: EventWatch, database_url: str, owner: str, job_id: str, after: int
 ) -> AsyncIterator[str]:
-    idle = 0.0
     yield "retry: 2000\n\n"
     while True:
         try:
             events, ended = await anyio.to_thread.run_sync(
-                _page, database_url, owner, job_id, after, 500, limiter=_stream_threads(request)
+                _page, database_url, owner, job_id, after, PAGE, limiter=_stream_threads(request)
             )
         except ApiError:  # the job was deleted while we were following it
             yield "event: end\ndata: {}\n\n"
@@ -108,19 +194,19 @@ async def _follow_events(
         for event in events:
             after = event.seq
             yield _sse(event)
-        if events:
-            idle = 0.0
-            continue  # drain a backlog before sleeping
+        if len(events) == PAGE:
+            continue  # drain a backlog before waiting
         if ended:
             yield "event: end\ndata: {}\n\n"
             return
+        # Wait for the watch to see an event past `after` (or the end); a comment line every
+        # KEEPALIVE_S keeps proxies from closing an idle stream.
+        while not await watch.wait(job_id, after, KEEPALIVE_S):
+            if await request.is_disconnected():
+                return
+            yield ": keep-alive\n\n"
         if await request.is_disconnected():
             return
-        await asyncio.sleep(POLL_S)
-        idle += POLL_S
-        if idle >= KEEPALIVE_S:  # a comment line keeps proxies from closing an idle stream
-            idle = 0.0
-            yield ": keep-alive\n\n"
 
 
 @router.get(

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Request, Response
@@ -169,29 +173,102 @@ def _job_json(database_url: str, owner: str, job_id: str) -> bytes:
         return public_job(session, job_or_404(session, owner, job_id)).model_dump_json().encode()
 
 
+clock = time.monotonic  # the copies' clock (a test moves it)
+
+
+class JobBodyCache:
+    """job id -> (owner, JSON body, expiry): this process's recent answers to GET /v1/jobs/{id}.
+
+    Clients poll that route many times a second while a job changes every few seconds at most;
+    answering a poll from a copy at most `job_cache_s` old costs no thread hop and no query.
+    Concurrent polls that miss share one database read (no burst of reads each time a copy
+    expires). A copy is served only to its owner, so one tenant never sees another's job;
+    bounded (cleared when full); this process's own cancel and delete drop the job's copy, and
+    any read in flight, at once. Other processes' writes (the worker's progress, another API
+    process's cancel) show within `job_cache_s`.
+    """
+
+    MAX_ENTRIES = 10_000
+
+    def __init__(self) -> None:
+        self._entries: dict[str, tuple[str, bytes, float]] = {}
+        self._pending: dict[tuple[str, str], asyncio.Future[bytes]] = {}
+
+    async def fetch(
+        self, owner: str, job_id: str, ttl: float, load: Callable[[], Awaitable[bytes]]
+    ) -> bytes:
+        """The copy if it is fresh, else the result of one `load()` shared by concurrent misses."""
+        now = clock()
+        hit = self._entries.get(job_id)
+        if hit is not None and hit[0] == owner and hit[2] > now:
+            return hit[1]
+        key = (owner, job_id)
+        pending = self._pending.get(key)
+        if pending is None:
+            pending = asyncio.ensure_future(load())
+            self._pending[key] = pending
+            pending.add_done_callback(partial(self._settle, key, now + ttl))
+        return await asyncio.shield(pending)  # a waiter's disconnect does not cancel the read
+
+    def _settle(self, key: tuple[str, str], expires: float, done: asyncio.Future[bytes]) -> None:
+        if self._pending.get(key) is not done:
+            return  # dropped while reading: what was read may predate the drop
+        del self._pending[key]
+        if not done.cancelled() and done.exception() is None:  # a 404 is not kept
+            if len(self._entries) >= self.MAX_ENTRIES:
+                self._entries.clear()
+            self._entries[key[1]] = (key[0], done.result(), expires)
+
+    def drop(self, job_id: str) -> None:
+        self._entries.pop(job_id, None)
+        for key in [k for k in self._pending if k[1] == job_id]:
+            del self._pending[key]
+
+
 @router.get("/{job_id}", response_model=JobPublic, responses=ERRORS)
-async def get_job(job_id: str, owner: CurrentOwner, settings: SettingsDep) -> Response:
-    """One job: state, phase, progress, error, metrics and artifacts."""
-    # The hottest route (clients poll it): one thread hop for session, query and serialisation,
-    # and the JSON is the response (FastAPI does not validate and re-encode a Response).
-    body = await run_in_threadpool(_job_json, settings.database_url, owner, job_id)
+async def get_job(
+    job_id: str, request: Request, owner: CurrentOwner, settings: SettingsDep
+) -> Response:
+    """One job: state, phase, progress, error, metrics and artifacts (at most `job_cache_s` old)."""
+    # The hottest route (clients poll it): a recent copy is answered in the event loop; otherwise
+    # one thread hop for session, query and serialisation, and the JSON is the response (FastAPI
+    # does not validate and re-encode a Response).
+
+    async def load() -> bytes:
+        return await run_in_threadpool(_job_json, settings.database_url, owner, job_id)
+
+    if settings.job_cache_s > 0:
+        cache: JobBodyCache = request.app.state.job_cache
+        body = await cache.fetch(owner, job_id, settings.job_cache_s, load)
+    else:
+        body = await load()
     return Response(body, media_type="application/json")
 
 
 @router.post("/{job_id}/cancel", status_code=202, response_model=JobPublic, responses=ERRORS)
-def cancel_job(job_id: str, session: SessionDep, owner: CurrentOwner) -> JobPublic:
+def cancel_job(
+    job_id: str, request: Request, session: SessionDep, owner: CurrentOwner
+) -> JobPublic:
     """Cancel: a queued job ends at once, a running one winds down (`cancelling`)."""
+    job_cache: JobBodyCache = request.app.state.job_cache
+    job_cache.drop(job_id)
     before = job_or_404(session, owner, job_id)
     if before.is_terminal:
         raise ApiError(409, "job_finished", f"job is already {before.status}")
     job = repo.request_cancel(session, owner, job_id)
     assert job is not None  # it existed a moment ago and only its owner can delete it
+    job_cache.drop(job_id)
     return public_job(session, job)
 
 
 @router.delete("/{job_id}", status_code=204, responses=ERRORS)
 def delete_job(
-    job_id: str, session: SessionDep, owner: CurrentOwner, store: StoreDep, settings: SettingsDep
+    job_id: str,
+    request: Request,
+    session: SessionDep,
+    owner: CurrentOwner,
+    store: StoreDep,
+    settings: SettingsDep,
 ) -> Response:
     """Delete a job that is not running, with its events, artifacts and uploaded inputs."""
     job = job_or_404(session, owner, job_id)
@@ -203,6 +280,7 @@ def delete_job(
         repo.delete_job(session, owner, job_id)
     except repo.JobBusy:
         raise ApiError(409, "job_running", "job is running; cancel it first") from None
+    request.app.state.job_cache.drop(job_id)
     store.delete_job(job_id)
     remove_job_leftovers(settings.var_dir, job_id)
     for path in uploads:
