@@ -2,6 +2,7 @@
 
     python bench/quality.py [--quick] [--cells 0.5:0,0.25:0,0.25:1,0.1:0,0.1:1,u0.1:0]
                             [--methods gates,l1,slimming,uniform,tp] [--cache DIR] [--threads 2]
+                            [--arch resnet18]   # --arch mobilenet_v2 --cells 0.5:0: a new family
 
 Setup (the issue's): a ResNet-18 (cifar stem) teacher trained once (cached) on 10,000 images of
 the official Fashion-MNIST train split at 32x32; held-out = 2,000 images of the official test
@@ -79,7 +80,7 @@ def make_recipe(
         {
             "method": method,
             "model": {
-                "arch": "resnet18",
+                "arch": cfg["arch"],
                 "num_classes": 10,
                 "stem": "cifar",
                 "input_size": [3, cfg["size"], cfg["size"]],
@@ -100,16 +101,21 @@ def make_recipe(
     )
 
 
+def _tag(cfg: dict[str, Any]) -> str:
+    """Cache-name prefix of the model (none for ResNet-18, the issue's model)."""
+    return "" if cfg["arch"] == "resnet18" else f"{cfg['arch']}-"
+
+
 def teacher(cfg: dict[str, Any], cache: Path, *, under: bool) -> Path:
     """Train (once) and cache the teacher; `under`: the same recipe stopped after one epoch."""
     steps = cfg["n_train"] // cfg["batch"] if under else cfg["teacher_steps"]
-    path = cache / f"teacher-{cfg['size']}px-{cfg['n_train']}-{steps}.safetensors"
+    path = cache / f"teacher-{_tag(cfg)}{cfg['size']}px-{cfg['n_train']}-{steps}.safetensors"
     if path.exists():
         return path
     recipe = make_recipe(cfg, method="gates", ratio=0.5, seed=0, ft_steps=1, train_steps=1)
     data = load_data(recipe)
     torch.manual_seed(0)
-    model = build_model("resnet18", num_classes=10, stem="cifar")
+    model = build_model(cfg["arch"], num_classes=10, stem="cifar")
     t0 = time.perf_counter()
     train_classifier(model, data, steps=steps, lr=0.05, device="cpu", batch_size=cfg["batch"])
     acc = accuracy(model, data.heldout_batches(256), "cpu")
@@ -129,7 +135,7 @@ def run_tp(recipe: Recipe, weights: Path) -> dict[str, Any]:
 
     data = load_data(recipe)
     size = tuple(recipe.model.input_size)
-    model = build_model("resnet18", num_classes=10, stem="cifar")
+    model = build_model(recipe.model.arch, num_classes=10, stem="cifar")
     model.load_state_dict(load_file(str(weights)))
     model.eval()
     base_flops = count_flops(model, size)
@@ -143,7 +149,11 @@ def run_tp(recipe: Recipe, weights: Path) -> dict[str, Any]:
             example,
             importance=tp.importance.GroupMagnitudeImportance(p=2),
             pruning_ratio=ratio,
-            ignored_layers=[m.fc],
+            ignored_layers=[  # the classifier's output (the class count) stays
+                mod
+                for mod in m.modules()
+                if isinstance(mod, torch.nn.Linear) and mod.out_features == 10
+            ],
             round_to=recipe.gates.round_to,
         )
         pruner.step()
@@ -171,7 +181,7 @@ def run_one(cfg: dict[str, Any], cache: Path, cell: str, method: str) -> dict[st
     under = cell.startswith("u")
     ratio_s, seed_s = cell.lstrip("u").split(":")
     ratio, seed = float(ratio_s), int(seed_s)
-    out = cache / f"run-{cfg['size']}px-{cell}-{method}-{cfg['budget']}.json"
+    out = cache / f"run-{_tag(cfg)}{cfg['size']}px-{cell}-{method}-{cfg['budget']}.json"
     if out.exists():
         return dict(json.loads(out.read_text()))
     weights = teacher(cfg, cache, under=under)
@@ -189,7 +199,7 @@ def run_one(cfg: dict[str, Any], cache: Path, cell: str, method: str) -> dict[st
     if method == "tp":
         row = run_tp(recipe, weights)
     else:
-        job_dir = cache / f"job-{cfg['size']}px-{cell}-{method}"
+        job_dir = cache / f"job-{_tag(cfg)}{cfg['size']}px-{cell}-{method}"
         report = run_job(JobContext(recipe=recipe, weights=weights, out_dir=job_dir, device="cpu"))
         corr = report["correction"]
         row = {
@@ -252,11 +262,15 @@ def main() -> None:
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--cache", type=Path, default=Path("bench/.quality-cache"))
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--arch", default="resnet18", help="the model (cifar stem); e.g. mobilenet_v2 at 0.5:0"
+    )
     parser.add_argument("--budget", type=int, default=None)
     parser.add_argument("--train-steps", type=int, default=None)
     parser.add_argument("--teacher-steps", type=int, default=None, help="smoke runs only")
     args = parser.parse_args()
     cfg = dict(QUICK if args.quick else FULL)
+    cfg["arch"] = args.arch
     if args.budget is not None:
         cfg["budget"] = args.budget
     if args.train_steps is not None:
@@ -268,6 +282,7 @@ def main() -> None:
     print(
         f"machine: {platform.node()} {platform.processor() or platform.machine()}, "
         f"{os.cpu_count()} cpus, torch {torch.__version__}, threads {args.threads}, "
+        f"arch {args.arch}, "
         f"load {os.getloadavg()}",
         flush=True,
     )
