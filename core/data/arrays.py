@@ -97,24 +97,9 @@ def _find_idx(directory: Path, split: str, kind: str, ndim: int) -> Path | None:
 
 def fashion_mnist(directory: Path) -> tuple[np.ndarray, np.ndarray]:
     """Official train and t10k sets pooled (t10k optional); our own seeded split follows."""
-    xs, ys = [], []
-    for split in ("train", "t10k"):
-        images = _find_idx(directory, split, "images", 3)
-        labels = _find_idx(directory, split, "labels", 1)
-        if images is None or labels is None:
-            if split == "train":
-                raise DataError(
-                    f"Fashion-MNIST not found in {directory}: expected "
-                    "train-images-idx3-ubyte[.gz] and train-labels-idx1-ubyte[.gz] "
-                    "(set data.path to their folder)"
-                )
-            continue
-        x, y = _read_idx(images), _read_idx(labels)
-        if x.ndim != 3 or y.ndim != 1 or len(x) != len(y):
-            raise DataError(f"{images.name} and {labels.name} do not match")
-        xs.append(x)
-        ys.append(y)
-    return np.concatenate(xs), np.concatenate(ys).astype(np.int64)
+    train, test = fashion_mnist_splits(directory)
+    splits = [train] if test is None else [train, test]
+    return np.concatenate([x for x, _ in splits]), np.concatenate([y for _, y in splits])
 
 
 def fashion_mnist_splits(

@@ -21,6 +21,8 @@ from torch import Tensor
 __all__ = ["Batch", "DataBundle", "Normalizer", "TensorBundle", "random_resized_crop_flip"]
 
 Batch = tuple[Tensor, Tensor]
+#: Where batches go: a device, its name, or None for the CPU.
+Device = torch.device | str | None
 
 # RandomResizedCrop's defaults (torchvision): 8%..100% of the area, aspect 3/4..4/3.
 CROP_SCALE = (0.08, 1.0)
@@ -151,34 +153,36 @@ class DataBundle(ABC):
         bs = batch_size or self.batch_size
         return max(1, self.n_train // bs)
 
-    @abstractmethod
     def train_batches(
-        self,
-        batch_size: int | None = None,
-        seed: int = 0,
-        *,
-        device: torch.device | str | None = None,
+        self, batch_size: int | None = None, seed: int = 0, *, device: Device = None
     ) -> Iterator[Batch]:
         """Endless shuffled training batches, reshuffled every epoch (seeded)."""
+        yield from self._train(batch_size or self.batch_size, seed, _device(device), endless=True)
 
-    @abstractmethod
     def train_epoch(
-        self,
-        batch_size: int | None = None,
-        seed: int = 0,
-        *,
-        device: torch.device | str | None = None,
+        self, batch_size: int | None = None, seed: int = 0, *, device: Device = None
     ) -> Iterator[Batch]:
         """One shuffled pass over the training split (seeded)."""
+        yield from self._train(batch_size or self.batch_size, seed, _device(device), endless=False)
+
+    def heldout_batches(
+        self, batch_size: int | None = None, *, device: Device = None
+    ) -> Iterator[Batch]:
+        """Every held-out sample once, in a fixed order."""
+        yield from self._heldout(batch_size or self.batch_size, _device(device))
 
     @abstractmethod
-    def heldout_batches(
-        self, batch_size: int | None = None, *, device: torch.device | str | None = None
+    def _train(
+        self, batch_size: int, seed: int, device: torch.device, *, endless: bool
     ) -> Iterator[Batch]:
+        """Shuffled training batches (seeded): one pass, or `endless` passes, each reshuffled."""
+
+    @abstractmethod
+    def _heldout(self, batch_size: int, device: torch.device) -> Iterator[Batch]:
         """Every held-out sample once, in a fixed order."""
 
 
-def _device(device: torch.device | str | None) -> torch.device:
+def _device(device: Device) -> torch.device:
     return torch.device(device) if device is not None else torch.device("cpu")
 
 
@@ -222,10 +226,7 @@ class TensorBundle(DataBundle):
     def n_heldout(self) -> int:
         return int(self.heldout_idx.numel())
 
-    def _batch(
-        self, idx: Tensor, device: torch.device | str | None, aug: torch.Generator | None = None
-    ) -> Batch:
-        dev = _device(device)
+    def _batch(self, idx: Tensor, dev: torch.device, aug: torch.Generator | None = None) -> Batch:
         x = self.images[idx].to(dev, non_blocking=True)
         y = self.labels[idx].to(dev, non_blocking=True)
         xf = self.normalize(x)
@@ -246,48 +247,31 @@ class TensorBundle(DataBundle):
         # Its own stream: switching augmentation on does not change the batch order.
         return torch.Generator().manual_seed(seed + 1_000_003) if self.augment else None
 
-    def train_batches(
-        self,
-        batch_size: int | None = None,
-        seed: int = 0,
-        *,
-        device: torch.device | str | None = None,
-    ) -> Iterator[Batch]:
-        for _idx, x, y in self.train_batches_indexed(batch_size, seed, device=device):
-            yield x, y
-
     def train_batches_indexed(
-        self,
-        batch_size: int | None = None,
-        seed: int = 0,
-        *,
-        device: torch.device | str | None = None,
+        self, batch_size: int | None = None, seed: int = 0, *, device: Device = None
     ) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
         """`train_batches` with each batch's row indices first (a CPU int64 tensor): the same
         batches in the same order; per-sample caches (teacher logits) key on them."""
         bs = batch_size or self.batch_size
+        yield from self._indexed(bs, seed, _device(device), endless=True)
+
+    def _indexed(
+        self, batch_size: int, seed: int, device: torch.device, *, endless: bool
+    ) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
         generator = torch.Generator().manual_seed(seed)
         aug = self._aug_generator(seed)
         while True:
-            for idx in self._epoch_orders(bs, generator):
+            for idx in self._epoch_orders(batch_size, generator):
                 yield (idx, *self._batch(idx, device, aug))
+            if not endless:
+                return
 
-    def train_epoch(
-        self,
-        batch_size: int | None = None,
-        seed: int = 0,
-        *,
-        device: torch.device | str | None = None,
+    def _train(
+        self, batch_size: int, seed: int, device: torch.device, *, endless: bool
     ) -> Iterator[Batch]:
-        bs = batch_size or self.batch_size
-        generator = torch.Generator().manual_seed(seed)
-        aug = self._aug_generator(seed)
-        for idx in self._epoch_orders(bs, generator):
-            yield self._batch(idx, device, aug)
+        for _idx, x, y in self._indexed(batch_size, seed, device, endless=endless):
+            yield x, y
 
-    def heldout_batches(
-        self, batch_size: int | None = None, *, device: torch.device | str | None = None
-    ) -> Iterator[Batch]:
-        bs = batch_size or self.batch_size
-        for idx in self.heldout_idx.split(bs):
+    def _heldout(self, batch_size: int, device: torch.device) -> Iterator[Batch]:
+        for idx in self.heldout_idx.split(batch_size):
             yield self._batch(idx, device)

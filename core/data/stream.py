@@ -222,60 +222,40 @@ class StreamBundle(DataBundle):
         y = y.to(device, non_blocking=True)
         return self.normalize(x), y
 
-    def _batches(
-        self, source: StreamSource, bs: int, *, train: bool, seed: int, device: torch.device
+    def _serve(
+        self, loader: DataLoader[Item], source: StreamSource, device: torch.device
     ) -> Iterator[Batch]:
-        loader = self._loader(source, bs, train=train, seed=seed, device=device)
+        """One pass over `loader`: its batches that kept at least one image, on `device`."""
         with children_allowed():
-            items = iter(loader)  # starts the workers
+            items = iter(loader)  # starts (or, persistent, reuses) the workers
         for item in items:
             batch = self._batch(item, source, device)
             if batch is not None:
                 yield batch
 
-    def train_batches(
-        self,
-        batch_size: int | None = None,
-        seed: int = 0,
-        *,
-        device: torch.device | str | None = None,
+    def _train(
+        self, batch_size: int, seed: int, device: torch.device, *, endless: bool
     ) -> Iterator[Batch]:
-        bs = batch_size or self.batch_size
-        dev = torch.device(device) if device is not None else torch.device("cpu")
-        loader = self._loader(self.train_source, bs, train=True, seed=seed, device=dev)
+        source = self.train_source
+        loader = self._loader(source, batch_size, train=True, seed=seed, device=device)
         epoch = 0
         while True:  # each pass reshuffles (the loader's generator moves on)
-            if epoch and not self.train_source.loader_shuffles:
+            if epoch and not source.loader_shuffles:
                 # Shards shuffle inside the stream, seeded: a new seed gives a new order.
                 loader = self._loader(
-                    self.train_source, bs, train=True, seed=seed + epoch, device=dev
+                    source, batch_size, train=True, seed=seed + epoch, device=device
                 )
             epoch += 1
-            with children_allowed():
-                items = iter(loader)  # starts (or, persistent, reuses) the workers
             empty = True
-            for item in items:
-                batch = self._batch(item, self.train_source, dev)
-                if batch is not None:
-                    empty = False
-                    yield batch
+            for batch in self._serve(loader, source, device):
+                empty = False
+                yield batch
+            if not endless:
+                return
             if empty:
-                raise DataError(f"no training images could be read from {self.train_source.where}")
+                raise DataError(f"no training images could be read from {source.where}")
 
-    def train_epoch(
-        self,
-        batch_size: int | None = None,
-        seed: int = 0,
-        *,
-        device: torch.device | str | None = None,
-    ) -> Iterator[Batch]:
-        bs = batch_size or self.batch_size
-        dev = torch.device(device) if device is not None else torch.device("cpu")
-        yield from self._batches(self.train_source, bs, train=True, seed=seed, device=dev)
-
-    def heldout_batches(
-        self, batch_size: int | None = None, *, device: torch.device | str | None = None
-    ) -> Iterator[Batch]:
-        bs = batch_size or self.batch_size
-        dev = torch.device(device) if device is not None else torch.device("cpu")
-        yield from self._batches(self.heldout_source_set, bs, train=False, seed=0, device=dev)
+    def _heldout(self, batch_size: int, device: torch.device) -> Iterator[Batch]:
+        source = self.heldout_source_set
+        loader = self._loader(source, batch_size, train=False, seed=0, device=device)
+        yield from self._serve(loader, source, device)
