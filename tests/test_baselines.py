@@ -6,13 +6,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from synthetic_job import save_resnet18_weights, synthetic_recipe
 
 from hawada.adapters.torchvision import build_model, get_adapter, load_pruned
 from hawada.core import baselines
 from hawada.core.cost import FlopsCost
 from hawada.core.gates import Gates
-from hawada.core.recipe import GatesSpec, parse_recipe
+from hawada.core.recipe import GatesSpec
 from hawada.worker.pipeline import JobContext, run_job
 
 INPUT = (3, 16, 16)
@@ -20,36 +20,19 @@ INPUT = (3, 16, 16)
 
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(0)
-    model = build_model("resnet18", num_classes=4, stem="cifar")
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.weight.uniform_(0.2, 2.0)
-    path = tmp_path_factory.mktemp("w") / "in.safetensors"
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
-    return path
+    return save_resnet18_weights(tmp_path_factory.mktemp("w") / "in.safetensors")
 
 
 @pytest.mark.parametrize("method", ["l1", "slimming", "uniform"])
 def test_method_produces_a_valid_export_meeting_its_target(
     method: str, weights: Path, tmp_path: Path
 ) -> None:
-    recipe = parse_recipe(
-        {
-            "method": method,
-            "model": {
-                "arch": "resnet18",
-                "num_classes": 4,
-                "stem": "cifar",
-                "input_size": [3, 16, 16],
-            },
-            "data": {"source": "synthetic", "limit": 48, "batch_size": 8},
-            "target": {"metric": "flops", "ratio": 0.4},
-            "train": {"steps": 3, "log_every": 1},
-            "finetune": {"epochs": 0},
-            "latency": {"batch_size": 2, "repeats": 2, "warmup": 0},
-        }
+    recipe = synthetic_recipe(
+        method=method,
+        target={"metric": "flops", "ratio": 0.4},
+        train={"steps": 3, "log_every": 1},
+        finetune={"epochs": 0},
+        latency={"batch_size": 2, "repeats": 2, "warmup": 0},
     )
     out = tmp_path / "out"
     report = run_job(JobContext(recipe=recipe, weights=weights, out_dir=out, device="cpu"))

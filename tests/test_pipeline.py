@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from synthetic_job import save_resnet18_weights, synthetic_recipe
 
 from hawada.adapters.torchvision import build_model, get_adapter, load_pruned
 from hawada.core.budget import gated_like
@@ -30,36 +31,19 @@ ARTIFACTS = (
 
 
 def _recipe(finetune: float = 0.0, formats: tuple[str, ...] = ("safetensors",)):
-    return parse_recipe(
-        {
-            "model": {
-                "arch": "resnet18",
-                "num_classes": 4,
-                "stem": "cifar",
-                "input_size": [3, 16, 16],
-            },
-            "data": {"source": "synthetic", "limit": 48, "batch_size": 8},
-            "target": {"metric": "flops", "ratio": 0.5},
-            "train": {"steps": 5, "log_every": 2},
-            "finetune": {"epochs": finetune},
-            "latency": {"batch_size": 2, "repeats": 3, "warmup": 1},
-            "export": {"formats": list(formats)},
-        }
+    return synthetic_recipe(
+        target={"metric": "flops", "ratio": 0.5},
+        train={"steps": 5, "log_every": 2},
+        finetune={"epochs": finetune},
+        latency={"batch_size": 2, "repeats": 3, "warmup": 1},
+        export={"formats": list(formats)},
     )
 
 
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(0)
-    model = build_model("resnet18", num_classes=4, stem="cifar")
-    with torch.no_grad():  # distinct BN scales so the gates have an order to find
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.weight.uniform_(0.2, 2.0)
-                m.running_var.uniform_(0.5, 2.0)
     path = tmp_path_factory.mktemp("w") / "in.safetensors"
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
-    return path
+    return save_resnet18_weights(path, running_var=True)
 
 
 def _run(weights: Path, out: Path, recipe, events: list[dict] | None = None, **kw) -> dict:
@@ -195,14 +179,7 @@ def _group_of(meta: dict):
 def test_labelled_job_reports_hard_gated_accuracy_before_and_after_correction(
     tmp_path: Path,
 ) -> None:
-    torch.manual_seed(0)
-    model = build_model("resnet18", num_classes=10, stem="cifar")
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.weight.uniform_(0.2, 2.0)
-    weights = tmp_path / "w.safetensors"
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
+    weights = save_resnet18_weights(tmp_path / "w.safetensors", num_classes=10)
     recipe = parse_recipe(
         {
             "model": {
@@ -477,20 +454,11 @@ def test_report_judges_target_from_measured_numbers() -> None:
 def test_latency_target_job_uses_measured_table(weights: Path, tmp_path: Path) -> None:
     from hawada.core.lut import FolderLutCache
 
-    recipe = parse_recipe(
-        {
-            "model": {
-                "arch": "resnet18",
-                "num_classes": 4,
-                "stem": "cifar",
-                "input_size": [3, 16, 16],
-            },
-            "data": {"source": "synthetic", "limit": 48, "batch_size": 8},
-            "target": {"metric": "latency", "ratio": 0.6},
-            "train": {"steps": 5},
-            "finetune": {"epochs": 0},
-            "latency": {"batch_size": 1, "repeats": 5, "warmup": 1},
-        }
+    recipe = synthetic_recipe(
+        target={"metric": "latency", "ratio": 0.6},
+        train={"steps": 5},
+        finetune={"epochs": 0},
+        latency={"batch_size": 1, "repeats": 5, "warmup": 1},
     )
     cache = FolderLutCache(tmp_path / "lut")
     report = run_job(
