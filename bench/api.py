@@ -257,7 +257,8 @@ def render_side_by_side(rows: list[tuple[str, dict[str, Any]]]) -> str:
             h99, n99 = h.get("p99_ms", float("nan")), n.get("p99_ms", float("nan"))
             lines.append(
                 f"\nAt {conn} connections HawAda serves {ratio:.2f}x the naive app's requests/s "
-                f"(goal >= 1.5x); p99 {h99:.0f} ms (goal at 50 connections: < 50 ms) vs {n99:.0f} ms."
+                f"(goal >= 1.5x); p99 {h99:.0f} ms (goal at 50 connections: < 50 ms) "
+                f"vs {n99:.0f} ms."
             )
     return "\n".join(lines)
 
