@@ -24,7 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -67,6 +67,7 @@ class Row:
     params_ratio: float
     load_class: str
     mode: str
+    seconds: float = 0.0  # wall time of the whole row (measure + checks)
 
 
 def randomize(model: nn.Module, size: int, gen: torch.Generator) -> None:
@@ -273,6 +274,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", nargs="+", help="these constructors")
     parser.add_argument("--max-params", type=float, default=150e6, help="numeric up to this")
     parser.add_argument("--out", default=str(ROOT / "docs" / "architectures.md"), help="or -")
+    parser.add_argument(
+        "--cache",
+        type=Path,
+        help="keep each measured row here as JSON and reuse it: an interrupted run resumes, and "
+        "runs over parts of the list (--only, in parallel) combine into one table",
+    )
     args = parser.parse_args(argv)
     archs = args.only or (quick_set() if args.quick else list_architectures())
     load = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
@@ -281,8 +288,16 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for arch in archs:
         t = time.perf_counter()
+        cached = args.cache / f"{arch}.json" if args.cache else None
+        if cached is not None and cached.exists():
+            rows.append(Row(**json.loads(cached.read_text())))
+            continue
         rows.append(measure(arch, args.max_params))
         r = rows[-1]
+        r.seconds = time.perf_counter() - t
+        if cached is not None:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            cached.write_text(json.dumps(asdict(r)))
         print(
             f"{arch:22s} groups {r.groups:4d} channels {r.channels:6d} diff {r.max_diff}"
             f" flops {r.flops_ratio:.3f} params {r.params_ratio:.3f} {r.load_class}"
@@ -292,7 +307,8 @@ def main(argv: list[str] | None = None) -> int:
     command = "python bench/coverage.py" + " ".join(
         ["", *(argv if argv is not None else sys.argv[1:])]
     )
-    text = render(rows, command.strip(), load, time.perf_counter() - start)
+    elapsed = sum(r.seconds for r in rows) if args.cache else time.perf_counter() - start
+    text = render(rows, command.strip(), load, elapsed)
     if args.out == "-":
         print(text)
     else:
