@@ -27,11 +27,9 @@ import time
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 import torch
 from safetensors.torch import save_file
-from torch import nn
 
 from hawada.adapters.torchvision import (
     build_model,
@@ -42,10 +40,10 @@ from hawada.adapters.torchvision import (
     load_pruned,
 )
 from hawada.adapters.torchvision.graph import analyse
+from hawada.adapters.torchvision.testing import gated_output, random_gates, randomize
 from hawada.core.budget import fit_to_budget
 from hawada.core.cost import FlopsCost
 from hawada.core.evaluate import count_flops
-from hawada.core.gates import Gates, attach
 from hawada.core.recipe import GatesSpec, parse_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,51 +68,6 @@ class Row:
     seconds: float = 0.0  # wall time of the whole row (measure + checks)
 
 
-def randomize(model: nn.Module, size: int, gen: torch.Generator) -> None:
-    """Calibrated then perturbed BN statistics, O(1) heads and layer scales (as the tests)."""
-    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
-    for bn in bns:
-        bn.reset_running_stats()
-        bn.momentum = None
-    model.train()
-    with torch.no_grad():
-        model(torch.randn(4, 3, size, size, generator=gen))
-        for bn in bns:
-            n = bn.num_features
-            bn.momentum = 0.1
-            bn.running_mean += 0.1 * torch.randn(n, generator=gen) * bn.running_var.sqrt()
-            bn.running_var *= torch.empty(n).uniform_(0.7, 1.4, generator=gen)
-            bn.weight.copy_(torch.empty(n).uniform_(0.5, 1.2, generator=gen))
-            bn.bias.copy_(0.2 * torch.randn(n, generator=gen))
-        for m in model.modules():
-            if isinstance(m, nn.Linear):
-                m.weight.normal_(0.0, m.in_features**-0.5, generator=gen)
-        for name, p in model.named_parameters():
-            if name.endswith("layer_scale"):
-                p.copy_(torch.empty(p.shape).uniform_(0.5, 1.0, generator=gen))
-    model.eval()
-
-
-def random_gates(groups: list[Any], gen: torch.Generator) -> Gates:
-    gates = Gates(groups)
-    with torch.no_grad():
-        for name in gates.groups:
-            logit = gates.logit(name)
-            logit.copy_(torch.randn(logit.shape, generator=gen) - 0.3)
-    gates.mode = "hard"
-    return gates
-
-
-def gated(model: nn.Module, gates: Gates, x: torch.Tensor) -> torch.Tensor:
-    handle = attach(model, gates)
-    try:
-        with torch.no_grad():
-            out: torch.Tensor = model(x)
-            return out
-    finally:
-        handle.remove()
-
-
 def measure(arch: str, max_params: float) -> Row:
     size, stem = SIZES.get(arch, (32, "cifar"))
     adapter = get_adapter(arch)
@@ -129,21 +82,21 @@ def measure(arch: str, max_params: float) -> Row:
     if numeric:
         randomize(model, size, gen)
     groups = adapter.gate_groups(model, SPEC)
-    gates = random_gates(groups, gen)
+    gates = random_gates(groups, gen, extremes=False)
     max_diff = keepall = None
     load_class = type(model).__name__
     if numeric:
         flops_model = FlopsCost(adapter.layers(model, (3, size, size)))
         x = torch.randn(2, 3, size, size, generator=gen)
         keep = {n: gates.kept_channels(n) for n in gates.groups}
-        expected = gated(model, gates, x)
+        expected = gated_output(model, gates, x)
         pruned = adapter.export_pruned(model, keep)
         with torch.no_grad():
             max_diff = float((pruned(x) - expected).abs().max())
         full = {n: torch.arange(g.channels) for n, g in gates.groups.items()}
         with torch.no_grad(), gates.using("off"):
             keepall = bool(
-                torch.equal(adapter.export_pruned(model, full)(x), gated(model, gates, x))
+                torch.equal(adapter.export_pruned(model, full)(x), gated_output(model, gates, x))
             )
         # The fit starts from every unit open (random positive logits = random importances):
         # it never re-opens a closed unit, so from the random both-sign gates above (about 60%

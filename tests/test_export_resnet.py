@@ -24,9 +24,10 @@ from hawada.adapters.torchvision import (
     list_architectures,
     load_pruned,
 )
+from hawada.adapters.torchvision.testing import gated_output, random_gates, randomize_norms
 from hawada.core.architectures import supported_architectures
 from hawada.core.errors import UnsupportedArch
-from hawada.core.gates import Gates, attach, keep_from_gates
+from hawada.core.gates import Gates, keep_from_gates
 from hawada.core.recipe import GatesSpec, parse_recipe
 
 #: The ResNet family in the registry (the graph-derived families: tests/test_graph.py).
@@ -47,48 +48,14 @@ TOL = 1e-4
 
 
 def randomize_bn(model: nn.Module, seed: int) -> None:
-    """Calibrate BN statistics on random data, then perturb stats and affine per channel."""
-    gen = torch.Generator().manual_seed(seed)
-    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
-    for bn in bns:
-        bn.reset_running_stats()
-        bn.momentum = None  # cumulative average: one batch sets the stats
-    model.train()
-    with torch.no_grad():
-        model(torch.randn(4, 3, 32, 32, generator=gen))
-        for bn in bns:
-            n = bn.num_features
-            bn.momentum = 0.1
-            bn.running_mean += 0.1 * torch.randn(n, generator=gen) * bn.running_var.sqrt()
-            bn.running_var *= torch.empty(n).uniform_(0.7, 1.4, generator=gen)
-            bn.weight.copy_(torch.empty(n).uniform_(0.5, 1.2, generator=gen))
-            bn.bias.copy_(0.2 * torch.randn(n, generator=gen))
-    model.eval()
+    """Calibrated then perturbed BN statistics and affine parameters (32 px batch)."""
+    randomize_norms(model, 32, torch.Generator().manual_seed(seed))
 
 
-def random_gates(model: nn.Module, arch: str, spec: GatesSpec, seed: int) -> Gates:
-    """Gates with logits of both signs; every 5th group all negative, every 7th all positive."""
-    gen = torch.Generator().manual_seed(seed)
-    gates = Gates(get_adapter(arch).gate_groups(model, spec))
-    with torch.no_grad():
-        for i, name in enumerate(gates.groups):
-            logit = gates.logit(name)
-            logit.copy_(torch.randn(logit.shape, generator=gen) - 0.3)
-            if i % 5 == 3:
-                logit.copy_(-logit.abs() - 0.1)
-            elif i % 7 == 6:
-                logit.copy_(logit.abs() + 0.1)
-    gates.mode = "hard"
-    return gates
-
-
-def hard_output(model: nn.Module, gates: Gates, x: torch.Tensor) -> torch.Tensor:
-    handle = attach(model, gates)
-    try:
-        with torch.no_grad():
-            return model(x)
-    finally:
-        handle.remove()
+def seeded_gates(model: nn.Module, arch: str, spec: GatesSpec, seed: int) -> Gates:
+    """Random hard gates of both signs on the adapter's groups (some at the floor, some full)."""
+    groups = get_adapter(arch).gate_groups(model, spec)
+    return random_gates(groups, torch.Generator().manual_seed(seed))
 
 
 def check_widths(gates: Gates, keep: dict[str, torch.Tensor], spec: GatesSpec) -> None:
@@ -124,11 +91,11 @@ def export_and_compare(
     torch.manual_seed(seed)
     model = build_model(arch, num_classes=10, stem=stem)
     randomize_bn(model, seed)
-    gates = random_gates(model, arch, spec, seed)
+    gates = seeded_gates(model, arch, spec, seed)
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(seed + 1))
-    expected = hard_output(model, gates, x)
+    expected = gated_output(model, gates, x)
     with gates.using("off"):
-        original = hard_output(model, gates, x)
+        original = gated_output(model, gates, x)
     # The removed channels matter: pruning moves the outputs far beyond the tolerance.
     assert (original - expected).abs().max() > 1000 * TOL
 
@@ -234,7 +201,7 @@ def test_export_leaves_input_model_untouched() -> None:
     torch.manual_seed(1)
     model = build_model("resnet18", 10, stem="cifar")
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    gates = random_gates(model, "resnet18", SPEC, 1)
+    gates = seeded_gates(model, "resnet18", SPEC, 1)
     get_adapter("resnet18").export_pruned(model, keep_from_gates(gates))
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
@@ -285,9 +252,9 @@ def test_export_on_gpu_matches_hard_gates() -> None:
     model = build_model("resnext50_32x4d", 10)
     randomize_bn(model, 3)
     model = model.cuda()
-    gates = random_gates(model, "resnext50_32x4d", SPEC, 3).cuda()
+    gates = seeded_gates(model, "resnext50_32x4d", SPEC, 3).cuda()
     x = torch.randn(8, 3, 64, 64, device="cuda")
-    expected = hard_output(model, gates, x)
+    expected = gated_output(model, gates, x)
     pruned = get_adapter("resnext50_32x4d").export_pruned(model, keep_from_gates(gates))
     assert next(pruned.parameters()).is_cuda
     with torch.no_grad():

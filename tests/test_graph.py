@@ -31,7 +31,8 @@ from hawada.adapters.torchvision import (
 from hawada.adapters.torchvision.generic import GraphAdapter
 from hawada.adapters.torchvision.graph import analyse
 from hawada.adapters.torchvision.resnet import _topology
-from hawada.core.gates import Gates, attach, keep_from_gates
+from hawada.adapters.torchvision.testing import gated_output, random_gates, randomize
+from hawada.core.gates import keep_from_gates
 from hawada.core.recipe import GatesSpec, parse_recipe
 
 TOL = 1e-4
@@ -70,59 +71,6 @@ def _recipe(arch: str, size: int) -> object:
     )
 
 
-def randomize(model: nn.Module, size: int, seed: int) -> None:
-    """Calibrate BN statistics on random data, then perturb them; O(1) classifier weights and
-    layer scales, so outputs are O(1) and the 1e-4 tolerance is tight."""
-    gen = torch.Generator().manual_seed(seed)
-    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
-    for bn in bns:
-        bn.reset_running_stats()
-        bn.momentum = None  # cumulative average: one batch sets the stats
-    model.train()
-    with torch.no_grad():
-        model(torch.randn(4, 3, size, size, generator=gen))
-        for bn in bns:
-            n = bn.num_features
-            bn.momentum = 0.1
-            bn.running_mean += 0.1 * torch.randn(n, generator=gen) * bn.running_var.sqrt()
-            bn.running_var *= torch.empty(n).uniform_(0.7, 1.4, generator=gen)
-            bn.weight.copy_(torch.empty(n).uniform_(0.5, 1.2, generator=gen))
-            bn.bias.copy_(0.2 * torch.randn(n, generator=gen))
-        for m in model.modules():
-            if isinstance(m, nn.Linear):  # torchvision's N(0, 0.01) heads: outputs ~1e-2
-                m.weight.normal_(0.0, m.in_features**-0.5, generator=gen)
-        for name, p in model.named_parameters():
-            if name.endswith("layer_scale"):  # ConvNeXt starts at 1e-6: blocks would not matter
-                p.copy_(torch.empty(p.shape).uniform_(0.5, 1.0, generator=gen))
-    model.eval()
-
-
-def random_gates(model: nn.Module, arch: str, seed: int) -> Gates:
-    """Logits of both signs; every 5th group all negative, every 7th all positive."""
-    gen = torch.Generator().manual_seed(seed)
-    gates = Gates(get_adapter(arch).gate_groups(model, SPEC))
-    with torch.no_grad():
-        for i, name in enumerate(gates.groups):
-            logit = gates.logit(name)
-            logit.copy_(torch.randn(logit.shape, generator=gen) - 0.3)
-            if i % 5 == 3:
-                logit.copy_(-logit.abs() - 0.1)
-            elif i % 7 == 6:
-                logit.copy_(logit.abs() + 0.1)
-    gates.mode = "hard"
-    return gates
-
-
-def gated_output(model: nn.Module, gates: Gates, x: torch.Tensor) -> torch.Tensor:
-    handle = attach(model, gates)
-    try:
-        with torch.no_grad():
-            out: torch.Tensor = model(x)
-            return out
-    finally:
-        handle.remove()
-
-
 # --- the oracle -------------------------------------------------------------------------------
 
 
@@ -159,8 +107,10 @@ def _numeric(arch: str, tmp_path: Path) -> None:
     size, stem = SIZES.get(arch, (32, "cifar"))
     torch.manual_seed(0)
     model = build_model(arch, num_classes=10, stem=stem)
-    randomize(model, size, seed=0)
-    gates = random_gates(model, arch, seed=0)
+    randomize(model, size, torch.Generator().manual_seed(0))
+    gates = random_gates(
+        get_adapter(arch).gate_groups(model, SPEC), torch.Generator().manual_seed(0)
+    )
     x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
     expected = gated_output(model, gates, x)
     with gates.using("off"):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -222,45 +222,46 @@ class GraphAdapter:
         unknown = (set(channels) | set(in_channels) | set(groups)) - set(modules)
         if unknown:
             raise ValueError(f"pruned config names unknown modules: {sorted(unknown)[:10]}")
-        with torch.device("meta"):
-            for name, out in channels.items():
-                old = modules[name]
-                if isinstance(old, nn.Conv2d):
-                    cin = in_channels.get(name, old.in_channels)
-                    g = groups.get(name, old.groups)
-                    if out % g or cin % g:
-                        raise ValueError(f"{name}: {cin}->{out} channels, groups={g}")
-                    new.set_submodule(
-                        name,
-                        nn.Conv2d(
-                            cin,
-                            out,
-                            _pair(old.kernel_size),
-                            stride=_pair(old.stride),
-                            padding=_pair(old.padding),
-                            dilation=_pair(old.dilation),
-                            groups=g,
-                            bias=old.bias is not None,
-                            padding_mode=old.padding_mode,
-                        ),
-                    )
-                elif isinstance(old, nn.Linear):
-                    cin = in_channels.get(name, old.in_features)
-                    new.set_submodule(name, nn.Linear(cin, out, bias=old.bias is not None))
-                elif isinstance(old, _BatchNorm):
-                    new.set_submodule(
-                        name,
-                        type(old)(
-                            out,
-                            eps=old.eps,
-                            momentum=old.momentum,
-                            affine=old.affine,
-                            track_running_stats=old.track_running_stats,
-                        ),
-                    )
-                else:
-                    raise ValueError(f"pruned config: {name} is a {type(old).__name__}")
+        for name, out in channels.items():
+            narrow = narrowed(name, modules[name], out, in_channels.get(name), groups.get(name))
+            new.set_submodule(name, narrow)
         return new
+
+
+def narrowed(
+    name: str, old: nn.Module, out: int, cin: int | None = None, groups: int | None = None
+) -> nn.Module:
+    """A meta-device conv, linear or batch norm like `old` with `out` outputs (`cin` inputs and
+    `groups` groups; None: as `old`), for a `pruned.json` skeleton."""
+    with torch.device("meta"):
+        if isinstance(old, nn.Conv2d):
+            cin = old.in_channels if cin is None else cin
+            g = old.groups if groups is None else groups
+            if out % g or cin % g:
+                raise ValueError(f"{name}: {cin}->{out} channels, groups={g}")
+            return nn.Conv2d(
+                cin,
+                out,
+                _pair(old.kernel_size),
+                stride=_pair(old.stride),
+                padding=_pair(old.padding),
+                dilation=_pair(old.dilation),
+                groups=g,
+                bias=old.bias is not None,
+                padding_mode=old.padding_mode,
+            )
+        if isinstance(old, nn.Linear):
+            cin = old.in_features if cin is None else cin
+            return nn.Linear(cin, out, bias=old.bias is not None)
+        if isinstance(old, _BatchNorm):
+            return type(old)(
+                out,
+                eps=old.eps,
+                momentum=old.momentum,
+                affine=old.affine,
+                track_running_stats=old.track_running_stats,
+            )
+    raise ValueError(f"pruned config: {name} is a {type(old).__name__}")
 
 
 class _IndexMaker:
@@ -303,8 +304,22 @@ class _IndexMaker:
 
 
 def _checked_keep(an: Analysis, keep: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """`checked_keep` against the analysis' groups."""
+    return checked_keep({g.name: g for g in an.groups}, keep)
+
+
+class Unit(Protocol):
+    """What `checked_keep` reads of a group: its channels and its unit width."""
+
+    @property
+    def channels(self) -> int: ...
+
+    @property
+    def unit_width(self) -> int: ...
+
+
+def checked_keep(groups: Mapping[str, Unit], keep: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """Validate keep indices (known group, sorted unique in range, whole units)."""
-    groups = {g.name: g for g in an.groups}
     out: dict[str, Tensor] = {}
     for name, raw in keep.items():
         if name not in groups:

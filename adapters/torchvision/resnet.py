@@ -11,27 +11,24 @@ not an add).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
-from torch.utils.hooks import RemovableHandle
 from torchvision import models as tvm
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
+from hawada.adapters.torchvision.generic import GraphAdapter, checked_keep, narrowed
+from hawada.adapters.torchvision.graph import Analysis, ConvRec, Group, NormRec
 from hawada.adapters.torchvision.registry import (
     build_skeleton,
     model_meta,
     register_arch,
     register_family,
 )
-from hawada.core.export import slice_bn, slice_conv, slice_linear
-from hawada.core.gates import GateGroup
-from hawada.core.layers import LayerSpec
-from hawada.core.recipe import GatesSpec, Recipe
+from hawada.core.recipe import Recipe
 
 FAMILY = "resnet"
 FC = "fc"
@@ -231,11 +228,55 @@ def _topology(module: nn.Module) -> _Topology:
     return _Topology(convs, groups, current.name)
 
 
-@register_family(FAMILY)
-class ResNetAdapter:
-    """Family adapter for torchvision ResNets (see docs/internals.md, Adapters)."""
+def _analysis(model: nn.Module, topo: _Topology) -> Analysis:
+    """The hand-written topology as a graph `Analysis`: one channel space per group, plus the
+    input's and the logits' (no group: full width), so the generic adapter does the rest."""
+    space = {name: i for i, name in enumerate(topo.groups)}
+    image, logits = len(space), len(space) + 1
+    fc = _as_resnet(model).fc
+    convs = [
+        ConvRec(
+            name=node.conv,
+            kind="conv",
+            in_segs=(image if node.in_group is None else space[node.in_group],),
+            in_block=1,
+            out_space=space[node.out_group],
+            tied=node.tied,
+            node=node.conv,
+            norm=node.bn,
+        )
+        for node in topo.convs
+    ]
+    convs.append(ConvRec(FC, "linear", (space[topo.fc_group],), 1, logits, False, FC))
+    groups = [
+        Group(g.name, space[g.name], g.channels, g.unit_width, g.modules, g.covers, g.stream)
+        for g in topo.groups.values()
+    ]
+    return Analysis(
+        groups=groups,
+        convs=convs,
+        norms=[NormRec(node.bn, (space[node.out_group],)) for node in topo.convs],
+        space_channels=[
+            *(g.channels for g in topo.groups.values()),
+            _sub(model, "conv1", nn.Conv2d).in_channels,
+            fc.out_features,
+        ],
+        group_of_space={i: name for name, i in space.items()},
+    )
 
-    family = FAMILY
+
+@register_family(FAMILY)
+class ResNetAdapter(GraphAdapter):
+    """Family adapter for torchvision ResNets (see docs/internals.md, Adapters): the generic
+    adapter (layer specs, export) on the hand-written coupling groups, with the ResNet stem
+    and the ResNet `pruned.json` (no `in_channels`: inputs follow the groups' producers)."""
+
+    def __init__(self) -> None:
+        super().__init__(FAMILY)
+
+    def analysis(self, model: nn.Module) -> Analysis:
+        """The hand-written groups of `model` (derived again on every call)."""
+        return _analysis(model, _topology(model))
 
     def apply_stem(self, model: nn.Module, stem: str) -> None:
         """`cifar`: a 3x3 stride-1 first conv and no max-pool (the class stays `ResNet`)."""
@@ -256,100 +297,13 @@ class ResNetAdapter:
         model.conv1 = conv1
         model.maxpool = nn.Identity()  # type: ignore[assignment]  # torchvision types it MaxPool2d
 
-    def gate_groups(self, model: nn.Module, gates_spec: GatesSpec) -> list[GateGroup]:
-        """Coupling groups; stream groups only when `gates_spec.prune_residual` is true."""
-        round_to, min_channels = gates_spec.round_to, gates_spec.min_channels
-        prune_residual = gates_spec.prune_residual
-        return [
-            GateGroup.from_channels(
-                g.name,
-                g.channels,
-                unit_width=g.unit_width,
-                modules=g.modules,
-                covers=g.covers,
-                round_to=round_to,
-                min_channels=min_channels,
-            )
-            for g in _topology(model).groups.values()
-            if prune_residual or not g.stream
-        ]
-
-    def layers(self, model: nn.Module, input_size: Sequence[int]) -> list[LayerSpec]:
-        """Convs and the classifier with their groups and spatial sizes at `input_size`.
-
-        Groups are named as with `prune_residual` true; a cost model treats groups absent from
-        its widths as full, so the same specs serve both settings.
-        """
-        topo = _topology(model)
-        shapes = _io_shapes(model, input_size)
-        specs = []
-        for node in topo.convs:
-            conv = _sub(model, node.conv, nn.Conv2d)
-            (in_h, in_w), (out_h, out_w) = shapes[node.conv]
-            specs.append(
-                LayerSpec(
-                    name=node.conv,
-                    kind="conv",
-                    in_group=node.in_group,
-                    out_group=node.out_group,
-                    in_channels=conv.in_channels,
-                    out_channels=conv.out_channels,
-                    groups=conv.groups,
-                    tied_groups=node.tied,
-                    kernel=_pair(conv.kernel_size),
-                    out_hw=(out_h, out_w),
-                    in_hw=(in_h, in_w),
-                    stride=_pair(conv.stride),
-                    padding=_pair(conv.padding),
-                    dilation=_pair(conv.dilation),
-                    bias=conv.bias is not None,
-                    norm=node.bn,
-                )
-            )
-        fc = _as_resnet(model).fc
-        specs.append(
-            LayerSpec(
-                name=FC,
-                kind="linear",
-                in_group=topo.fc_group,
-                out_group=None,
-                in_channels=fc.in_features,
-                out_channels=fc.out_features,
-                groups=1,
-                tied_groups=False,
-                kernel=(1, 1),
-                out_hw=(1, 1),
-                bias=fc.bias is not None,
-            )
-        )
-        return specs
-
     def export_pruned(self, model: nn.Module, keep: Mapping[str, Tensor]) -> nn.Module:
-        """New plain ResNet with the kept channels only; `model` is not modified.
-
-        The new model is built on the meta device and every conv/BN/fc is replaced by a sliced
-        copy, so weights are copied exactly once.
-        """
-        arch, stem = model_meta(model)
-        topo = _topology(model)
-        checked = _checked_keep(topo, keep)
-        fc = _as_resnet(model).fc
-        new = _as_resnet(build_skeleton(arch, fc.out_features, stem))
-        for node in topo.convs:
-            conv = _sub(model, node.conv, nn.Conv2d)
-            out_idx = checked.get(node.out_group)
-            if node.tied:
-                groups = None
-                if out_idx is not None:
-                    groups = int(out_idx.numel()) // topo.groups[node.out_group].unit_width
-                new.set_submodule(node.conv, slice_conv(conv, out_idx, None, groups=groups))
-            else:
-                in_idx = None if node.in_group is None else checked.get(node.in_group)
-                new.set_submodule(node.conv, slice_conv(conv, out_idx, in_idx))
-            new.set_submodule(node.bn, slice_bn(_sub(model, node.bn, _BatchNorm), out_idx))
-        new.fc = slice_linear(fc, checked.get(topo.fc_group))
-        _check_materialised(new)
-        return new.train(model.training)
+        """The generic export; a meta-device `model` is refused (no weights to copy)."""
+        new = super().export_pruned(model, keep)
+        meta = [n for n, t in (*new.named_parameters(), *new.named_buffers()) if t.is_meta]
+        if meta:
+            raise RuntimeError(f"export left tensors unset: {meta[:5]}")
+        return new
 
     def pruned_config(
         self, model: nn.Module, keep: Mapping[str, Tensor], recipe: Recipe
@@ -361,7 +315,7 @@ class ResNetAdapter:
         """
         arch, stem = model_meta(model)
         topo = _topology(model)
-        checked = _checked_keep(topo, keep)
+        checked = checked_keep(topo.groups, keep)
         num_classes = _as_resnet(model).fc.out_features
         channels: dict[str, int] = {}
         conv_groups: dict[str, int] = {}
@@ -385,8 +339,8 @@ class ResNetAdapter:
 
     def pruned_skeleton(self, config: Mapping[str, Any]) -> nn.Module:
         """Meta-device plain ResNet narrowed to the widths of a `pruned.json` config."""
-        base = build_skeleton(config["arch"], int(config["num_classes"]), config["stem"])
-        topo = _topology(base)
+        new = build_skeleton(config["arch"], int(config["num_classes"]), config["stem"])
+        topo = _topology(new)
         channels = {k: int(v) for k, v in dict(config.get("channels", {})).items()}
         groups = {k: int(v) for k, v in dict(config.get("groups", {})).items()}
         known = {n.conv for n in topo.convs} | {n.bn for n in topo.convs} | {FC}
@@ -396,115 +350,22 @@ class ResNetAdapter:
         if any(v < 1 for v in channels.values()) or any(v < 1 for v in groups.values()):
             raise ValueError("pruned config channel and group counts must be >= 1")
         producer = topo.producer()
+        full = {n.conv: _sub(new, n.conv, nn.Conv2d).out_channels for n in topo.convs}
 
         def width(conv_name: str) -> int:
-            return channels.get(conv_name, _sub(base, conv_name, nn.Conv2d).out_channels)
+            return channels.get(conv_name, full[conv_name])
 
-        new = _as_resnet(build_skeleton(config["arch"], int(config["num_classes"]), config["stem"]))
-        with torch.device("meta"):
-            for node in topo.convs:
-                conv = _sub(base, node.conv, nn.Conv2d)
-                out = width(node.conv)
-                in_ = conv.in_channels if node.in_group is None else width(producer[node.in_group])
-                g = groups.get(node.conv, conv.groups)
-                if out % g or in_ % g:
-                    raise ValueError(f"{node.conv}: {in_}->{out} channels, groups={g}")
-                new.set_submodule(
-                    node.conv,
-                    nn.Conv2d(
-                        in_,
-                        out,
-                        _pair(conv.kernel_size),
-                        stride=_pair(conv.stride),
-                        padding=_pair(conv.padding),
-                        dilation=_pair(conv.dilation),
-                        groups=g,
-                        bias=conv.bias is not None,
-                    ),
+        for node in topo.convs:
+            conv = _sub(new, node.conv, nn.Conv2d)  # still full width: each is narrowed once
+            out = width(node.conv)
+            in_ = conv.in_channels if node.in_group is None else width(producer[node.in_group])
+            new.set_submodule(node.conv, narrowed(node.conv, conv, out, in_, groups.get(node.conv)))
+            if channels.get(node.bn, out) != out:
+                raise ValueError(
+                    f"{node.bn}: {channels[node.bn]} channels after a {out}-channel conv"
                 )
-                if channels.get(node.bn, out) != out:
-                    raise ValueError(
-                        f"{node.bn}: {channels[node.bn]} channels after a {out}-channel conv"
-                    )
-                new.set_submodule(node.bn, nn.BatchNorm2d(out))
-            new.fc = nn.Linear(
-                width(producer[topo.fc_group]),
-                channels.get(FC, _as_resnet(base).fc.out_features),
-            )
+            new.set_submodule(node.bn, narrowed(node.bn, new.get_submodule(node.bn), out))
+        fc = _as_resnet(new).fc
+        in_fc = width(producer[topo.fc_group])
+        new.set_submodule(FC, narrowed(FC, fc, channels.get(FC, fc.out_features), in_fc))
         return new
-
-
-def _checked_keep(topo: _Topology, keep: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """Validate keep indices (known group, sorted unique in range, whole units)."""
-    out: dict[str, Tensor] = {}
-    for name, idx in keep.items():
-        if name not in topo.groups:
-            raise ValueError(f"keep names unknown group {name!r}")
-        group = topo.groups[name]
-        idx = torch.as_tensor(idx).reshape(-1).to(torch.long).cpu()
-        n = idx.numel()
-        if (
-            n == 0
-            or int(idx[0]) < 0
-            or int(idx[-1]) >= group.channels
-            or (n > 1 and not bool((idx[1:] > idx[:-1]).all()))
-        ):
-            raise ValueError(
-                f"keep[{name}] must be sorted unique indices in [0, {group.channels}), non-empty"
-            )
-        w = group.unit_width
-        if w > 1:
-            blocks = idx.view(-1, w) if n % w == 0 else None
-            if (
-                blocks is None
-                or bool((blocks[:, 0] % w).any())
-                or not torch.equal(blocks - blocks[:, :1], torch.arange(w).expand_as(blocks))
-            ):
-                raise ValueError(f"keep[{name}] must keep whole units of {w} channels")
-        out[name] = idx
-    return out
-
-
-def _io_shapes(
-    model: nn.Module, input_size: Sequence[int]
-) -> dict[str, tuple[tuple[int, int], tuple[int, int]]]:
-    """Input and output H, W of every conv from one no-grad eval forward at batch 1."""
-    shapes: dict[str, tuple[tuple[int, int], tuple[int, int]]] = {}
-    handles: list[RemovableHandle] = []
-
-    def recorder(name: str) -> Callable[[nn.Module, tuple[Tensor, ...], Tensor], None]:
-        def hook(_m: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
-            (ih, iw), (oh, ow) = inputs[0].shape[-2:], output.shape[-2:]
-            shapes[name] = ((int(ih), int(iw)), (int(oh), int(ow)))
-
-        return hook
-
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Conv2d):
-            handles.append(module.register_forward_hook(recorder(name)))
-    ref = next(model.parameters())
-    was_training = model.training
-    try:
-        model.eval()  # eval: no running-stat updates, no batch-1 BN error
-        with torch.no_grad():
-            model(torch.zeros((1, *input_size), device=ref.device, dtype=ref.dtype))
-    finally:
-        model.train(was_training)
-        for h in handles:
-            h.remove()
-    return shapes
-
-
-def _check_materialised(model: nn.Module) -> None:
-    meta = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
-    if meta:
-        raise RuntimeError(f"export left tensors unset: {meta[:5]}")
-
-
-def _pair(value: int | tuple[int, ...] | str) -> tuple[int, int]:
-    """A conv's kernel/stride/padding/dilation as (h, w) (torch stores tuples; ints allowed)."""
-    if isinstance(value, int):
-        return (value, value)
-    if isinstance(value, str) or len(value) != 2:
-        raise ValueError(f"expected an (h, w) pair, got {value!r}")
-    return (int(value[0]), int(value[1]))
