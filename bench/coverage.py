@@ -126,8 +126,12 @@ def measure(arch: str, max_params: float) -> Row:
             save_file(fitted.state_dict(), str(Path(tmp) / "pruned.safetensors"))
             reloaded = load_pruned(Path(tmp) / "pruned.json", Path(tmp) / "pruned.safetensors")
             with torch.no_grad():
-                same = torch.equal(reloaded(x), fitted(x))
-            load_class = type(reloaded).__name__ + ("" if same else " (outputs differ!)")
+                # Same weights and modules; the reloaded tensors live elsewhere in memory, which
+                # can change the kernels' rounding (seen: 3e-7 on EfficientNet), so not bitwise.
+                reload_diff = float((reloaded(x) - fitted(x)).abs().max())
+            load_class = type(reloaded).__name__ + (
+                "" if reload_diff <= 1e-5 else f" (outputs differ by {reload_diff:.1e}!)"
+            )
         mode = "numeric"
     else:
         # Meta device: export shapes == skeleton shapes; ratios from the cost models.
@@ -181,7 +185,7 @@ def render(rows: list[Row], command: str, load: str, elapsed: float) -> str:
         "px with the cifar stem, Inception-v3 96 px), whether the keep-all export is bit-exact,",
         "FLOPs and parameters of the exported model when the budget fit aims at 0.5 of the",
         "FLOPs (counted by torch on the exported model), and the class `load_pruned` returns",
-        "(its outputs equal the export's).",
+        "(its outputs equal the export's within 1e-5).",
         "",
         f"Run: `{command}` on {platform.node() or 'this host'} ({platform.machine()},"
         f" {os.cpu_count()} CPUs, torch {torch.__version__}),"
