@@ -560,3 +560,21 @@ def test_stream_workers_start_inside_a_celery_prefork_child(tmp_path: Path) -> N
     child.start()
     child.join(120)
     assert child.exitcode == 0 and queue.get(timeout=5) == 10
+
+
+def test_npz_bound_is_the_callers_limit(tmp_path: Path) -> None:
+    """`max_dataset_bytes` (the service's HAWADA_MAX_DATASET_BYTES) bounds a data.path .npz and
+    an uploaded held-out set by their declared size, before anything is inflated."""
+    path = tmp_path / "d.npz"
+    np.savez(path, x=np.zeros((64, 32, 32), np.uint8), y=np.arange(64) % 4)  # 64 KiB + 512 B
+    recipe = _recipe({"source": "npz", "path": str(path)}, num_classes=4)
+    assert load_data(recipe, max_dataset_bytes=1 << 20).n_train > 0
+    with pytest.raises(DataError) as info:
+        load_data(recipe, max_dataset_bytes=32 << 10)
+    assert "HAWADA_MAX_DATASET_BYTES" in info.value.message
+    held = tmp_path / "held.npz"
+    np.savez(held, x=np.zeros((64, 32, 32), np.uint8), y=np.arange(64) % 4)
+    synthetic = _recipe({"source": "synthetic", "limit": 16}, num_classes=4)
+    with pytest.raises(DataError, match="HAWADA_MAX_DATASET_BYTES"):
+        load_data(synthetic, heldout=held, max_dataset_bytes=32 << 10)
+    assert load_data(recipe).n_train > 0  # the default bound (8 GiB) is restored after a call

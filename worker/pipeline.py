@@ -91,6 +91,9 @@ class JobContext:
     # None: `data.path` may name any folder (`hawada run`, a local user); the worker passes the
     # service's HAWADA_DATA_ROOTS so remote recipes cannot read arbitrary worker files.
     data_roots: list[Path] | None = None
+    # Bound on what an .npz may declare decompressed (None: core's MAX_DATASET_BYTES, 8 GiB);
+    # the worker passes HAWADA_MAX_DATASET_BYTES, the limit uploads get at submission.
+    max_dataset_bytes: int | None = None
 
 
 # ----------------------------------------------------------------------------------- phases
@@ -391,7 +394,11 @@ def run_job(ctx: JobContext) -> dict[str, Any]:
         )
         mapping = load_weights(model, Path(ctx.weights))
         data = load_data(
-            recipe, upload=ctx.dataset, heldout=ctx.heldout, allowed_roots=ctx.data_roots
+            recipe,
+            upload=ctx.dataset,
+            heldout=ctx.heldout,
+            allowed_roots=ctx.data_roots,
+            max_dataset_bytes=ctx.max_dataset_bytes,
         )
         phase.log(_data_summary(data))
         if data.num_classes > recipe.model.num_classes:

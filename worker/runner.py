@@ -388,6 +388,7 @@ def _run_pipeline(
         checkpoint_dir=checkpoint_dir,
         lut_cache=StoreLutCache(settings.database_url),
         data_roots=list(settings.data_roots),
+        max_dataset_bytes=settings.max_dataset_bytes,
     )
     return run_job(ctx)
 

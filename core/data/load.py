@@ -18,12 +18,14 @@ from torch import Tensor
 
 from hawada.core.data.arrays import (
     DEFAULT_FASHION_MNIST_DIR,
+    MAX_DATASET_BYTES,
     SYNTHETIC_SAMPLES,
     digits,
     fashion_mnist,
     fashion_mnist_splits,
     mnist_5k,
     npz,
+    npz_limit,
     resize,
     synthetic,
     to_nchw,
@@ -92,16 +94,33 @@ def load_data(
     *,
     heldout: Path | None = None,
     allowed_roots: Sequence[Path] | None = None,
+    max_dataset_bytes: int | None = None,
 ) -> DataBundle:
     """Load the recipe's data source and fix the held-out set.
 
     `upload` is the job's uploaded dataset (an .npz), used by `source: upload` and by
     `source: npz` without `data.path`; `heldout` the job's uploaded held-out set (an .npz).
     `allowed_roots`, when given, confines `data.path` and `data.heldout_path` to those folders
-    (a service should not read arbitrary server paths for remote users).
+    (a service should not read arbitrary server paths for remote users). `max_dataset_bytes`
+    bounds what any .npz it reads may declare, before anything is inflated (default
+    `MAX_DATASET_BYTES`; the service passes its `HAWADA_MAX_DATASET_BYTES`).
     Raises DataError(code="bad_dataset", or "heldout_mismatch" when the held-out set's classes
     are not the training set's) with a message naming the problem.
     """
+    token = npz_limit.set(max_dataset_bytes or MAX_DATASET_BYTES)
+    try:
+        return _load_data(recipe, upload, heldout=heldout, allowed_roots=allowed_roots)
+    finally:
+        npz_limit.reset(token)
+
+
+def _load_data(
+    recipe: Recipe,
+    upload: Path | None,
+    *,
+    heldout: Path | None,
+    allowed_roots: Sequence[Path] | None,
+) -> DataBundle:
     spec = recipe.data
     size = (recipe.model.input_size[1], recipe.model.input_size[2])
     generator = torch.Generator().manual_seed(spec.seed)
