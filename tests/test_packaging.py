@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -47,6 +48,16 @@ def _names(whl: Path) -> set[str]:
 
 def test_wheel_adds_only_the_hawada_namespace(wheel: Path) -> None:
     assert {n.split("/", 1)[0] for n in _names(wheel)} == {"hawada", DIST_INFO}
+
+
+def test_wheel_holds_each_file_once(wheel: Path) -> None:
+    """The build follows package-dir, not the hawada/<layer> links: no file twice, no nesting."""
+    with zipfile.ZipFile(wheel) as zf:
+        names = zf.namelist()
+    assert len(names) == len(set(names))
+    layers = [p.split(".", 1)[1] for p in PACKAGE_DIRS if p != "hawada"]
+    assert not [n for n in names if n.startswith("hawada/hawada/")]
+    assert not [n for n in names for lay in layers if n.startswith(f"hawada/{lay}/{lay}/")]
 
 
 def test_wheel_installs_the_hawada_console_script(wheel: Path) -> None:
@@ -176,6 +187,63 @@ def test_no_module_imports_a_bare_layer_name() -> None:
                     if m.split(".")[0] in LAYERS
                 ]
     assert offenders == []
+
+
+# -- the layer folders as hawada.<layer> for tools that walk folders --------------------------
+
+LINT_IMPORTS = Path(sys.executable).with_name("lint-imports")  # the dev extra's console script
+CONTRACTS: list[dict[str, object]] = PYPROJECT["tool"]["importlinter"]["contracts"]
+
+
+def test_hawada_links_every_layer_folder() -> None:
+    """`hawada/<layer>` is a relative link to `<layer>/` for each package-dir entry: grimp
+    (lint-imports) and mypy walk the `hawada/` folder and find hawada.<layer> through it."""
+    for package, folder in PACKAGE_DIRS.items():
+        if package == "hawada":
+            continue
+        link = ROOT.joinpath(*package.split("."))
+        assert link.is_symlink(), f"{link.relative_to(ROOT)} is not a link to {folder}/"
+        assert os.readlink(link) == os.path.relpath(ROOT / folder, link.parent)
+        assert link.resolve() == (ROOT / folder).resolve()
+
+
+def _lint_imports(cwd: Path) -> subprocess.CompletedProcess[str]:
+    if not LINT_IMPORTS.exists():
+        pytest.skip("lint-imports is not installed (the dev extra)")
+    return subprocess.run(
+        [str(LINT_IMPORTS), "--no-cache", "--no-logo"],
+        cwd=cwd,
+        env={**os.environ, "COLUMNS": "200"},  # one contract per line
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_bare_lint_imports_keeps_every_contract() -> None:
+    """Plain `lint-imports` in the repository root sees every layer and keeps every contract."""
+    proc = _lint_imports(ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert f"Contracts: {len(CONTRACTS)} kept, 0 broken." in proc.stdout
+
+
+def test_bare_lint_imports_reports_a_layer_violation(tmp_path: Path) -> None:
+    """In a copy of the checkout (links kept as links), core importing the api breaks the core
+    contract: the bare command checks the layers' real imports, it does not pass vacuously."""
+    for name in ("pyproject.toml", *PACKAGE_DIRS.values()):
+        src = ROOT / name
+        if src.is_dir():
+            ignore = shutil.ignore_patterns("__pycache__")
+            shutil.copytree(src, tmp_path / name, symlinks=True, ignore=ignore)
+        else:
+            shutil.copy2(src, tmp_path / name)
+    with (tmp_path / "core" / "errors.py").open("a", encoding="utf-8") as f:
+        f.write("\nimport hawada.api\n")
+    proc = _lint_imports(tmp_path)
+    (core,) = [c["name"] for c in CONTRACTS if c.get("source_modules") == ["hawada.core"]]
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert f"{core} BROKEN" in proc.stdout
+    assert "hawada.core.errors -> hawada.api" in proc.stdout
 
 
 # -- the base install against a real service ---------------------------------------------------
