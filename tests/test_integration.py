@@ -26,22 +26,13 @@ import pytest
 from services import Service, base_env, child_pids, tiny_recipe
 
 from hawada.client.client import HawadaAPIError
+from hawada.lifecycle import PHASES
 
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
 REDIS_URL = os.environ.get("HAWADA_TEST_REDIS_URL", "redis://127.0.0.1:6379")
 PG_URL = os.environ.get("HAWADA_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
-PHASES = (
-    "loading",
-    "baseline",
-    "profiling",
-    "training",
-    "exporting",
-    "finetuning",
-    "evaluating",
-    "packaging",
-)
 
 
 def _redis_db() -> tuple[Any, int]:
