@@ -20,7 +20,6 @@ import argparse
 import asyncio
 import datetime as dt
 import io
-import json
 import os
 import platform
 import shutil
@@ -47,25 +46,12 @@ def _free_port() -> int:
 
 def _fitting_safetensors() -> bytes:
     """Zero-valued weights with the names and shapes the recipe's model needs (torch-free)."""
-    import math
-
-    from hawada.core.architectures import expected_state_dict
+    from hawada.core.architectures import expected_state_dict, placeholder_safetensors
     from hawada.core.recipe import parse_recipe
 
     model = parse_recipe(RECIPE).model
     shapes = expected_state_dict(model.arch, model.num_classes, model.stem) or {}
-    header, offset = {}, 0
-    for name, shape in shapes.items():
-        size = math.prod(shape)
-        header[name] = {
-            "dtype": "U8",
-            "shape": list(shape),
-            "data_offsets": [offset, offset + size],
-        }
-        offset += size
-    raw = json.dumps(header).encode()
-    raw += b" " * (-len(raw) % 8)
-    return len(raw).to_bytes(8, "little") + raw + bytes(offset)
+    return placeholder_safetensors(shapes)
 
 
 def machine() -> str:

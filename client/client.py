@@ -256,59 +256,166 @@ def _stream_timeout(base: httpx.Timeout, deadline: float | None) -> httpx.Timeou
     return httpx.Timeout(base.connect, read=read, write=base.write, pool=base.pool)
 
 
-class _Retry:
-    """Reconnection bookkeeping of one event stream.
+def _stream_request(
+    job_id: str, after: int, base: httpx.Timeout, deadline: float | None
+) -> dict[str, Any]:
+    """The keywords of one Server-Sent Events request for a job's events after ``after``."""
+    return {
+        "method": "GET",
+        "url": f"/v1/jobs/{job_id}/events",
+        "params": {"after": after},
+        "headers": {"Accept": "text/event-stream"},
+        "timeout": _stream_timeout(base, deadline),
+    }
+
+
+def _sse_parser(resp: httpx.Response) -> _SSEParser:
+    """A parser for a successful stream answer; :class:`_NoEventStream` when it is not SSE."""
+    if not _is_event_stream(resp):
+        raise _NoEventStream()
+    return _SSEParser()
+
+
+class _Watch:
+    """Bookkeeping of one watch: the last sequence number seen, the deadline, reconnections.
 
     A refused connection before any event arrived means the service is not there: give up at
     once. Later drops (an API restart, a proxy timeout) reconnect where the stream left off, up
     to ``SSE_RECONNECTS`` times in a row, then polling takes over.
     """
 
-    def __init__(self, job_id: str, timeout: float | None, deadline: float | None) -> None:
-        self.job_id, self.timeout, self.deadline = job_id, timeout, deadline
+    def __init__(self, job_id: str, after: int, timeout: float | None) -> None:
+        self.job_id, self.last, self.timeout = job_id, after, timeout
+        self.deadline = None if timeout is None else time.monotonic() + timeout
         self.failures, self.seen = 0, False
 
-    def left(self) -> bool:
-        return self.failures <= SSE_RECONNECTS
+    def streaming(self, sse: bool) -> bool:
+        """Whether to (re)connect the event stream."""
+        return sse and self.failures <= SSE_RECONNECTS
 
-    def ok(self) -> None:
+    def streamed(self, event: dict[str, Any]) -> bool:
+        """Note an event from the stream; False at the stream's ``end`` (the job has ended)."""
+        if event["kind"] == "end":
+            return False
         self.failures, self.seen = 0, True
+        self.last = max(self.last, int(event["seq"] or self.last))
+        return True
+
+    def polled(self, event: dict[str, Any]) -> None:
+        """Note an event read by polling."""
+        self.last = max(self.last, int(event.get("seq") or self.last))
+
+    def _timed_out(self) -> TimeoutError:
+        return TimeoutError(f"job {self.job_id} still running after {self.timeout} s")
 
     def failed(self, exc: httpx.TransportError | None) -> bool:
-        """Count a failure; True when ``exc`` should be raised as unreachable."""
+        """Count a stream failure; True when ``exc`` should be raised as unreachable."""
         if self.deadline is not None and time.monotonic() >= self.deadline:
-            raise TimeoutError(f"job {self.job_id} still running after {self.timeout} s")
+            raise self._timed_out()
         self.failures += 1
         return isinstance(exc, httpx.ConnectError) and not self.seen
 
     def backoff(self) -> float:
+        """Seconds to wait before reconnecting the stream."""
         return 0.0 if self.failures == 0 else min(2.0, 0.1 * 2**self.failures)
 
+    def check_deadline(self) -> None:
+        """Between polls: raise ``TimeoutError`` once the deadline has passed."""
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            raise self._timed_out()
 
-def _submit_parts(
+
+class _Download:
+    """One artifact download, apart from the transfer: where it goes, the sha256 it must
+    match, the partial file it is written to and its running digest."""
+
+    def __init__(self, job_id: str, name: str, dest: str | Path, sha256: str | None) -> None:
+        path = Path(dest)
+        self.dest = path / name if path.is_dir() else path
+        self.job_id, self.name, self.sha256 = job_id, name, sha256
+        self.url = f"/v1/jobs/{job_id}/artifacts/{name}"
+        self.tmp = self.dest.with_name(self.dest.name + ".part")
+        self._digest = hashlib.sha256()
+
+    def expect_listed(self, job: dict[str, Any]) -> None:
+        """Take the sha256 to match from the job's artifact listing."""
+        listed = {a["name"]: a for a in job.get("artifacts", [])}
+        if self.name not in listed:
+            msg = f"job {self.job_id} has no artifact {self.name!r}"
+            raise HawadaAPIError(404, "artifact_not_found", msg)
+        self.sha256 = listed[self.name]["sha256"]
+
+    @contextlib.contextmanager
+    def writer(self) -> Iterator[Callable[[bytes], None]]:
+        """A function that appends a block to the partial file and the digest."""
+        with open(self.tmp, "wb") as fh:
+
+            def write(block: bytes) -> None:
+                self._digest.update(block)
+                fh.write(block)
+
+            yield write
+
+    def discard(self) -> None:
+        """Remove the partial file (the transfer failed)."""
+        self.tmp.unlink(missing_ok=True)
+
+    def finish(self) -> Path:
+        """Check the digest, then move the partial file to ``dest``; ChecksumError otherwise."""
+        if self._digest.hexdigest() != self.sha256:
+            self.discard()
+            raise ChecksumError(
+                f"{self.name}: sha256 {self._digest.hexdigest()} != listed {self.sha256}"
+            )
+        self.tmp.replace(self.dest)
+        return self.dest
+
+
+@contextlib.contextmanager
+def _submit_request(
     recipe: RecipeInput,
     weights: FileInput | None,
     dataset: FileInput | None,
+    heldout: FileInput | None,
     model_id: str | None,
-    stack: contextlib.ExitStack,
-    heldout: FileInput | None = None,
-) -> dict[str, Any]:
-    """The request keywords of ``POST /v1/jobs`` (files opened on ``stack``)."""
+    idempotency_key: str | None,
+) -> Iterator[dict[str, Any]]:
+    """The request keywords of ``POST /v1/jobs``, its files open while the request is made."""
+    headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
     text = recipe_text(recipe)
     if model_id is not None:
         if weights is not None or dataset is not None or heldout is not None:
             raise ValueError(
                 "a model_id submit is JSON only: pass no weights, dataset or heldout file"
             )
-        return {"json": {"recipe": text, "model_id": model_id}}
+        yield {"headers": headers, "json": {"recipe": text, "model_id": model_id}}
+        return
     if weights is None:
         raise ValueError("pass weights (a path, bytes or a file) or model_id")
-    files = {"weights": _file_part(weights, stack, None)}
-    if dataset is not None:
-        files["dataset"] = _file_part(dataset, stack, "dataset.npz")
-    if heldout is not None:
-        files["heldout"] = _file_part(heldout, stack, "heldout.npz")
-    return {"data": {"recipe": text}, "files": files}
+    with contextlib.ExitStack() as stack:
+        files = {"weights": _file_part(weights, stack, None)}
+        if dataset is not None:
+            files["dataset"] = _file_part(dataset, stack, "dataset.npz")
+        if heldout is not None:
+            files["heldout"] = _file_part(heldout, stack, "heldout.npz")
+        yield {"headers": headers, "data": {"recipe": text}, "files": files}
+
+
+@contextlib.contextmanager
+def _upload_request(weights: FileInput, arch: str | None) -> Iterator[dict[str, Any]]:
+    """The request keywords of ``POST /v1/models``, the weights open while the request is made."""
+    data = {"arch": arch} if arch else None
+    with contextlib.ExitStack() as stack:
+        yield {"files": {"weights": _file_part(weights, stack, None)}, "data": data}
+
+
+def _list_params(status: str | None, limit: int | None, cursor: str | None) -> dict[str, Any]:
+    """The query of ``GET /v1/jobs``: the filters that were given."""
+    return {
+        k: v
+        for k, v in {"status": status, "limit": limit, "cursor": cursor}.items()
+        if v is not None
+    }
 
 
 def _check_progress(progress: ProgressCallback | None, wait: bool) -> None:
@@ -316,8 +423,33 @@ def _check_progress(progress: ProgressCallback | None, wait: bool) -> None:
         raise ValueError("progress= needs wait=True (it is called while waiting)")
 
 
+class _ClientBase:
+    """What both clients share that does no I/O: the address, the options of the httpx
+    client, and how a transport failure reads."""
+
+    def __init__(self, base_url: str) -> None:
+        self.base_url = base_url.rstrip("/")
+
+    def _http_options(
+        self,
+        api_key: str | None,
+        timeout: float,
+        transport: httpx.BaseTransport | httpx.AsyncBaseTransport | None,
+    ) -> dict[str, Any]:
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        return {
+            "base_url": self.base_url,
+            "headers": headers,
+            "timeout": timeout,
+            "transport": transport,
+        }
+
+    def _unreachable(self, exc: httpx.TransportError) -> HawadaConnectionError:
+        return HawadaConnectionError(self.base_url, str(exc) or type(exc).__name__)
+
+
 # -- the blocking client --------------------------------------------------------------------
-class HawadaClient:
+class HawadaClient(_ClientBase):
     """Blocking client for the ``/v1`` API; every method returns the decoded JSON.
 
     Example::
@@ -341,11 +473,8 @@ class HawadaClient:
         timeout: float = 60.0,
         transport: httpx.BaseTransport | None = None,
     ) -> None:
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self.base_url = base_url.rstrip("/")
-        self._http = httpx.Client(
-            base_url=self.base_url, headers=headers, timeout=timeout, transport=transport
-        )
+        super().__init__(base_url)
+        self._http = httpx.Client(**self._http_options(api_key, timeout, transport))
 
     # -- plumbing -----------------------------------------------------------------------
     def close(self) -> None:
@@ -357,9 +486,6 @@ class HawadaClient:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-    def _unreachable(self, exc: httpx.TransportError) -> HawadaConnectionError:
-        return HawadaConnectionError(self.base_url, str(exc) or type(exc).__name__)
 
     def _request(self, method: str, url: str, **kw: Any) -> Any:
         try:
@@ -397,10 +523,8 @@ class HawadaClient:
 
         Example: ``model = hc.upload_model("resnet18.safetensors", arch="resnet18")``
         """
-        data = {"arch": arch} if arch else None
-        with contextlib.ExitStack() as stack:
-            files = {"weights": _file_part(weights, stack, None)}
-            return self._request("POST", "/v1/models", files=files, data=data)
+        with _upload_request(weights, arch) as kw:
+            return self._request("POST", "/v1/models", **kw)
 
     def get_model(self, model_id: str) -> dict[str, Any]:
         """``GET /v1/models/{id}``."""
@@ -434,10 +558,8 @@ class HawadaClient:
                             wait=True, progress=print)
         """
         _check_progress(progress, wait)
-        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
-        with contextlib.ExitStack() as stack:
-            parts = _submit_parts(recipe, weights, dataset, model_id, stack, heldout)
-            job: dict[str, Any] = self._request("POST", "/v1/jobs", headers=headers, **parts)
+        with _submit_request(recipe, weights, dataset, heldout, model_id, idempotency_key) as kw:
+            job: dict[str, Any] = self._request("POST", "/v1/jobs", **kw)
         if wait:
             return self.wait(job["id"], progress=progress, timeout=timeout)
         return job
@@ -451,12 +573,7 @@ class HawadaClient:
     ) -> dict[str, Any]:
         """One page of the caller's jobs (newest first), optionally filtered by status:
         ``{"items": [...], "next_cursor": ...}``; pass ``next_cursor`` back for the next page."""
-        params = {
-            k: v
-            for k, v in {"status": status, "limit": limit, "cursor": cursor}.items()
-            if v is not None
-        }
-        return self._request("GET", "/v1/jobs", params=params)
+        return self._request("GET", "/v1/jobs", params=_list_params(status, limit, cursor))
 
     def events(self, job_id: str, after: int = 0) -> builtins.list[dict[str, Any]]:
         """Events of a job with sequence number above ``after``, as they are now (no waiting):
@@ -465,18 +582,12 @@ class HawadaClient:
 
     def _stream(self, job_id: str, after: int, deadline: float | None) -> Iterator[dict[str, Any]]:
         """One Server-Sent Events connection; yields events, then ``{"kind": "end"}``."""
-        headers = {"Accept": "text/event-stream"}
-        timeout = _stream_timeout(self._http.timeout, deadline)
-        url = f"/v1/jobs/{job_id}/events"
-        with self._http.stream(
-            "GET", url, params={"after": after}, headers=headers, timeout=timeout
-        ) as resp:
+        request = _stream_request(job_id, after, self._http.timeout, deadline)
+        with self._http.stream(**request) as resp:
             if not resp.is_success:
                 resp.read()
                 raise api_error(resp)
-            if not _is_event_stream(resp):
-                raise _NoEventStream()
-            parser = _SSEParser()
+            parser = _sse_parser(resp)
             for line in resp.iter_lines():
                 event = parser.feed(line)
                 if event is not None:
@@ -504,42 +615,28 @@ class HawadaClient:
                 if event["kind"] == "progress":
                     print(event["data"]["phase"], event["data"].get("step"))
         """
-        deadline = None if timeout is None else time.monotonic() + timeout
-        last, retry = after, _Retry(job_id, timeout, deadline)
-        while sse and retry.left():
+        state = _Watch(job_id, after, timeout)
+        while state.streaming(sse):
             try:
-                for event in self._stream(job_id, last, deadline):
-                    if event["kind"] == "end":
+                for event in self._stream(job_id, state.last, state.deadline):
+                    if not state.streamed(event):
                         return
-                    retry.ok()
-                    last = max(last, int(event["seq"] or last))
                     yield event
-                retry.failed(None)  # closed without `end` (a restarting API): reconnect
+                state.failed(None)  # closed without `end` (a restarting API): reconnect
             except _NoEventStream:
                 break
             except httpx.TransportError as exc:
-                if retry.failed(exc):
+                if state.failed(exc):
                     raise self._unreachable(exc) from None
-            time.sleep(retry.backoff())
-        yield from self._poll(job_id, last, poll_s, deadline, timeout)
-
-    def _poll(
-        self,
-        job_id: str,
-        after: int,
-        poll_s: float,
-        deadline: float | None,
-        timeout: float | None,
-    ) -> Iterator[dict[str, Any]]:
+            time.sleep(state.backoff())
         while True:
             ended = self.get(job_id)["status"] in TERMINAL_STATES
-            for event in self.events(job_id, after=after):
-                after = max(after, int(event.get("seq") or after))
+            for event in self.events(job_id, after=state.last):
+                state.polled(event)
                 yield event
             if ended:  # events read after the terminal state include the last ones
                 return
-            if deadline is not None and time.monotonic() > deadline:
-                raise TimeoutError(f"job {job_id} still running after {timeout} s")
+            state.check_deadline()
             time.sleep(poll_s)
 
     def wait(
@@ -576,34 +673,21 @@ class HawadaClient:
         on mismatch the partial file is removed and :class:`ChecksumError` raised.
         Example: ``hc.download(job_id, "pruned.json", "result/")``
         """
-        dest = Path(dest)
-        if dest.is_dir():
-            dest = dest / name
+        dl = _Download(job_id, name, dest, sha256)
         if sha256 is None:
-            listed = {a["name"]: a for a in self.get(job_id).get("artifacts", [])}
-            if name not in listed:
-                msg = f"job {job_id} has no artifact {name!r}"
-                raise HawadaAPIError(404, "artifact_not_found", msg)
-            sha256 = listed[name]["sha256"]
-        tmp = dest.with_name(dest.name + ".part")
-        digest = hashlib.sha256()
+            dl.expect_listed(self.get(job_id))
         try:
-            with self._http.stream("GET", f"/v1/jobs/{job_id}/artifacts/{name}") as resp:
+            with self._http.stream("GET", dl.url) as resp:
                 if not resp.is_success:
                     resp.read()
                     raise api_error(resp)
-                with open(tmp, "wb") as fh:
+                with dl.writer() as write:
                     for block in resp.iter_bytes(1 << 20):
-                        digest.update(block)
-                        fh.write(block)
+                        write(block)
         except httpx.TransportError as exc:
-            tmp.unlink(missing_ok=True)
+            dl.discard()
             raise self._unreachable(exc) from None
-        if digest.hexdigest() != sha256:
-            tmp.unlink(missing_ok=True)
-            raise ChecksumError(f"{name}: sha256 {digest.hexdigest()} != listed {sha256}")
-        tmp.replace(dest)
-        return dest
+        return dl.finish()
 
     def download_all(self, job_id: str, dest_dir: str | Path) -> builtins.list[Path]:
         """Download every artifact of a job into ``dest_dir`` (checksums verified).
@@ -619,7 +703,7 @@ class HawadaClient:
 
 
 # -- the asyncio client ---------------------------------------------------------------------
-class AsyncHawadaClient:
+class AsyncHawadaClient(_ClientBase):
     """The same methods as :class:`HawadaClient`, as coroutines (``httpx.AsyncClient``).
 
     For notebooks (top-level ``await`` works in Jupyter) and asyncio services. Example::
@@ -643,11 +727,8 @@ class AsyncHawadaClient:
         timeout: float = 60.0,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self.base_url = base_url.rstrip("/")
-        self._http = httpx.AsyncClient(
-            base_url=self.base_url, headers=headers, timeout=timeout, transport=transport
-        )
+        super().__init__(base_url)
+        self._http = httpx.AsyncClient(**self._http_options(api_key, timeout, transport))
 
     async def aclose(self) -> None:
         """Close the underlying connection pool."""
@@ -658,9 +739,6 @@ class AsyncHawadaClient:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
-
-    def _unreachable(self, exc: httpx.TransportError) -> HawadaConnectionError:
-        return HawadaConnectionError(self.base_url, str(exc) or type(exc).__name__)
 
     async def _request(self, method: str, url: str, **kw: Any) -> Any:
         try:
@@ -690,10 +768,8 @@ class AsyncHawadaClient:
 
     async def upload_model(self, weights: FileInput, arch: str | None = None) -> dict[str, Any]:
         """Upload a weights file once (see :meth:`HawadaClient.upload_model`)."""
-        data = {"arch": arch} if arch else None
-        with contextlib.ExitStack() as stack:
-            files = {"weights": _file_part(weights, stack, None)}
-            return await self._request("POST", "/v1/models", files=files, data=data)
+        with _upload_request(weights, arch) as kw:
+            return await self._request("POST", "/v1/models", **kw)
 
     async def get_model(self, model_id: str) -> dict[str, Any]:
         """``GET /v1/models/{id}``."""
@@ -717,10 +793,8 @@ class AsyncHawadaClient:
         Example: ``job = await hc.submit("r.yaml", "w.safetensors", wait=True, progress=print)``
         """
         _check_progress(progress, wait)
-        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
-        with contextlib.ExitStack() as stack:
-            parts = _submit_parts(recipe, weights, dataset, model_id, stack, heldout)
-            job: dict[str, Any] = await self._request("POST", "/v1/jobs", headers=headers, **parts)
+        with _submit_request(recipe, weights, dataset, heldout, model_id, idempotency_key) as kw:
+            job: dict[str, Any] = await self._request("POST", "/v1/jobs", **kw)
         if wait:
             return await self.wait(job["id"], progress=progress, timeout=timeout)
         return job
@@ -733,12 +807,7 @@ class AsyncHawadaClient:
         self, status: str | None = None, limit: int | None = None, cursor: str | None = None
     ) -> dict[str, Any]:
         """One page of the caller's jobs (see :meth:`HawadaClient.list`)."""
-        params = {
-            k: v
-            for k, v in {"status": status, "limit": limit, "cursor": cursor}.items()
-            if v is not None
-        }
-        return await self._request("GET", "/v1/jobs", params=params)
+        return await self._request("GET", "/v1/jobs", params=_list_params(status, limit, cursor))
 
     async def events(self, job_id: str, after: int = 0) -> builtins.list[dict[str, Any]]:
         """Events of a job with sequence number above ``after`` (no waiting)."""
@@ -748,18 +817,12 @@ class AsyncHawadaClient:
     async def _stream(
         self, job_id: str, after: int, deadline: float | None
     ) -> AsyncIterator[dict[str, Any]]:
-        headers = {"Accept": "text/event-stream"}
-        timeout = _stream_timeout(self._http.timeout, deadline)
-        url = f"/v1/jobs/{job_id}/events"
-        async with self._http.stream(
-            "GET", url, params={"after": after}, headers=headers, timeout=timeout
-        ) as resp:
+        request = _stream_request(job_id, after, self._http.timeout, deadline)
+        async with self._http.stream(**request) as resp:
             if not resp.is_success:
                 await resp.aread()
                 raise api_error(resp)
-            if not _is_event_stream(resp):
-                raise _NoEventStream()
-            parser = _SSEParser()
+            parser = _sse_parser(resp)
             async for line in resp.aiter_lines():
                 event = parser.feed(line)
                 if event is not None:
@@ -777,32 +840,28 @@ class AsyncHawadaClient:
         sse: bool = True,
     ) -> AsyncIterator[dict[str, Any]]:
         """Yield the job's events as they happen until it ends (see :meth:`HawadaClient.watch`)."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        last, retry = after, _Retry(job_id, timeout, deadline)
-        while sse and retry.left():
+        state = _Watch(job_id, after, timeout)
+        while state.streaming(sse):
             try:
-                async for event in self._stream(job_id, last, deadline):
-                    if event["kind"] == "end":
+                async for event in self._stream(job_id, state.last, state.deadline):
+                    if not state.streamed(event):
                         return
-                    retry.ok()
-                    last = max(last, int(event["seq"] or last))
                     yield event
-                retry.failed(None)
+                state.failed(None)  # closed without `end` (a restarting API): reconnect
             except _NoEventStream:
                 break
             except httpx.TransportError as exc:
-                if retry.failed(exc):
+                if state.failed(exc):
                     raise self._unreachable(exc) from None
-            await asyncio.sleep(retry.backoff())
+            await asyncio.sleep(state.backoff())
         while True:
             ended = (await self.get(job_id))["status"] in TERMINAL_STATES
-            for event in await self.events(job_id, after=last):
-                last = max(last, int(event.get("seq") or last))
+            for event in await self.events(job_id, after=state.last):
+                state.polled(event)
                 yield event
-            if ended:
+            if ended:  # events read after the terminal state include the last ones
                 return
-            if deadline is not None and time.monotonic() > deadline:
-                raise TimeoutError(f"job {job_id} still running after {timeout} s")
+            state.check_deadline()
             await asyncio.sleep(poll_s)
 
     async def wait(
@@ -834,34 +893,21 @@ class AsyncHawadaClient:
         self, job_id: str, name: str, dest: str | Path, sha256: str | None = None
     ) -> Path:
         """Stream one artifact to ``dest``, sha256 verified (see :meth:`HawadaClient.download`)."""
-        dest = Path(dest)
-        if dest.is_dir():
-            dest = dest / name
+        dl = _Download(job_id, name, dest, sha256)
         if sha256 is None:
-            listed = {a["name"]: a for a in (await self.get(job_id)).get("artifacts", [])}
-            if name not in listed:
-                msg = f"job {job_id} has no artifact {name!r}"
-                raise HawadaAPIError(404, "artifact_not_found", msg)
-            sha256 = listed[name]["sha256"]
-        tmp = dest.with_name(dest.name + ".part")
-        digest = hashlib.sha256()
+            dl.expect_listed(await self.get(job_id))
         try:
-            async with self._http.stream("GET", f"/v1/jobs/{job_id}/artifacts/{name}") as resp:
+            async with self._http.stream("GET", dl.url) as resp:
                 if not resp.is_success:
                     await resp.aread()
                     raise api_error(resp)
-                with open(tmp, "wb") as fh:
+                with dl.writer() as write:
                     async for block in resp.aiter_bytes(1 << 20):
-                        digest.update(block)
-                        fh.write(block)
+                        write(block)
         except httpx.TransportError as exc:
-            tmp.unlink(missing_ok=True)
+            dl.discard()
             raise self._unreachable(exc) from None
-        if digest.hexdigest() != sha256:
-            tmp.unlink(missing_ok=True)
-            raise ChecksumError(f"{name}: sha256 {digest.hexdigest()} != listed {sha256}")
-        tmp.replace(dest)
-        return dest
+        return dl.finish()
 
     async def download_all(self, job_id: str, dest_dir: str | Path) -> builtins.list[Path]:
         """Download every artifact of a job into ``dest_dir`` (checksums verified)."""

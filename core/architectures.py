@@ -14,7 +14,8 @@ further keys (per-arch coupling groups, state-dict shape tables, ...) are kept i
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import resources
@@ -28,6 +29,7 @@ __all__ = [
     "catalogue",
     "expected_state_dict",
     "parse_catalogue",
+    "placeholder_safetensors",
     "supported_architectures",
 ]
 
@@ -112,3 +114,26 @@ def expected_state_dict(
         if key not in table and code is not None:
             out[key] = _decode_shape(code, num_classes)
     return out
+
+
+def placeholder_safetensors(shapes: Mapping[str, Sequence[int]]) -> bytes:
+    """A safetensors file with these tensor names and shapes (e.g. `expected_state_dict`'s)
+    whose values are zero bytes (dtype U8, a quarter of float32's size), built without torch.
+
+    For tests and benchmarks that submit jobs: the API checks at submission that the weights
+    fit the recipe's architecture, and never reads values it has no reason to (only floats are
+    checked for NaN).
+    """
+    header: dict[str, dict[str, Any]] = {}
+    offset = 0
+    for name, shape in shapes.items():
+        size = math.prod(shape)
+        header[name] = {
+            "dtype": "U8",
+            "shape": list(shape),
+            "data_offsets": [offset, offset + size],
+        }
+        offset += size
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    return len(raw).to_bytes(8, "little") + raw + bytes(offset)

@@ -38,6 +38,7 @@ from hawada.core.train import (
     cosine_lr,
     distill_objective,
     indexed_batches,
+    log_step,
     teacher_logits,
 )
 
@@ -197,21 +198,10 @@ def slimming_train(
         opt.zero_grad(set_to_none=True)
         total.backward()
         opt.step()
-        if (step + 1) % log_every == 0 or step == steps - 1:
-            loss_v, kd_v, ce_v, l1_v = torch.stack(
-                [total.detach(), kd.detach(), ce.detach(), l1.detach()]
-            ).tolist()
-            row = {
-                "step": step + 1,
-                "steps": steps,
-                "loss": loss_v,
-                "kd": kd_v,
-                "ce": ce_v,
-                "bn_l1": l1_v,
-            }
-            history.append(row)
-            if on_step is not None:
-                on_step(row)
+        if (step + 1) % log_every == 0 or step == steps - 1:  # host sync on logging steps only
+            log_step(
+                history, on_step, step, steps, {"loss": total, "kd": kd, "ce": ce, "bn_l1": l1}
+            )
     model.eval().requires_grad_(False)
     return history
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import itertools
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, TypedDict
 
 import torch
@@ -507,23 +507,16 @@ def train_gates(
         last = step == steps - 1
         if (step + 1) % log_every == 0 or last:
             # The only host sync, on logging steps only: all logged scalars in one transfer.
-            loss_v, kd_v, ce_v, ratio_v, mult_v = torch.stack(
-                [loss.detach(), kd.detach(), ce.detach(), ratio.detach(), multiplier]
-            ).tolist()
-            row = {
-                "step": step + 1,
-                "steps": steps,
-                "loss": loss_v,
-                "kd": kd_v,
-                "ce": ce_v,
-                "cost_ratio": ratio_v,
+            values: dict[str, torch.Tensor | float] = {
+                "loss": loss,
+                "kd": kd,
+                "ce": ce,
+                "cost_ratio": ratio,
                 "target": tgt,
-                "multiplier": mult_v,
+                "multiplier": multiplier,
                 "temperature": temperature,
             }
-            history.append(row)
-            if on_step is not None:
-                on_step(row)
+            log_step(history, on_step, step, steps, values)
         if on_checkpoint is not None and not last:
             now = time.monotonic()
             if (step + 1) % checkpoint_every_steps == 0 or now - last_ckpt >= checkpoint_every_s:
@@ -547,6 +540,28 @@ def cosine_lr(
 def _steps_for_epochs(data: DataBundle, batch_size: int, epochs: float) -> int:
     """Optimiser steps in `epochs` (may be fractional) passes over the train split; at least 1."""
     return max(1, math.ceil(epochs * data.n_train / batch_size))
+
+
+def log_step(
+    history: list[HistoryRow],
+    on_step: StepCallback | None,
+    step: int,
+    steps: int,
+    values: Mapping[str, torch.Tensor | float],
+) -> None:
+    """Append the row of (0-based) logging step `step` to `history` and pass it to `on_step`.
+
+    The row is ``{"step": step + 1, "steps": steps, **values}`` in that order, with every
+    tensor value read back in one transfer: the step's only host sync (call it on logging
+    steps only).
+    """
+    tensors = [v.detach() for v in values.values() if isinstance(v, torch.Tensor)]
+    host = iter(torch.stack(tensors).tolist())
+    row: HistoryRow = {"step": step + 1, "steps": steps}
+    row.update({k: next(host) if isinstance(v, torch.Tensor) else v for k, v in values.items()})
+    history.append(row)
+    if on_step is not None:
+        on_step(row)
 
 
 def finetune(
@@ -598,18 +613,10 @@ def finetune(
             opt.step()
             last = step == steps - 1
             if (step + 1) % log_every == 0 or last:  # host sync on logging steps only
-                loss_v, kd_v, ce_v = torch.stack([loss.detach(), kd.detach(), ce.detach()]).tolist()
-                row = {
-                    "step": step + 1,
-                    "steps": steps,
-                    "loss": loss_v,
-                    "kd": kd_v,
-                    "ce": ce_v,
-                    "lr": opt.param_groups[0]["lr"],
-                }
-                history.append(row)
-                if on_step is not None:
-                    on_step(row)
+                lr = opt.param_groups[0]["lr"]
+                log_step(
+                    history, on_step, step, steps, {"loss": loss, "kd": kd, "ce": ce, "lr": lr}
+                )
     finally:
         teacher.train(teacher_was_training)
     if ft.recalibrate_bn:

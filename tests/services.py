@@ -1,9 +1,10 @@
 """A running HawAda service for end-to-end tests: `hawada serve` (embedded) or `hawada api` +
 `hawada worker` as subprocesses of this interpreter, with their logs kept for failure messages.
-Used by test_integration.py and test_packaging.py."""
+Used by test_integration.py, test_packaging.py and test_supervision.py."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -24,6 +25,15 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def child_pids(pid: int) -> list[int]:
+    """The process ids of `pid`'s children, from Linux /proc (empty once it has exited)."""
+    out: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        with contextlib.suppress(OSError):
+            out += [int(c) for c in (task / "children").read_text().split()]
+    return out
 
 
 #: A job that runs in seconds: ResNet-18 at 16x16 on 128 digits, 6 gate steps, no fine-tune.

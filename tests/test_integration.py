@@ -23,25 +23,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from services import Service, base_env, tiny_recipe
+from services import Service, base_env, child_pids, tiny_recipe
 
 from hawada.client.client import HawadaAPIError
+from hawada.lifecycle import PHASES
 
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
 REDIS_URL = os.environ.get("HAWADA_TEST_REDIS_URL", "redis://127.0.0.1:6379")
 PG_URL = os.environ.get("HAWADA_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
-PHASES = (
-    "loading",
-    "baseline",
-    "profiling",
-    "training",
-    "exporting",
-    "finetuning",
-    "evaluating",
-    "packaging",
-)
 
 
 def _redis_db() -> tuple[Any, int]:
@@ -187,14 +178,6 @@ def test_weights_of_another_arch_fail_with_weights_mismatch(
     assert job["artifacts"] == []
 
 
-def _children(pid: int) -> list[int]:
-    out: list[int] = []
-    for task in Path(f"/proc/{pid}/task").glob("*"):
-        with contextlib.suppress(OSError):
-            out += [int(c) for c in (task / "children").read_text().split()]
-    return out
-
-
 def _loads_torch(pid: int) -> bool:
     return "libtorch" in Path(f"/proc/{pid}/maps").read_text()
 
@@ -208,12 +191,12 @@ def test_torch_lives_only_in_the_worker_child(service: Service, weights_pt: Path
     if len(service.procs) == 1:  # embedded: serve (API) -> celery parent -> child
         api_pid = service.procs[0].pid
         parents = [
-            p for p in _children(api_pid) if "celery" in Path(f"/proc/{p}/cmdline").read_text()
+            p for p in child_pids(api_pid) if "celery" in Path(f"/proc/{p}/cmdline").read_text()
         ]
     else:
         api_pid, parents = service.procs[0].pid, [service.procs[1].pid]
     assert len(parents) == 1
-    children = _children(parents[0])
+    children = child_pids(parents[0])
     assert children, "prefork pool has no child"
     assert not _loads_torch(api_pid)
     assert not _loads_torch(parents[0])
@@ -221,7 +204,7 @@ def test_torch_lives_only_in_the_worker_child(service: Service, weights_pt: Path
 
 
 def _kill_tree(pid: int) -> None:
-    for child in _children(pid):
+    for child in child_pids(pid):
         _kill_tree(child)
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGKILL)

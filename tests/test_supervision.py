@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
-from services import Service, base_env, tiny_recipe
+from services import Service, base_env, child_pids, tiny_recipe
 from sqlalchemy import update
 
 from hawada.api.main import create_app
@@ -103,16 +103,8 @@ def test_api_reaper_requeues_without_any_worker(settings: Any) -> None:
         assert repo.load_job(session, job_id).status == "queued"
 
 
-def _children(pid: int) -> list[int]:
-    out: list[int] = []
-    for task in Path(f"/proc/{pid}/task").glob("*"):
-        with contextlib.suppress(OSError):
-            out += [int(c) for c in (task / "children").read_text().split()]
-    return out
-
-
 def _celery_parent(serve_pid: int) -> int | None:
-    for pid in _children(serve_pid):
+    for pid in child_pids(serve_pid):
         with contextlib.suppress(OSError):
             if "celery" in Path(f"/proc/{pid}/cmdline").read_text():
                 return pid
@@ -145,7 +137,7 @@ def test_sigkilled_celery_parent_is_restarted_and_the_job_resumes_once(tmp_path:
             time.sleep(0.2)
         parent = _celery_parent(serve_pid)
         assert parent is not None
-        child = _children(parent)
+        child = child_pids(parent)
         os.kill(parent, signal.SIGKILL)
         # The job child dies with its parent (no orphan finishes the job behind our back).
         deadline = time.monotonic() + 20

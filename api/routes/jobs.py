@@ -35,43 +35,46 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorBody} for code in (400, 401, 404, 409, 413, 415, 422)
 }
 
-SUBMIT_OPENAPI: dict[str, Any] = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "required": ["recipe", "weights"],
-                    "properties": {
-                        "recipe": {
-                            "type": "string",
-                            "description": "recipe as JSON or YAML, a text field or a file part",
-                        },
-                        "weights": {
-                            "type": "string",
-                            "format": "binary",
-                            "description": ".safetensors, or .pt/.pth state dict",
-                        },
-                        "dataset": {
-                            "type": "string",
-                            "format": "binary",
-                            "description": "optional .npz with arrays x, y (training data for "
-                            "data.source upload, or npz without data.path)",
-                        },
-                        "heldout": {
-                            "type": "string",
-                            "format": "binary",
-                            "description": "optional .npz with arrays x, y: the held-out set "
-                            "(instead of a seeded split of the training data)",
-                        },
-                    },
-                }
-            },
-            "application/json": {"schema": JobCreateJson.model_json_schema()},
+
+def multipart_body(
+    required: list[str],
+    properties: dict[str, Any],
+    other_content: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The ``openapi_extra`` of a route whose required body is a multipart/form-data object
+    with `properties` (`required` of them mandatory); `other_content` adds other media types."""
+    schema = {"type": "object", "required": required, "properties": properties}
+    content = {"multipart/form-data": {"schema": schema}, **(other_content or {})}
+    return {"requestBody": {"required": True, "content": content}}
+
+
+SUBMIT_OPENAPI: dict[str, Any] = multipart_body(
+    ["recipe", "weights"],
+    {
+        "recipe": {
+            "type": "string",
+            "description": "recipe as JSON or YAML, a text field or a file part",
         },
-    }
-}
+        "weights": {
+            "type": "string",
+            "format": "binary",
+            "description": ".safetensors, or .pt/.pth state dict",
+        },
+        "dataset": {
+            "type": "string",
+            "format": "binary",
+            "description": "optional .npz with arrays x, y (training data for "
+            "data.source upload, or npz without data.path)",
+        },
+        "heldout": {
+            "type": "string",
+            "format": "binary",
+            "description": "optional .npz with arrays x, y: the held-out set "
+            "(instead of a seeded split of the training data)",
+        },
+    },
+    {"application/json": {"schema": JobCreateJson.model_json_schema()}},
+)
 
 
 @router.post(

@@ -11,7 +11,7 @@ from starlette.datastructures import UploadFile
 
 from hawada.api.deps import OBJECT_ID, CurrentOwner, SessionDep, SettingsDep, StoreDep
 from hawada.api.errors import ApiError, invalid_field
-from hawada.api.routes.jobs import ERRORS
+from hawada.api.routes.jobs import ERRORS, multipart_body
 from hawada.api.schemas import ModelPublic
 from hawada.api.uploads import check_weights, read_form, save_capped, weights_format
 from hawada.core.architectures import supported_architectures
@@ -23,23 +23,13 @@ from hawada.store.uploaded_models import create_model, get_model
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 
-UPLOAD_OPENAPI = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "required": ["weights"],
-                    "properties": {
-                        "weights": {"type": "string", "format": "binary"},
-                        "arch": {"type": "string", "description": "optional architecture name"},
-                    },
-                }
-            }
-        },
-    }
-}
+UPLOAD_OPENAPI = multipart_body(
+    ["weights"],
+    {
+        "weights": {"type": "string", "format": "binary"},
+        "arch": {"type": "string", "description": "optional architecture name"},
+    },
+)
 
 
 def _register(
