@@ -23,7 +23,9 @@ from hawada.cli import app
 from hawada.client.client import HawadaClient
 
 ROOT = Path(__file__).resolve().parents[1]
-runner = CliRunner()
+# Wide enough that rich never wraps a line the tests look for (a long temporary path would
+# otherwise split "sha256 ok" over two lines at the default 80 columns).
+runner = CliRunner(env={"COLUMNS": "240"})
 STAMP = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d  ", re.M)
 
 
