@@ -17,7 +17,8 @@ import itertools
 import math
 import time
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any, TypedDict
+from contextlib import contextmanager
+from typing import Any, NotRequired, TypedDict
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +46,7 @@ class TrainState(TypedDict):
     multiplier: float
     start_ratio: float | None
     history: list[HistoryRow]
+    norm_stats: NotRequired[dict[str, torch.Tensor]]  # the gated student's BN statistics
 
 
 CheckpointCallback = Callable[[TrainState], None]
@@ -233,6 +235,89 @@ class _WidthReader:
         return dict(zip(self.names, (units * self.unit_width).unbind(), strict=True))
 
 
+NORM_MOMENTUM = 0.1  # the student's BN statistics follow its batches like BN's own default
+
+
+class NormStats:
+    """BatchNorm statistics of the gated student, kept apart from the model's own.
+
+    Closing channels changes what every later BatchNorm sees; with the input model's running
+    statistics a frozen ResNet-18 cut to 10% FLOPs is at chance, so distillation gets no useful
+    signal and the gate-trained model is no better a start for fine-tuning than magnitude
+    pruning. The student therefore normalises with its own running mean and variance: they start
+    as the model's (so step 0 is still exactly the teacher), and after each step move towards
+    the batch statistics of the gated forward pass (an exponential average, `momentum`, like
+    BN's own running statistics). The model's buffers, weights and the teacher are untouched:
+    `active()` swaps the student's tensors in for the student's forward and records each BN
+    input's batch mean and variance (no extra forward pass, no host sync); `installed()` swaps
+    them in for evaluation and export, so the exported model carries them.
+    """
+
+    def __init__(self, model: nn.Module, momentum: float = NORM_MOMENTUM) -> None:
+        self.norms: dict[str, nn.modules.batchnorm._BatchNorm] = {}
+        self.mean: dict[str, torch.Tensor] = {}
+        self.var: dict[str, torch.Tensor] = {}
+        for name, m in model.named_modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                mean, var = m.running_mean, m.running_var
+                if isinstance(mean, torch.Tensor) and isinstance(var, torch.Tensor):
+                    self.norms[name] = m
+                    self.mean[name] = mean.detach().clone()
+                    self.var[name] = var.detach().clone()
+        self.momentum = momentum
+        self._batch: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _record(self, name: str) -> Callable[[nn.Module, tuple[torch.Tensor, ...]], None]:
+        def hook(_module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+            x = inputs[0].detach()
+            dims = [0, *range(2, x.dim())]
+            var, mean = torch.var_mean(x, dim=dims, correction=1)
+            self._batch[name] = (mean, var)
+
+        return hook
+
+    @contextmanager
+    def installed(self, record: bool = False) -> Iterator[NormStats]:
+        """The model normalises with the student's statistics inside the block."""
+        saved = {n: (m.running_mean, m.running_var) for n, m in self.norms.items()}
+        hooks = []
+        try:
+            for n, m in self.norms.items():
+                m.running_mean, m.running_var = self.mean[n], self.var[n]
+                if record:
+                    hooks.append(m.register_forward_pre_hook(self._record(n)))
+            yield self
+        finally:
+            for h in hooks:
+                h.remove()
+            for n, m in self.norms.items():
+                m.running_mean, m.running_var = saved[n]
+
+    def active(self) -> Any:
+        """`installed()` that also records the batch statistics `update()` then folds in."""
+        return self.installed(record=True)
+
+    @torch.no_grad()
+    def update(self) -> None:
+        """Move the statistics towards those of the last recorded forward pass."""
+        for n, (mean, var) in self._batch.items():
+            self.mean[n].lerp_(mean.to(self.mean[n].dtype), self.momentum)
+            self.var[n].lerp_(var.to(self.var[n].dtype), self.momentum)
+        self._batch.clear()
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """CPU copies for a checkpoint (`load` restores them)."""
+        out = {f"{n}.running_mean": t.detach().cpu() for n, t in self.mean.items()}
+        out.update({f"{n}.running_var": t.detach().cpu() for n, t in self.var.items()})
+        return out
+
+    def load(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for n in self.norms:
+                self.mean[n].copy_(tensors[f"{n}.running_mean"])
+                self.var[n].copy_(tensors[f"{n}.running_var"])
+
+
 class BudgetProjection:
     """Keeps the hard (exported) cost on the target schedule: after each optimiser step, while
     the snapped widths cost more than the scheduled target, narrow groups by one step of their
@@ -402,12 +487,14 @@ def train_gates(
     checkpoint_every_s: float = CHECKPOINT_EVERY_S,
     checkpoint_every_steps: int = CHECKPOINT_EVERY_STEPS,
     teacher_cache: TeacherCache | None = None,
+    norm_stats: NormStats | None = None,
 ) -> list[dict[str, float]]:
     """Train the gate logits of `gates` (already attached to `model`) towards the cost target.
 
-    Only `gates` change: `model` is frozen and kept in eval mode (BN uses its running
-    statistics). A fresh run (no `state`) first sets the logits with `init_gate_logits` (all
-    positive, ranked by BN scale), so step 0 is the teacher. The student's forward pass and the
+    Only `gates` change: `model` is frozen and kept in eval mode; the student normalises with
+    its own BN statistics (`NormStats`), the model's buffers and the teacher do not change. A
+    fresh run (no `state`) first sets the logits with `init_gate_logits` (all positive, ranked
+    by BN scale), so step 0 is the teacher. The student's forward pass and the
     penalty use the hard widths export keeps (straight-through gates); the learning rate of the
     normalised SGD follows a cosine to zero so the widths settle, and `BudgetProjection` keeps
     the hard cost on the gliding target after every step. `target_ratio` defaults to
@@ -417,6 +504,8 @@ def train_gates(
     `checkpoint_every_steps` steps. Returns history rows (every `train.log_every` steps + last);
     `on_step` receives the same rows (values are read back from the device only then).
     `teacher_cache` (no augmentation only) serves the teacher's logits per sample.
+    `norm_stats` (made here when not given) holds the student's BN statistics, which the
+    caller installs to evaluate and export what was trained (see `NormStats`).
     Raises `JobCancelled` as soon as `should_stop()` turns true.
     """
     device = torch.device(device)
@@ -439,6 +528,7 @@ def train_gates(
     opt = NormalizedSGD(gates.parameters(), lr=float(tr.lr))
     history: list[dict[str, float]] = []
     multiplier = torch.zeros((), device=device)
+    norms = norm_stats if norm_stats is not None else NormStats(model)
     if state is None:
         init_gate_logits(gates, model)
     else:
@@ -447,6 +537,8 @@ def train_gates(
         _move_optimizer_state(opt, device)
         multiplier.fill_(float(state["multiplier"]))
         history = [dict(r) for r in state["history"]]
+        if "norm_stats" in state:
+            norms.load(state["norm_stats"])
     start_ratio = None if state is None else state["start_ratio"]
 
     labelled = data.labelled  # synthetic labels are noise: KD only
@@ -472,6 +564,7 @@ def train_gates(
             "multiplier": float(multiplier.item()),
             "start_ratio": start_ratio,
             "history": list(history),
+            "norm_stats": norms.state(),
         }
 
     for step in range(start_step, steps):
@@ -485,7 +578,7 @@ def train_gates(
         labels = y.to(device, non_blocking=True) if labelled else None
 
         teacher = teacher_logits(teacher_cache, teacher_fn, idx, x)
-        with gates.using("ste"):
+        with gates.using("ste"), norms.active():
             student = model(x)
             ratio = (cost_model.cost(widths_of(temperature)) / baseline).float()
         if start_ratio is None:
@@ -502,6 +595,7 @@ def train_gates(
         opt.step()
         with torch.no_grad():
             multiplier += DUAL_STEP * gap.detach()
+        norms.update()
         project(target_at(step + 1, steps, target, start_ratio))
 
         last = step == steps - 1

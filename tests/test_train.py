@@ -15,6 +15,7 @@ from hawada.core.layers import LayerSpec
 from hawada.core.recipe import parse_recipe
 from hawada.core.train import (
     BudgetProjection,
+    NormStats,
     TeacherCache,
     _WidthReader,
     finetune,
@@ -149,6 +150,40 @@ def test_trained_gates_meet_a_steep_target_without_help(ratio: float) -> None:
     # the logged ratios follow the gliding target (each row is measured before its projection)
     ratios = [r["cost_ratio"] for r in history]
     assert ratios == sorted(ratios, reverse=True)
+
+
+def test_student_norm_stats_follow_the_gated_batches_and_leave_the_model_alone() -> None:
+    model, gates, cost = _tiny_setup()
+    with torch.no_grad():  # trained-looking running statistics
+        for bn in (model.bn1, model.bn2):
+            bn.running_mean.uniform_(-1.0, 1.0)
+            bn.running_var.uniform_(0.5, 2.0)
+    before = _snapshot(model)
+    recipe = _recipe(
+        model={"input_size": [3, 8, 8]},
+        data={"limit": 256, "batch_size": 32},
+        target={"ratio": 0.3},
+        train={"steps": 20, "log_every": 10},
+    )
+    stats = NormStats(model)
+    torch.testing.assert_close(stats.mean["bn2"], model.bn2.running_mean)  # starts as the model's
+    train_gates(model, gates, cost, load_data(recipe), recipe, device="cpu", norm_stats=stats)
+    after = model.state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in before.items())  # the teacher is untouched
+    # the student's statistics moved towards what the gated network actually feeds bn2
+    assert not torch.allclose(stats.mean["bn2"], before["bn2.running_mean"])
+    x = torch.randn(64, 3, 8, 8)
+    with stats.installed():
+        assert model.bn2.running_mean is stats.mean["bn2"]
+        with gates.using("hard"):
+            gated = model(x)
+    assert torch.equal(model.bn2.running_mean, before["bn2.running_mean"])
+    with gates.using("hard"):
+        stale = model(x)
+    assert not torch.allclose(gated, stale)  # evaluation sees the student's statistics
+    restored = NormStats(model)
+    restored.load(stats.state())
+    assert all(torch.equal(restored.var[n], stats.var[n]) for n in stats.var)
 
 
 def test_projection_only_closes_the_cheapest_units_and_keeps_floors() -> None:

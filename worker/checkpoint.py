@@ -37,6 +37,7 @@ def save_checkpoint(directory: Path, snapshot: TrainState, fingerprint: str) -> 
     directory.mkdir(parents=True, exist_ok=True)
     step = int(snapshot["step"])
     tensors = {f"gates/{k}": v for k, v in snapshot["gates"].items()}
+    tensors.update({f"norm/{k}": v for k, v in snapshot.get("norm_stats", {}).items()})
     opt = snapshot["optimizer"]
     opt_scalars: dict[str, dict[str, Any]] = {}
     for pid, st in opt["state"].items():
@@ -82,9 +83,11 @@ def load_checkpoint(directory: Path, fingerprint: str) -> TrainState | None:
             opt_state.setdefault(int(pid), {})[name] = v
     for pid, scalars in meta.get("opt_scalars", {}).items():
         opt_state.setdefault(int(pid), {}).update(scalars)
+    norm_stats = {k[len("norm/") :]: v for k, v in tensors.items() if k.startswith("norm/")}
     return {
         "step": int(meta["step"]),
         "gates": gates_sd,
+        "norm_stats": norm_stats,
         "multiplier": float(meta["multiplier"]),
         "start_ratio": meta.get("start_ratio"),
         "history": meta.get("history", []),

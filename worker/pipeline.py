@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import time
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +43,7 @@ from hawada.core.report import build_report, heldout_block, model_block, target_
 from hawada.core.train import (
     INIT_LOGIT,
     HistoryRow,
+    NormStats,
     TeacherCache,
     TrainState,
     finetune,
@@ -228,6 +229,7 @@ def _train(
     device: torch.device,
     phase: _Phases,
     teacher_cache: TeacherCache | None,
+    norm_stats: NormStats,
 ) -> list[HistoryRow]:
     """Gate training with checkpoints in `ctx.checkpoint_dir`, resuming from one if present."""
     recipe = ctx.recipe
@@ -262,6 +264,7 @@ def _train(
             checkpoint_every_s=CHECKPOINT_EVERY_S,
             checkpoint_every_steps=CHECKPOINT_EVERY_STEPS,
             teacher_cache=teacher_cache,
+            norm_stats=norm_stats,
         )
     finally:
         handle.remove()  # export and fine-tune see the plain model
@@ -454,10 +457,16 @@ def run_job(ctx: JobContext) -> dict[str, Any]:
     with phase("training"):
         gates = Gates(groups, init_logit=INIT_LOGIT).to(device)
         base = model  # the weights export cuts; slimming trains a copy, the teacher stays
+        # The gated student's own BN statistics (gates only): installed below to evaluate and
+        # export what was trained; the model's own stay the teacher's.
+        student_norms: AbstractContextManager[Any] = nullcontext()
         if recipe.method == "gates":
+            norm_stats = NormStats(model)
             history = _train(
-                ctx, model, gates, cost_model, data, ratio, device, phase, teacher_cache
-            )
+                ctx, model, gates, cost_model, data, ratio, device, phase, teacher_cache,
+                norm_stats,
+            )  # fmt: skip
+            student_norms = norm_stats.installed()
         else:
             base, gates, history = _baseline(
                 ctx, model, gates, cost_model, data, target_cost, device, teacher_cache
@@ -473,27 +482,28 @@ def run_job(ctx: JobContext) -> dict[str, Any]:
                 exported = adapter.export_pruned(base, keep)
                 return measure_latency(exported, input_size, recipe.latency, lat_device).median_ms
 
-        trained_acc = _gated_accuracy(base, gates, data, recipe, device)
-        budget = fit_to_budget(gates, cost_model, target_cost, measure=measure)
-        keep = {k: v.to("cpu") for k, v in budget.items()}
-        # `gates` keeps the trained logits (gates.safetensors); the exported keep set may be
-        # a little narrower after the correction: these gates express exactly that.
-        exported_gates = gated_like(gates, keep)
-        corrected_acc = (
-            trained_acc
-            if budget.closed_channels == 0
-            else _gated_accuracy(base, exported_gates, data, recipe, device)
-        )
-        correction = _correction_block(
-            budget, float(cost_model.baseline()), trained_acc, corrected_acc
-        )
-        phase.log(
-            f"budget correction closed {budget.closed_channels} channels; hard-gated held-out "
-            f"accuracy {trained_acc} -> {corrected_acc}"
-        )
         keepall = model.state_dict()  # the frozen input weights, bit for bit
-        pruned = adapter.export_pruned(base, keep).to(device).eval()
-        export_diff = _export_check(base, exported_gates, pruned, data, recipe, device)
+        with student_norms:
+            trained_acc = _gated_accuracy(base, gates, data, recipe, device)
+            budget = fit_to_budget(gates, cost_model, target_cost, measure=measure)
+            keep = {k: v.to("cpu") for k, v in budget.items()}
+            # `gates` keeps the trained logits (gates.safetensors); the exported keep set may be
+            # a little narrower after the correction: these gates express exactly that.
+            exported_gates = gated_like(gates, keep)
+            corrected_acc = (
+                trained_acc
+                if budget.closed_channels == 0
+                else _gated_accuracy(base, exported_gates, data, recipe, device)
+            )
+            correction = _correction_block(
+                budget, float(cost_model.baseline()), trained_acc, corrected_acc
+            )
+            phase.log(
+                f"budget correction closed {budget.closed_channels} channels; hard-gated held-out "
+                f"accuracy {trained_acc} -> {corrected_acc}"
+            )
+            pruned = adapter.export_pruned(base, keep).to(device).eval()
+            export_diff = _export_check(base, exported_gates, pruned, data, recipe, device)
         phase.log(f"hard-gated vs exported max abs diff {export_diff:.3g}")
     check_cancel()
 
