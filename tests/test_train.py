@@ -186,7 +186,7 @@ def test_student_norm_stats_follow_the_gated_batches_and_leave_the_model_alone()
     assert all(torch.equal(restored.var[n], stats.var[n]) for n in stats.var)
 
 
-def test_projection_only_closes_the_cheapest_units_and_keeps_floors() -> None:
+def test_projection_only_closes_the_least_important_units_and_keeps_floors() -> None:
     _model, gates, cost = _tiny_setup()
     with torch.no_grad():
         gates.logit("g1").copy_(torch.linspace(0.1, 3.2, 32))
