@@ -24,6 +24,11 @@ GateMode = Literal["off", "soft", "hard", "ste"]
 MODES: tuple[str, ...] = ("off", "soft", "hard", "ste")
 
 
+#: Prefix of the BN running statistics stored beside the logits in a job's `gates.safetensors`
+#: (`norm_stats:<module>.running_mean` / `.running_var`): what the gated model normalises with.
+NORM_STATS_PREFIX = "norm_stats:"
+
+
 @dataclass(frozen=True)
 class GateGroup:
     """A coupling group: channels that must be kept or removed together.
@@ -240,7 +245,12 @@ class Gates(nn.Module):
         return {n: self.logit(n).detach().cpu().contiguous() for n in self.groups}
 
     def load_logits(self, tensors: Mapping[str, Tensor]) -> None:
-        """Inverse of `named_logits`; every group must be present with the right length."""
+        """Inverse of `named_logits`; every group must be present with the right length.
+
+        Keys under `NORM_STATS_PREFIX` (the BN statistics a job's `gates.safetensors` also
+        holds) are not logits and are skipped.
+        """
+        tensors = {k: v for k, v in tensors.items() if not k.startswith(NORM_STATS_PREFIX)}
         missing = set(self.groups) - set(tensors)
         unexpected = set(tensors) - set(self.groups)
         if missing or unexpected:

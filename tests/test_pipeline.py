@@ -14,7 +14,7 @@ from synthetic_job import save_resnet18_weights, synthetic_recipe
 from hawada.adapters.torchvision import build_model, get_adapter, load_pruned
 from hawada.core.budget import gated_like
 from hawada.core.errors import HawadaError, JobCancelled, WeightsError
-from hawada.core.gates import Gates, attach
+from hawada.core.gates import NORM_STATS_PREFIX, Gates, attach
 from hawada.core.recipe import parse_recipe
 from hawada.lifecycle import PHASES
 from hawada.worker.checkpoint import load_checkpoint, save_checkpoint
@@ -257,7 +257,14 @@ def test_load_pruned_equals_hard_gated_model(plain_job) -> None:
     with safe_open(str(out / "gates.safetensors"), framework="pt") as f:
         groups_meta = json.loads(f.metadata()["groups"])
         names = list(f.keys())  # safe_open is not iterable
-        gates.load_logits({k: f.get_tensor(k) for k in names})
+        stored = {k: f.get_tensor(k) for k in names}
+    gates.load_logits(stored)  # skips the BN statistics stored beside the logits
+    # the gated model normalises with the BN statistics gate training kept for it
+    stats = {
+        k[len(NORM_STATS_PREFIX) :]: v for k, v in stored.items() if k.startswith(NORM_STATS_PREFIX)
+    }
+    assert stats and all(k.endswith(("running_mean", "running_var")) for k in stats)
+    model.load_state_dict(stats, strict=False)
     assert {g["name"]: g["kept"] for g in groups_meta} == {
         r["name"]: r["kept"] for r in report["layers"]
     }

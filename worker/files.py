@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from hawada.adapters.torchvision import FamilyAdapter
 from hawada.atomic import atomic_write
-from hawada.core.gates import Gates
+from hawada.core.gates import NORM_STATS_PREFIX, Gates
 from hawada.core.recipe import Recipe
 from hawada.core.report_html import write_report_html
 
@@ -73,14 +73,21 @@ def write_artifacts(
     keepall: Mapping[str, Tensor],
     gates: Gates,
     report: dict[str, Any],
+    norm_stats: Mapping[str, Tensor] | None = None,
 ) -> None:
-    """Every artifact of a succeeded job into `out`, each written atomically."""
+    """Every artifact of a succeeded job into `out`, each written atomically.
+
+    `norm_stats` (gate training: the BN running statistics the gated model normalises with,
+    `module.running_mean` / `.running_var`) go into `gates.safetensors` under the prefix
+    `core.gates.NORM_STATS_PREFIX`, so keepall + those statistics + the keep set reproduce
+    the export.
+    """
     write_safetensors(out / "pruned.safetensors", pruned.state_dict())
     write_json(out / "pruned.json", adapter.pruned_config(model, keep, recipe))
     write_safetensors(out / "keepall.safetensors", keepall)
-    write_safetensors(
-        out / "gates.safetensors", gates.named_logits(), metadata=gates_metadata(gates, keep)
-    )
+    gate_tensors = gates.named_logits()
+    gate_tensors.update({NORM_STATS_PREFIX + k: v for k, v in (norm_stats or {}).items()})
+    write_safetensors(out / "gates.safetensors", gate_tensors, metadata=gates_metadata(gates, keep))
     write_json(out / "report.json", report)
     write_report_html(report, out / "report.html")
     formats = set(recipe.export.formats)

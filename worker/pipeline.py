@@ -460,8 +460,9 @@ def run_job(ctx: JobContext) -> dict[str, Any]:
         # The gated student's own BN statistics (gates only): installed below to evaluate and
         # export what was trained; the model's own stay the teacher's.
         student_norms: AbstractContextManager[Any] = nullcontext()
+        trained_norms: NormStats | None = None
         if recipe.method == "gates":
-            norm_stats = NormStats(model)
+            norm_stats = trained_norms = NormStats(model)
             history = _train(
                 ctx, model, gates, cost_model, data, ratio, device, phase, teacher_cache,
                 norm_stats,
@@ -582,7 +583,10 @@ def run_job(ctx: JobContext) -> dict[str, Any]:
                 ),
             },
         )
-        write_artifacts(out, recipe, adapter, model, pruned, keep, keepall, gates, report)
+        write_artifacts(
+            out, recipe, adapter, model, pruned, keep, keepall, gates, report,
+            norm_stats=None if trained_norms is None else trained_norms.state(),
+        )  # fmt: skip
     # Packaging time is known only now; rewrite report.json with it (small file).
     report["phases"] = {k: round(v, 4) for k, v in phase.seconds.items()}
     write_json(out / "report.json", report)
