@@ -127,10 +127,12 @@ def test_cost_lands_near_target(ratio: float) -> None:
         train={"steps": 200, "log_every": 10},
     )
     history = train_gates(model, gates, cost, load_data(recipe), recipe, device="cpu")
-    assert history[-1]["cost_ratio"] == pytest.approx(ratio, abs=0.05)
     kept = {n: float(len(k)) for n, k in keep_from_gates(gates).items()}
-    # The hard (exported) widths agree with the soft expectation at the final temperature.
-    assert float(cost.cost(kept)) / cost.baseline() == pytest.approx(ratio, abs=0.08)
+    hard = float(cost.cost(kept)) / cost.baseline()
+    # The exported widths meet the target, at most one staircase step under it: on this tiny
+    # model one step of g1 (4 of 32 channels) is 12.5% of the cost, and (16, 32) costs 0.5001.
+    assert ratio - 0.13 <= hard <= ratio * (1 + 1e-5)
+    assert history[-1]["cost_ratio"] == pytest.approx(hard, abs=0.13)  # logged before the last
 
 
 @pytest.mark.parametrize("ratio", [0.1, 0.3])
