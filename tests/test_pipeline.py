@@ -181,7 +181,7 @@ def test_labelled_job_reports_hard_gated_accuracy_before_and_after_correction(
 ) -> None:
     # Training normally ends at the target (the projection); without it, 4 steps stop short,
     # which is the case the correction and its report block exist for.
-    monkeypatch.setattr("hawada.core.train.BudgetProjection.__call__", lambda self, ratio: None)
+    monkeypatch.setattr("hawada.core.train.BudgetProjection.__call__", lambda *_args: None)
     weights = save_resnet18_weights(tmp_path / "w.safetensors", num_classes=10)
     recipe = parse_recipe(
         {
