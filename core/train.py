@@ -378,10 +378,19 @@ class BudgetProjection:
             (marginal,) = torch.autograd.grad(cost, units)
         return cost.detach(), marginal
 
+    def _flat(self) -> torch.Tensor:
+        """Every group's logits, concatenated in the reader's order (detached)."""
+        return torch.cat([self.reader.gates.logit(n).detach() for n in self.reader.names])
+
+    def _write(self, flat: torch.Tensor) -> None:
+        """Inverse of `_flat`: copy the concatenated logits back into each group."""
+        for name, part in zip(self.reader.names, flat.split(self.sizes), strict=True):
+            self.reader.gates.logit(name).copy_(part)
+
     @torch.no_grad()
     def open_units(self) -> torch.Tensor:
         """Which units are open now (flat, all groups): pass it to the call after the step."""
-        return torch.cat([self.reader.gates.logit(n).detach() for n in self.reader.names]) > 0
+        return self._flat() > 0
 
     @torch.no_grad()
     def __call__(self, target_ratio: float, was_open: torch.Tensor | None = None) -> None:
@@ -390,14 +399,11 @@ class BudgetProjection:
         projection closes them, so only the projection closes; the optimiser only reorders,
         and re-opens what distillation wants back."""
         r = self.reader
+        flat = self._flat()
         if was_open is not None:
-            flat = torch.cat([r.gates.logit(n).detach() for n in r.names])
             flat = torch.where(was_open, flat.clamp_min(self.margin), flat)
-            for name, part in zip(r.names, flat.split(self.sizes), strict=True):
-                r.gates.logit(name).copy_(part)
         goal = target_ratio * (1.0 + 1e-5) * self.baseline  # equal in float32 is not over
-        for _ in range(self.rounds):
-            flat = torch.cat([r.gates.logit(n).detach() for n in r.names])
+        for _ in range(self.rounds):  # on `flat` in memory; written back once at the end
             is_open = flat > 0
             n_open = torch.zeros_like(r.units).index_add(0, r.segment, is_open.to(r.units.dtype))
             kept = r.snap(n_open)
@@ -428,7 +434,8 @@ class BudgetProjection:
             # the cost penalty's own bias (the early, high-resolution layers save the most per
             # channel) is counted twice and a 0.1 FLOPs ResNet-18 had layer1 and layer2 at the
             # 8-channel floor and layer4 at 65% (held-out 0.82 after fine-tuning, uniform
-            # widths 0.88). The learned logits already carry the cost through the penalty.
+            # widths 0.88). With COST_GRADIENT off the logits carry no cost at all; the
+            # greedy's cumulative saving below still decides how many steps a round takes.
             score = torch.where(usable, lost / close_n.clamp_min(1.0), math.inf)
             pick = torch.argsort(score, stable=True)
             saved = torch.cumsum(torch.where(usable[pick], saving[pick], 0.0), 0)
@@ -437,8 +444,7 @@ class BudgetProjection:
             close = torch.zeros_like(is_open)
             close[order] = would & chosen[seg]
             flat = torch.where(close, flat.clamp_max(-self.closed), flat)
-            for name, part in zip(r.names, flat.split(self.sizes), strict=True):
-                r.gates.logit(name).copy_(part)
+        self._write(flat)
 
 
 class NormalizedSGD(torch.optim.Optimizer):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import time
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -459,15 +459,13 @@ def run_job(ctx: JobContext) -> dict[str, Any]:
         base = model  # the weights export cuts; slimming trains a copy, the teacher stays
         # The gated student's own BN statistics (gates only): installed below to evaluate and
         # export what was trained; the model's own stay the teacher's.
-        student_norms: AbstractContextManager[Any] = nullcontext()
         trained_norms: NormStats | None = None
         if recipe.method == "gates":
-            norm_stats = trained_norms = NormStats(model)
+            trained_norms = NormStats(model)
             history = _train(
                 ctx, model, gates, cost_model, data, ratio, device, phase, teacher_cache,
-                norm_stats,
+                trained_norms,
             )  # fmt: skip
-            student_norms = norm_stats.installed()
         else:
             base, gates, history = _baseline(
                 ctx, model, gates, cost_model, data, target_cost, device, teacher_cache
@@ -484,7 +482,7 @@ def run_job(ctx: JobContext) -> dict[str, Any]:
                 return measure_latency(exported, input_size, recipe.latency, lat_device).median_ms
 
         keepall = model.state_dict()  # the frozen input weights, bit for bit
-        with student_norms:
+        with nullcontext() if trained_norms is None else trained_norms.installed():
             trained_acc = _gated_accuracy(base, gates, data, recipe, device)
             budget = fit_to_budget(gates, cost_model, target_cost, measure=measure)
             keep = {k: v.to("cpu") for k, v in budget.items()}
