@@ -4,6 +4,8 @@
                             [--methods gates,l1,slimming,uniform,tp] [--cache DIR] [--threads 2]
                             [--jobs 1]   # --jobs 2 --threads 1: two runs at once (2 cores)
                             [--arch resnet18]   # --arch mobilenet_v2 --cells 0.5:0: a new family
+                            [--metric flops] [--device cpu]  # issue 8's GPU cell:
+                            # --metric latency --device cuda --cells 0.25:0 --methods gates,tp
 
 Setup (the issue's): a ResNet-18 (cifar stem) teacher trained once (cached) on 10,000 images of the
 official Fashion-MNIST train split at 32x32; held-out = 2,000 images of the official test split
@@ -45,6 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hawada.adapters.torchvision import build_model
 from hawada.core.data import load_data
 from hawada.core.evaluate import accuracy, count_flops
+from hawada.core.latency import measure_latency_interleaved
 from hawada.core.recipe import Recipe, parse_recipe
 from hawada.core.train import finetune, train_classifier
 from hawada.worker.baseline import save_weights
@@ -97,7 +100,7 @@ def make_recipe(
                 "batch_size": cfg["batch"],
                 "seed": seed,
             },
-            "target": {"metric": "flops", "ratio": ratio},
+            "target": {"metric": cfg["metric"], "ratio": ratio},
             "train": {"steps": max(1, train_steps), "log_every": 16},
             "finetune": {"epochs": epochs, "lr": 0.01},
             "latency": {"batch_size": 1, "repeats": 3, "warmup": 1},
@@ -121,7 +124,9 @@ def teacher(cfg: dict[str, Any], cache: Path, *, under: bool) -> Path:
     torch.manual_seed(0)
     model = build_model(cfg["arch"], num_classes=10, stem="cifar")
     t0 = time.perf_counter()
-    train_classifier(model, data, steps=steps, lr=0.05, device="cpu", batch_size=cfg["batch"])
+    dev = cfg["device"]
+    train_classifier(model, data, steps=steps, lr=0.05, device=dev, batch_size=cfg["batch"])
+    model.to("cpu")
     acc = accuracy(model, data.heldout_batches(256), "cpu")
     print(
         f"teacher {path.name}: {steps} steps, held-out {acc:.4f}, {time.perf_counter() - t0:.0f} s",
@@ -131,9 +136,10 @@ def teacher(cfg: dict[str, Any], cache: Path, *, under: bool) -> Path:
     return path
 
 
-def run_tp(recipe: Recipe, weights: Path) -> dict[str, Any]:
+def run_tp(recipe: Recipe, weights: Path, device: str) -> dict[str, Any]:
     """Torch-Pruning group-magnitude pruning (per-layer ratio found by bisection on FLOPs) plus
-    the pipeline's fine-tune; accuracy on the job's held-out images."""
+    the pipeline's fine-tune; accuracy on the job's held-out images, and the measured speed-up
+    (the unpruned and the pruned model timed interleaved, as jobs do) next to the FLOPs-ideal."""
     import torch_pruning as tp
     from safetensors.torch import load_file
 
@@ -172,11 +178,20 @@ def run_tp(recipe: Recipe, weights: Path) -> dict[str, Any]:
             lo = mid
     student = pruned_at(hi)
     student.train()
-    finetune(student, model, data, recipe, device="cpu")
+    model.to(device)
+    finetune(student.to(device), model, data, recipe, device=device)
+    base_lat, pruned_lat = measure_latency_interleaved(
+        [model, student], size, recipe.latency, device
+    )
+    model.to("cpu")
+    student.to("cpu")
+    flops_ratio = count_flops(student, size) / base_flops
     return {
         "accuracy": accuracy(student, data.heldout_batches(256), "cpu"),
-        "flops_ratio": count_flops(student, size) / base_flops,
+        "flops_ratio": flops_ratio,
         "baseline_accuracy": accuracy(model, data.heldout_batches(256), "cpu"),
+        "speedup_measured": base_lat.median_ms / pruned_lat.median_ms,
+        "speedup_ideal": 1.0 / flops_ratio,
     }
 
 
@@ -188,6 +203,8 @@ def run_one(cfg: dict[str, Any], cache: Path, cell: str, method: str) -> dict[st
     trains = method in ("gates", "slimming")
     train_steps = cfg["train_steps"] if trains else 0
     split = f"-t{train_steps}" if trains else ""  # a split variant never reads another's run
+    if cfg["metric"] != "flops" or cfg["device"] != "cpu":
+        split += f"-{cfg['metric']}-{cfg['device']}"
     out = cache / f"run-{_tag(cfg)}{cfg['size']}px-{cell}-{method}-{cfg['budget']}{split}.json"
     if out.exists():
         return dict(json.loads(out.read_text()))
@@ -202,10 +219,11 @@ def run_one(cfg: dict[str, Any], cache: Path, cell: str, method: str) -> dict[st
     )
     t0 = time.perf_counter()
     if method == "tp":
-        row = run_tp(recipe, weights)
+        row = run_tp(recipe, weights, cfg["device"])
     else:
         job_dir = cache / f"job-{_tag(cfg)}{cfg['size']}px-{cell}-{method}{split}"
-        report = run_job(JobContext(recipe=recipe, weights=weights, out_dir=job_dir, device="cpu"))
+        ctx = JobContext(recipe=recipe, weights=weights, out_dir=job_dir, device=cfg["device"])
+        report = run_job(ctx)
         corr = report["correction"]
         row = {
             "accuracy": report["pruned"]["accuracy"],
@@ -216,6 +234,8 @@ def run_one(cfg: dict[str, Any], cache: Path, cell: str, method: str) -> dict[st
             "acc_after_correction": corr["accuracy_after"],
             "closed_channels": corr["closed_channels"],
             "heldout": report["heldout"],
+            "speedup_measured": report["speedup"]["measured"],
+            "speedup_ideal": report["speedup"]["flops_ideal"],
         }
     row.update(
         {
@@ -241,8 +261,9 @@ def table(rows: list[dict[str, Any]]) -> str:
         groups.setdefault(key, []).append(r)
     lines = [
         "| teacher | FLOPs target | method | seeds | held-out acc (mean ± half-range) "
-        "| FLOPs reached | gates: acc before / after correction |",
-        "|---|---:|---|---:|---:|---:|---|",
+        "| FLOPs reached | speed-up measured / FLOPs-ideal "
+        "| gates: acc before / after correction |",
+        "|---|---:|---|---:|---:|---:|---:|---|",
     ]
     for (kind, ratio), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], -float(kv[0][1]))):
         for method in METHODS:
@@ -252,6 +273,12 @@ def table(rows: list[dict[str, Any]]) -> str:
             accs = [r["accuracy"] for r in ms]
             spread = (max(accs) - min(accs)) / 2
             flops = statistics.mean(r["flops_ratio"] for r in ms)
+            speed = ""  # runs cached before the benchmark timed Torch-Pruning have none
+            if all("speedup_measured" in r for r in ms):
+                speed = (
+                    f"{statistics.mean(r['speedup_measured'] for r in ms):.2f} / "
+                    f"{statistics.mean(r['speedup_ideal'] for r in ms):.2f}"
+                )
             extra = ""
             if "acc_before_correction" in ms[0]:
                 extra = " ; ".join(
@@ -261,7 +288,7 @@ def table(rows: list[dict[str, Any]]) -> str:
                 )
             lines.append(
                 f"| {kind} | {ratio} | {method} | {len(ms)} | {statistics.mean(accs):.4f} ± "
-                f"{spread:.4f} | {flops:.4f} | {extra} |"
+                f"{spread:.4f} | {flops:.4f} | {speed} | {extra} |"
             )
     return "\n".join(lines)
 
@@ -280,12 +307,18 @@ def main() -> None:
     parser.add_argument(
         "--arch", default="resnet18", help="the model (cifar stem); e.g. mobilenet_v2 at 0.5:0"
     )
+    parser.add_argument(
+        "--metric", choices=("flops", "latency"), default="flops", help="the jobs' target.metric"
+    )
+    parser.add_argument("--device", default="cpu", help="where runs train and time (e.g. cuda)")
     parser.add_argument("--budget", type=int, default=None)
     parser.add_argument("--train-steps", type=int, default=None)
     parser.add_argument("--teacher-steps", type=int, default=None, help="smoke runs only")
     args = parser.parse_args()
     cfg = dict(QUICK if args.quick else FULL)
     cfg["arch"] = args.arch
+    cfg["metric"] = args.metric
+    cfg["device"] = args.device
     if args.budget is not None:
         cfg["budget"] = args.budget
     if args.train_steps is not None:
