@@ -177,19 +177,16 @@ def run_tp(recipe: Recipe, weights: Path, device: str) -> dict[str, Any]:
         else:
             lo = mid
     student = pruned_at(hi)
-    student.train()
+    flops_ratio = count_flops(student, size) / base_flops
     model.to(device)
-    finetune(student.to(device), model, data, recipe, device=device)
+    finetune(student.to(device).train(), model, data, recipe, device=device)
     base_lat, pruned_lat = measure_latency_interleaved(
         [model, student], size, recipe.latency, device
     )
-    model.to("cpu")
-    student.to("cpu")
-    flops_ratio = count_flops(student, size) / base_flops
     return {
-        "accuracy": accuracy(student, data.heldout_batches(256), "cpu"),
+        "accuracy": accuracy(student, data.heldout_batches(256), device),
         "flops_ratio": flops_ratio,
-        "baseline_accuracy": accuracy(model, data.heldout_batches(256), "cpu"),
+        "baseline_accuracy": accuracy(model, data.heldout_batches(256), device),
         "speedup_measured": base_lat.median_ms / pruned_lat.median_ms,
         "speedup_ideal": 1.0 / flops_ratio,
     }
@@ -202,10 +199,11 @@ def run_one(cfg: dict[str, Any], cache: Path, cell: str, method: str) -> dict[st
     ratio, seed = float(ratio_s), int(seed_s)
     trains = method in ("gates", "slimming")
     train_steps = cfg["train_steps"] if trains else 0
-    split = f"-t{train_steps}" if trains else ""  # a split variant never reads another's run
+    # A split, metric or device variant never reads another variant's run.
+    variant = f"-t{train_steps}" if trains else ""
     if cfg["metric"] != "flops" or cfg["device"] != "cpu":
-        split += f"-{cfg['metric']}-{cfg['device']}"
-    out = cache / f"run-{_tag(cfg)}{cfg['size']}px-{cell}-{method}-{cfg['budget']}{split}.json"
+        variant += f"-{cfg['metric']}-{cfg['device']}"
+    out = cache / f"run-{_tag(cfg)}{cfg['size']}px-{cell}-{method}-{cfg['budget']}{variant}.json"
     if out.exists():
         return dict(json.loads(out.read_text()))
     weights = teacher(cfg, cache, under=under)
@@ -221,7 +219,7 @@ def run_one(cfg: dict[str, Any], cache: Path, cell: str, method: str) -> dict[st
     if method == "tp":
         row = run_tp(recipe, weights, cfg["device"])
     else:
-        job_dir = cache / f"job-{_tag(cfg)}{cfg['size']}px-{cell}-{method}{split}"
+        job_dir = cache / f"job-{_tag(cfg)}{cfg['size']}px-{cell}-{method}{variant}"
         ctx = JobContext(recipe=recipe, weights=weights, out_dir=job_dir, device=cfg["device"])
         report = run_job(ctx)
         corr = report["correction"]
