@@ -45,13 +45,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hawada.adapters.torchvision import build_model
-from hawada.core.data import load_data
+from hawada.core.data import TensorBundle, load_data
 from hawada.core.evaluate import accuracy, count_flops
 from hawada.core.latency import measure_latency_interleaved
 from hawada.core.recipe import Recipe, parse_recipe
-from hawada.core.train import finetune, train_classifier
+from hawada.core.train import TeacherCache, finetune, train_classifier
 from hawada.worker.baseline import save_weights
-from hawada.worker.pipeline import JobContext, run_job
+from hawada.worker.pipeline import JobContext, heldout_key, run_job, teacher_key
 
 FULL = {
     "size": 32,
@@ -136,7 +136,7 @@ def teacher(cfg: dict[str, Any], cache: Path, *, under: bool) -> Path:
     return path
 
 
-def run_tp(recipe: Recipe, weights: Path, device: str) -> dict[str, Any]:
+def run_tp(recipe: Recipe, weights: Path, device: str, teacher_dir: Path) -> dict[str, Any]:
     """Torch-Pruning group-magnitude pruning (per-layer ratio found by bisection on FLOPs) plus
     the pipeline's fine-tune; accuracy on the job's held-out images, and the measured speed-up
     (the unpruned and the pruned model timed interleaved, as jobs do) next to the FLOPs-ideal."""
@@ -179,14 +179,24 @@ def run_tp(recipe: Recipe, weights: Path, device: str) -> dict[str, Any]:
     student = pruned_at(hi)
     flops_ratio = count_flops(student, size) / base_flops
     model.to(device)
-    finetune(student.to(device).train(), model, data, recipe, device=device)
+    # The jobs' teacher-logit cache, shared with the other methods' runs of this cell.
+    assert isinstance(data, TensorBundle)  # fashion-mnist: in memory, no augmentation
+    dev = torch.device(device)
+    cache = TeacherCache(len(data.images), 10, dev)
+    key = teacher_key(weights, recipe, data, dev)
+    cache.load(teacher_dir / f"{key}.safetensors", key)
+    finetune(student.to(device).train(), model, data, recipe, device=device, teacher_cache=cache)
+    cache.save(teacher_dir / f"{key}.safetensors", key)
     base_lat, pruned_lat = measure_latency_interleaved(
         [model, student], size, recipe.latency, device
     )
+    known = cache.meta.get(heldout_key(data))
     return {
         "accuracy": accuracy(student, data.heldout_batches(256), device),
         "flops_ratio": flops_ratio,
-        "baseline_accuracy": accuracy(model, data.heldout_batches(256), device),
+        "baseline_accuracy": (
+            float(known) if known else accuracy(model, data.heldout_batches(256), device)
+        ),
         "speedup_measured": base_lat.median_ms / pruned_lat.median_ms,
         "speedup_ideal": 1.0 / flops_ratio,
     }
@@ -217,10 +227,16 @@ def run_one(cfg: dict[str, Any], cache: Path, cell: str, method: str) -> dict[st
     )
     t0 = time.perf_counter()
     if method == "tp":
-        row = run_tp(recipe, weights, cfg["device"])
+        row = run_tp(recipe, weights, cfg["device"], cache / "teacher-logits")
     else:
         job_dir = cache / f"job-{_tag(cfg)}{cfg['size']}px-{cell}-{method}{variant}"
-        ctx = JobContext(recipe=recipe, weights=weights, out_dir=job_dir, device=cfg["device"])
+        ctx = JobContext(
+            recipe=recipe,
+            weights=weights,
+            out_dir=job_dir,
+            device=cfg["device"],
+            teacher_dir=cache / "teacher-logits",  # the teacher's passes, once per cell
+        )
         report = run_job(ctx)
         corr = report["correction"]
         row = {

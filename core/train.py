@@ -19,12 +19,16 @@ import math
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, NotRequired, TypedDict
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch import nn
 
+from hawada.atomic import atomic_write
 from hawada.core.data import Batch, DataBundle, TensorBundle
 from hawada.core.errors import JobCancelled
 from hawada.core.gates import Gates
@@ -101,6 +105,8 @@ class TeacherCache:
         self.logits = torch.empty(shape, device=self.device)
         self.filled = torch.zeros(shape[0], dtype=torch.bool)  # host side: no device sync
         self.computed = 0  # samples the teacher actually ran on (for tests and benchmarks)
+        #: Small facts about the same teacher on the same images (str -> str), stored by `save`.
+        self.meta: dict[str, str] = {}
 
     def __call__(
         self, teacher: Callable[[torch.Tensor], torch.Tensor], idx: torch.Tensor, x: torch.Tensor
@@ -118,6 +124,39 @@ class TeacherCache:
             self.filled[idx[missing]] = True
             self.computed += len(missing)
         return self.logits[idx.to(self.device)]
+
+    def load(self, path: Path, key: str) -> int:
+        """Take the logits a `save` with the same `key` stored (an earlier job on the same
+        teacher, images and device); returns how many samples that supplied. A missing file,
+        another key or another shape supplies none; nothing here raises on a bad cache file.
+        The file's `meta` entries join this cache's (its own win)."""
+        if not self.enabled or not path.is_file():
+            return 0
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                if meta.get("key") != key:
+                    return 0
+                logits, filled = f.get_tensor("logits"), f.get_tensor("filled").bool()
+        except (OSError, ValueError, KeyError, RuntimeError, SafetensorError):
+            return 0
+        if logits.shape != self.logits.shape or filled.shape != self.filled.shape:
+            return 0
+        self.meta = {**{k: v for k, v in meta.items() if k != "key"}, **self.meta}
+        new = filled & ~self.filled
+        self.logits[new.nonzero().reshape(-1).to(self.device)] = logits[new].to(self.device)
+        self.filled |= new
+        return int(new.sum())
+
+    def save(self, path: Path, key: str) -> None:
+        """Store the filled logits (and `meta`) under `key`, merged with what the file already
+        holds for that key, so jobs that share a teacher and images share its passes."""
+        if not self.enabled or not bool(self.filled.any()):
+            return
+        self.load(path, key)  # merge in rows (and meta) another job stored meanwhile
+        tensors = {"logits": self.logits.cpu().contiguous(), "filled": self.filled.to(torch.uint8)}
+        metadata = {**self.meta, "key": key}
+        atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
 IndexedBatch = tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]

@@ -65,6 +65,11 @@ class Settings(BaseSettings):
     max_latency_images: int = 200_000
     device: Literal["auto", "cpu", "cuda"] = "auto"
     lut_dir: Path = Path("./var/lut")
+    # Worker-local folder where teacher logits persist across jobs on the same weights file,
+    # images and device (several methods or targets on one model skip the teacher's passes).
+    # Unset: every job computes its own. Files are small (samples x classes floats) and are
+    # never pruned by the service: point it at a folder you clear.
+    teacher_cache_dir: Path | None = None
     # Folders a service job's `data.path` may name (JSON list in HAWADA_DATA_ROOTS). Empty: the
     # service refuses `data.path`, so a remote user cannot make a worker read arbitrary files.
     data_roots: list[Path] = []

@@ -335,8 +335,9 @@ def test_run_writes_artifacts_in_process(api_settings: Any, tmp_path: Path) -> N
     )
     out = tmp_path / "out"
     res = _invoke("run", "--recipe", str(recipe), "--weights", str(weights), "--out", str(out),
-                  "--device", "cpu")  # fmt: skip
+                  "--device", "cpu", "--teacher-cache", str(tmp_path / "teacher"))  # fmt: skip
     assert res.exit_code == 0, res.output
+    assert len(list((tmp_path / "teacher").glob("*.safetensors"))) == 1  # kept for later runs
     report = json.loads((out / "report.json").read_text())
     assert "baseline" in res.stdout and f"{report['pruned']['params']:,}" in res.stdout
     assert {"pruned.json", "pruned.safetensors", "report.html"} <= {p.name for p in out.iterdir()}

@@ -574,3 +574,37 @@ def test_job_streams_a_folder_through_every_phase(weights: Path, tmp_path: Path)
     assert report["baseline"]["accuracy"] is not None and report["pruned"]["accuracy"] is not None
     assert report["export_max_abs_diff"] < 1e-3
     assert report["finetune_history"]
+
+
+def test_teacher_dir_shares_the_teachers_passes_between_jobs(tmp_path: Path) -> None:
+    weights = save_resnet18_weights(tmp_path / "w.safetensors", num_classes=10)
+    spec = {
+        "model": {"arch": "resnet18", "num_classes": 10, "stem": "cifar", "input_size": [3, 8, 8]},
+        "data": {"source": "digits", "limit": 80, "batch_size": 16, "val_fraction": 0.25},
+        "target": {"metric": "flops", "ratio": 0.5},
+        "train": {"steps": 2, "log_every": 1},
+        "finetune": {"epochs": 1},
+        "latency": {"batch_size": 1, "repeats": 1, "warmup": 0},
+    }
+    store = tmp_path / "teacher"
+    alone = _run(weights, tmp_path / "alone", parse_recipe(spec))
+    events: list[dict] = []
+    first = _run(weights, tmp_path / "a", parse_recipe(spec), events, teacher_dir=store)
+    assert any("logits of 0 training samples reused" in e.get("message", "") for e in events)
+    (stored,) = store.glob("*.safetensors")
+    filled = int(load_file(str(stored))["filled"].sum())
+    assert 0 < filled <= 60  # of the 60 training samples (the batch orders may miss a few)
+    events.clear()
+    second = _run(
+        weights, tmp_path / "b", parse_recipe({**spec, "method": "l1"}), events, teacher_dir=store
+    )
+    reused = f"logits of {filled} training samples reused"
+    assert any(reused in e.get("message", "") for e in events)
+    # reused logits and accuracy change nothing a user sees
+    for report in (first, second):
+        assert report["baseline"]["accuracy"] == alone["baseline"]["accuracy"]
+    assert first["pruned"]["accuracy"] == alone["pruned"]["accuracy"]
+    # other weights (another key) neither read nor overwrite the stored file
+    other = save_resnet18_weights(tmp_path / "w2.safetensors", num_classes=10, running_var=True)
+    _run(other, tmp_path / "c", parse_recipe(spec), teacher_dir=store)
+    assert len(list(store.glob("*.safetensors"))) == 2

@@ -422,3 +422,30 @@ def test_teacher_cache_over_its_memory_bound_is_off() -> None:
     x = torch.randn(4, 3)
     out = cache(teacher, torch.arange(4), x)
     assert torch.equal(out, teacher(x).detach()) and cache.computed == 4
+
+
+def test_teacher_cache_persists_per_key_and_merges_rows(tmp_path) -> None:
+    teacher = nn.Linear(3, 4).eval()
+    x = torch.randn(10, 3)
+    path = tmp_path / "t" / "k.safetensors"
+    first = TeacherCache(10, 4, "cpu")
+    first(teacher, torch.arange(4), x[:4])
+    first.meta["heldout_accuracy:ab"] = "0.5"
+    first.save(path, "key-a")
+    other = TeacherCache(10, 4, "cpu")  # a second job, rows 4..7, saved after the first
+    other(teacher, torch.arange(4, 8), x[4:8])
+    other.save(path, "key-a")
+    later = TeacherCache(10, 4, "cpu")
+    assert later.load(path, "key-a") == 8  # both jobs' rows, and the first one's meta
+    assert later.meta == {"heldout_accuracy:ab": "0.5"}
+    out = later(teacher, torch.arange(8), torch.zeros(8, 3))  # served, not recomputed
+    assert later.computed == 0
+    with torch.no_grad():
+        assert torch.equal(out, teacher(x[:8]))
+    # another key, another shape or a damaged file supply nothing, and never raise
+    assert TeacherCache(10, 4, "cpu").load(path, "key-b") == 0
+    assert TeacherCache(11, 4, "cpu").load(path, "key-a") == 0
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all")
+    assert TeacherCache(10, 4, "cpu").load(bad, "key-a") == 0
+    assert TeacherCache(10, 4, "cpu").load(tmp_path / "missing.safetensors", "key-a") == 0

@@ -245,6 +245,13 @@ def run(
     heldout: Annotated[
         Path | None, typer.Option(help="Held-out set (npz) instead of a seeded split.")
     ] = None,
+    teacher_cache: Annotated[
+        Path | None,
+        typer.Option(
+            help="Folder where the teacher's logits persist across runs on the same weights and "
+            "data (e.g. several methods on one model); default: each run computes its own."
+        ),
+    ] = None,
 ) -> None:
     """Run one compression job in this process and write the same artifacts as the service."""
     _require("engine", what="hawada run")
@@ -271,6 +278,7 @@ def run(
                 device=device,
                 on_event=view.on_event,
                 heldout=heldout,
+                teacher_dir=teacher_cache,
             )
         except HawadaError as exc:
             console.print(f"[red]failed[/red] {exc.code}: {escape(exc.message)}")

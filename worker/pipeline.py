@@ -9,6 +9,8 @@ context; progress leaves through `ctx.on_event` only.
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, nullcontext
@@ -95,6 +97,9 @@ class JobContext:
     # Bound on what an .npz may declare decompressed (None: core's MAX_DATASET_BYTES, 8 GiB);
     # the worker passes HAWADA_MAX_DATASET_BYTES, the limit uploads get at submission.
     max_dataset_bytes: int | None = None
+    # Folder of teacher-logit caches shared by jobs (None: each job computes its own). A cache
+    # is used only by a job with the same weights file, recipe model block, images and device.
+    teacher_dir: Path | None = None
 
 
 # ----------------------------------------------------------------------------------- phases
@@ -147,6 +152,27 @@ def _progress_emitter(
         ctx.on_event(ev)
 
     return emit
+
+
+def teacher_key(weights: Path, recipe: Recipe, data: TensorBundle, device: torch.device) -> str:
+    """What a stored teacher-logit cache must match: sha256 of the weights file, the model
+    block of the recipe (architecture, classes, stem, normalisation), the device type and every
+    stored image and label. Equal keys mean equal teacher logits, row for row."""
+    digest = hashlib.sha256()
+    with open(weights, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    model_block = recipe_to_dict(recipe)["model"]
+    digest.update(json.dumps([model_block, device.type], sort_keys=True).encode())
+    for t in (data.images, data.labels):
+        digest.update(t.contiguous().cpu().numpy().tobytes())
+    return digest.hexdigest()[:32]
+
+
+def heldout_key(data: TensorBundle) -> str:
+    """Meta key of the teacher's accuracy on exactly these held-out rows."""
+    rows = data.heldout_idx.to(torch.int64).cpu().numpy().astype("<i8").tobytes()
+    return f"heldout_accuracy:{hashlib.sha256(rows).hexdigest()[:16]}"
 
 
 def _heldout_accuracy(
@@ -411,11 +437,35 @@ def run_job(ctx: JobContext) -> dict[str, Any]:
                 code="bad_dataset",
             )
         model.to(device).eval().requires_grad_(False)
+        # Without augmentation the teacher (the frozen input model) sees each in-memory
+        # training sample as it is stored, so its logits are computed once per sample for gate
+        # training, slimming and fine-tuning alike; augmented or streamed data runs the teacher
+        # every step. With `ctx.teacher_dir` the logits persist across jobs on the same
+        # weights, images and device (e.g. one model compressed with several methods).
+        teacher_cache: TeacherCache | None = None
+        store: tuple[Path, str] | None = None
+        acc_key = ""  # the teacher's held-out accuracy in the cache's meta
+        if isinstance(data, TensorBundle) and not data.augment:
+            teacher_cache = TeacherCache(len(data.images), recipe.model.num_classes, device)
+            acc_key = heldout_key(data)
+            if ctx.teacher_dir is not None:
+                key = teacher_key(Path(ctx.weights), recipe, data, device)
+                store = (Path(ctx.teacher_dir) / f"{key}.safetensors", key)
+                reused = teacher_cache.load(*store)
+                phase.log(f"teacher logits of {reused} training samples reused from earlier jobs")
     check_cancel()
 
     # -- baseline
     with phase("baseline"):
-        base_acc = _heldout_accuracy(model, data, recipe, device)
+        # The teacher's held-out accuracy is one of the facts a stored cache keeps (keyed by
+        # the held-out rows); a job on the same teacher and images skips that pass.
+        known = None if teacher_cache is None else teacher_cache.meta.get(acc_key)
+        if known is not None:
+            base_acc: float | None = float(known)
+        else:
+            base_acc = _heldout_accuracy(model, data, recipe, device)
+            if teacher_cache is not None and base_acc is not None:
+                teacher_cache.meta[acc_key] = repr(base_acc)
         base_params = count_params(model)
         base_flops = count_flops(model, input_size)
     check_cancel()
@@ -443,15 +493,6 @@ def run_job(ctx: JobContext) -> dict[str, Any]:
     else:
         target_cost = float(target["ratio"]) * float(cost_model.baseline())
     ratio = min(1.0, target_cost / float(cost_model.baseline()))
-
-    # Without augmentation the teacher (the frozen input model) sees each in-memory training
-    # sample as it is stored, so its logits are computed once per sample for gate training,
-    # slimming and fine-tuning alike; augmented or streamed data runs the teacher every step.
-    teacher_cache = (
-        TeacherCache(len(data.images), recipe.model.num_classes, device)
-        if isinstance(data, TensorBundle) and not data.augment
-        else None
-    )
 
     # -- training (gates), or a baseline method's selection (and slimming's sparsity training)
     with phase("training"):
@@ -483,16 +524,21 @@ def run_job(ctx: JobContext) -> dict[str, Any]:
 
         keepall = model.state_dict()  # the frozen input weights, bit for bit
         with nullcontext() if trained_norms is None else trained_norms.installed():
-            trained_acc = _gated_accuracy(base, gates, data, recipe, device)
             budget = fit_to_budget(gates, cost_model, target_cost, measure=measure)
             keep = {k: v.to("cpu") for k, v in budget.items()}
             # `gates` keeps the trained logits (gates.safetensors); the exported keep set may be
             # a little narrower after the correction: these gates express exactly that.
             exported_gates = gated_like(gates, keep)
-            corrected_acc = (
-                trained_acc
+            pruned = adapter.export_pruned(base, keep).to(device).eval()
+            export_diff = _export_check(base, exported_gates, pruned, data, recipe, device)
+            # The hard-gated model after the correction *is* the export (equal outputs, checked
+            # just above), so its held-out accuracy is measured on the narrow model; the
+            # full-width masked model runs only when the correction changed the keep set.
+            corrected_acc = _heldout_accuracy(pruned, data, recipe, device)
+            trained_acc = (
+                corrected_acc
                 if budget.closed_channels == 0
-                else _gated_accuracy(base, exported_gates, data, recipe, device)
+                else _gated_accuracy(base, gates, data, recipe, device)
             )
             correction = _correction_block(
                 budget, float(cost_model.baseline()), trained_acc, corrected_acc
@@ -501,8 +547,6 @@ def run_job(ctx: JobContext) -> dict[str, Any]:
                 f"budget correction closed {budget.closed_channels} channels; hard-gated held-out "
                 f"accuracy {trained_acc} -> {corrected_acc}"
             )
-            pruned = adapter.export_pruned(base, keep).to(device).eval()
-            export_diff = _export_check(base, exported_gates, pruned, data, recipe, device)
         phase.log(f"hard-gated vs exported max abs diff {export_diff:.3g}")
     check_cancel()
 
@@ -521,6 +565,8 @@ def run_job(ctx: JobContext) -> dict[str, Any]:
                 teacher_cache=teacher_cache,
             )
     pruned.eval().requires_grad_(False)
+    if store is not None and teacher_cache is not None:
+        teacher_cache.save(*store)
     check_cancel()
 
     # -- evaluating
@@ -637,12 +683,14 @@ def run_local(
     should_cancel: Callable[[], bool] | None = None,
     lut_dir: Path | None = None,
     heldout: Path | str | None = None,
+    teacher_dir: Path | str | None = None,
 ) -> dict[str, Any]:
     """`hawada run`: one job in this process with a folder LUT cache and a local checkpoint.
 
     `recipe` is a parsed Recipe or a path to a YAML/JSON file. Re-running the same command after
     an interruption resumes gate training from `out_dir/.checkpoint`. Latency tables are cached
-    in `lut_dir` (default: the settings' `lut_dir`, `HAWADA_LUT_DIR`).
+    in `lut_dir` (default: the settings' `lut_dir`, `HAWADA_LUT_DIR`); `teacher_dir` keeps the
+    teacher's logits for later runs on the same weights and data (`JobContext.teacher_dir`).
     """
     if not isinstance(recipe, Recipe):
         recipe = parse_recipe(Path(recipe).read_text(encoding="utf-8"))
@@ -662,5 +710,6 @@ def run_local(
         should_cancel=should_cancel or _never,
         checkpoint_dir=out / ".checkpoint",
         lut_cache=FolderLutCache(lut_dir),
+        teacher_dir=Path(teacher_dir) if teacher_dir is not None else None,
     )
     return run_job(ctx)

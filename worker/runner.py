@@ -389,6 +389,7 @@ def _run_pipeline(
         lut_cache=StoreLutCache(settings.database_url),
         data_roots=list(settings.data_roots),
         max_dataset_bytes=settings.max_dataset_bytes,
+        teacher_dir=settings.teacher_cache_dir,
     )
     return run_job(ctx)
 
