@@ -20,9 +20,12 @@ the same teacher, cosine lr, BN recalibration) for every method, Torch-Pruning i
 seed is `data.seed`: it draws the training images, the held-out images and the batch order; within
 a cell every method sees the same images.
 
-Every finished run is cached as JSON in `--cache`, so an interrupted grid resumes. Prints one
-Markdown table (mean and spread over seeds, FLOPs ratio reached). Nothing here is tuned to a
-method: all share the recipe below; the anchor (Torch-Pruning) runs in the same invocation.
+Every finished run is cached as JSON in `--cache`, so an interrupted grid resumes. The runs of
+a cell share the teacher's logits (and its held-out accuracy) through `--cache`/teacher-logits,
+the jobs' own cache (`JobContext.teacher_dir`): a cell pays for the teacher's passes once.
+Prints one Markdown table (mean and spread over seeds, FLOPs ratio reached). Nothing here is
+tuned to a method: all share the recipe below; the anchor (Torch-Pruning) runs in the same
+invocation.
 """
 
 from __future__ import annotations
@@ -354,6 +357,10 @@ def main() -> None:
         for m in args.methods.split(",")
         if m in (UNDER_METHODS if cell.startswith("u") else METHODS)
     ]
+    # Each cell's first run fills the cell's teacher-logit cache (`teacher-logits/`) that its
+    # later runs read: start every cell's first run before any cell's second one.
+    per_cell = {cell: [m for c, m in todo if c == cell] for cell, _ in todo}
+    todo.sort(key=lambda cm: per_cell[cm[0]].index(cm[1]))
     t0 = time.perf_counter()
     for under in sorted({cell.startswith("u") for cell, _ in todo}):
         teacher(cfg, args.cache, under=under)  # once, with every thread, before the runs
