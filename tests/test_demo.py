@@ -54,6 +54,10 @@ def _installed() -> bool:
 _NEEDS_MAKE = pytest.mark.skipif(not _installed(), reason="needs make and an installed .venv")
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads the process tree from /proc")
 @pytest.mark.parametrize(
@@ -83,6 +87,9 @@ def test_demo_prints_progress_to_a_file_and_a_signal_leaves_no_process(
             env=env,
             stdout=out,
             stderr=subprocess.STDOUT,
+            # Ctrl-C as at a terminal: a shell's background job (`pytest ... &`) starts with
+            # SIGINT ignored, and Python then keeps ignoring it, so the test would not test.
+            preexec_fn=_default_sigint,
         )
     seen: dict[int, str] = {}
     try:
