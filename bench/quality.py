@@ -362,8 +362,12 @@ def main() -> None:
     per_cell = {cell: [m for c, m in todo if c == cell] for cell, _ in todo}
     todo.sort(key=lambda cm: per_cell[cm[0]].index(cm[1]))
     t0 = time.perf_counter()
+    # Teachers train once, before the runs, on every thread the runs will share (jobs x
+    # threads): on 2 cores a 2-thread teacher step takes 0.55x a 1-thread one (bench/RESULTS.md).
+    torch.set_num_threads(args.jobs * args.threads)
     for under in sorted({cell.startswith("u") for cell, _ in todo}):
-        teacher(cfg, args.cache, under=under)  # once, with every thread, before the runs
+        teacher(cfg, args.cache, under=under)
+    torch.set_num_threads(args.threads)
     if args.jobs > 1:
         # Independent runs in `--jobs` processes of `--threads` threads each: on a small CPU
         # two single-thread runs finish sooner than two runs one after the other on two threads.
