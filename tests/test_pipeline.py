@@ -608,3 +608,25 @@ def test_teacher_dir_shares_the_teachers_passes_between_jobs(tmp_path: Path) -> 
     other = save_resnet18_weights(tmp_path / "w2.safetensors", num_classes=10, running_var=True)
     _run(other, tmp_path / "c", parse_recipe(spec), teacher_dir=store)
     assert len(list(store.glob("*.safetensors"))) == 2
+
+
+def test_a_teacher_dir_that_cannot_be_written_costs_the_job_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def refuse(*_args: object) -> None:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr("hawada.core.train.TeacherCache.save", refuse)
+    weights = save_resnet18_weights(tmp_path / "w.safetensors", num_classes=10)
+    spec = {
+        "model": {"arch": "resnet18", "num_classes": 10, "stem": "cifar", "input_size": [3, 8, 8]},
+        "data": {"source": "digits", "limit": 48, "batch_size": 16, "val_fraction": 0.25},
+        "target": {"metric": "flops", "ratio": 0.5},
+        "train": {"steps": 1, "log_every": 1},
+        "finetune": {"epochs": 0},
+        "latency": {"batch_size": 1, "repeats": 1, "warmup": 0},
+    }
+    events: list[dict] = []
+    report = _run(weights, tmp_path / "out", parse_recipe(spec), events, teacher_dir=tmp_path)
+    assert report["target_met"] is True and (tmp_path / "out" / "pruned.safetensors").is_file()
+    assert any("teacher logits not stored" in e.get("message", "") for e in events)

@@ -169,6 +169,14 @@ def teacher_key(weights: Path, recipe: Recipe, data: TensorBundle, device: torch
     return digest.hexdigest()[:32]
 
 
+def _as_float(text: str | None) -> float | None:
+    """A stored number, or None when absent or unreadable (then it is measured again)."""
+    try:
+        return None if text is None else float(text)
+    except ValueError:
+        return None
+
+
 def heldout_key(data: TensorBundle) -> str:
     """Meta key of the teacher's accuracy on exactly these held-out rows."""
     rows = data.heldout_idx.to(torch.int64).cpu().numpy().astype("<i8").tobytes()
@@ -459,9 +467,9 @@ def run_job(ctx: JobContext) -> dict[str, Any]:
     with phase("baseline"):
         # The teacher's held-out accuracy is one of the facts a stored cache keeps (keyed by
         # the held-out rows); a job on the same teacher and images skips that pass.
-        known = None if teacher_cache is None else teacher_cache.meta.get(acc_key)
+        known = None if teacher_cache is None else _as_float(teacher_cache.meta.get(acc_key))
         if known is not None:
-            base_acc: float | None = float(known)
+            base_acc: float | None = known
         else:
             base_acc = _heldout_accuracy(model, data, recipe, device)
             if teacher_cache is not None and base_acc is not None:
@@ -566,7 +574,10 @@ def run_job(ctx: JobContext) -> dict[str, Any]:
             )
     pruned.eval().requires_grad_(False)
     if store is not None and teacher_cache is not None:
-        teacher_cache.save(*store)
+        try:  # a cache that cannot be written costs later jobs time, never this job its result
+            teacher_cache.save(*store)
+        except OSError as exc:
+            phase.log(f"teacher logits not stored for later jobs: {exc}")
     check_cancel()
 
     # -- evaluating
