@@ -54,7 +54,7 @@ from hawada.core.latency import measure_latency_interleaved
 from hawada.core.recipe import Recipe, parse_recipe
 from hawada.core.train import TeacherCache, finetune, train_classifier
 from hawada.worker.baseline import save_weights
-from hawada.worker.pipeline import JobContext, heldout_key, run_job, teacher_key
+from hawada.worker.pipeline import JobContext, heldout_key, run_job, teacher_store
 
 FULL = {
     "size": 32,
@@ -186,19 +186,19 @@ def run_tp(recipe: Recipe, weights: Path, device: str, teacher_dir: Path) -> dic
     assert isinstance(data, TensorBundle)  # fashion-mnist: in memory, no augmentation
     dev = torch.device(device)
     cache = TeacherCache(len(data.images), 10, dev)
-    key = teacher_key(weights, recipe, data, dev)
-    cache.load(teacher_dir / f"{key}.safetensors", key)
+    store = teacher_store(teacher_dir, weights, recipe, data, dev)
+    cache.load(*store)
     finetune(student.to(device).train(), model, data, recipe, device=device, teacher_cache=cache)
-    cache.save(teacher_dir / f"{key}.safetensors", key)
+    cache.save(*store)
     base_lat, pruned_lat = measure_latency_interleaved(
         [model, student], size, recipe.latency, device
     )
-    known = cache.meta.get(heldout_key(data))
+    known = cache.number(heldout_key(data))
     return {
         "accuracy": accuracy(student, data.heldout_batches(256), device),
         "flops_ratio": flops_ratio,
         "baseline_accuracy": (
-            float(known) if known else accuracy(model, data.heldout_batches(256), device)
+            known if known is not None else accuracy(model, data.heldout_batches(256), device)
         ),
         "speedup_measured": base_lat.median_ms / pruned_lat.median_ms,
         "speedup_ideal": 1.0 / flops_ratio,

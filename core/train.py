@@ -125,6 +125,14 @@ class TeacherCache:
             self.computed += len(missing)
         return self.logits[idx.to(self.device)]
 
+    def number(self, name: str) -> float | None:
+        """The number stored as `meta[name]`, or None when absent or unreadable (the caller
+        then measures it again)."""
+        try:
+            return float(self.meta[name])
+        except (KeyError, ValueError):
+            return None
+
     def load(self, path: Path, key: str) -> int:
         """Take the logits a `save` with the same `key` stored (an earlier job on the same
         teacher, images and device); returns how many samples that supplied. A missing file,

@@ -576,16 +576,21 @@ def test_job_streams_a_folder_through_every_phase(weights: Path, tmp_path: Path)
     assert report["finetune_history"]
 
 
-def test_teacher_dir_shares_the_teachers_passes_between_jobs(tmp_path: Path) -> None:
-    weights = save_resnet18_weights(tmp_path / "w.safetensors", num_classes=10)
-    spec = {
+def _digits_8px(*, limit: int, steps: int, epochs: float) -> dict:
+    """A labelled job small enough to run several times in one test (digits at 8x8)."""
+    return {
         "model": {"arch": "resnet18", "num_classes": 10, "stem": "cifar", "input_size": [3, 8, 8]},
-        "data": {"source": "digits", "limit": 80, "batch_size": 16, "val_fraction": 0.25},
+        "data": {"source": "digits", "limit": limit, "batch_size": 16, "val_fraction": 0.25},
         "target": {"metric": "flops", "ratio": 0.5},
-        "train": {"steps": 2, "log_every": 1},
-        "finetune": {"epochs": 1},
+        "train": {"steps": steps, "log_every": 1},
+        "finetune": {"epochs": epochs},
         "latency": {"batch_size": 1, "repeats": 1, "warmup": 0},
     }
+
+
+def test_teacher_dir_shares_the_teachers_passes_between_jobs(tmp_path: Path) -> None:
+    weights = save_resnet18_weights(tmp_path / "w.safetensors", num_classes=10)
+    spec = _digits_8px(limit=80, steps=2, epochs=1)
     store = tmp_path / "teacher"
     alone = _run(weights, tmp_path / "alone", parse_recipe(spec))
     events: list[dict] = []
@@ -618,14 +623,7 @@ def test_a_teacher_dir_that_cannot_be_written_costs_the_job_nothing(
 
     monkeypatch.setattr("hawada.core.train.TeacherCache.save", refuse)
     weights = save_resnet18_weights(tmp_path / "w.safetensors", num_classes=10)
-    spec = {
-        "model": {"arch": "resnet18", "num_classes": 10, "stem": "cifar", "input_size": [3, 8, 8]},
-        "data": {"source": "digits", "limit": 48, "batch_size": 16, "val_fraction": 0.25},
-        "target": {"metric": "flops", "ratio": 0.5},
-        "train": {"steps": 1, "log_every": 1},
-        "finetune": {"epochs": 0},
-        "latency": {"batch_size": 1, "repeats": 1, "warmup": 0},
-    }
+    spec = _digits_8px(limit=48, steps=1, epochs=0)
     events: list[dict] = []
     report = _run(weights, tmp_path / "out", parse_recipe(spec), events, teacher_dir=tmp_path)
     assert report["target_met"] is True and (tmp_path / "out" / "pruned.safetensors").is_file()

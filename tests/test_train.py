@@ -438,6 +438,7 @@ def test_teacher_cache_persists_per_key_and_merges_rows(tmp_path) -> None:
     later = TeacherCache(10, 4, "cpu")
     assert later.load(path, "key-a") == 8  # both jobs' rows, and the first one's meta
     assert later.meta == {"heldout_accuracy:ab": "0.5"}
+    assert later.number("heldout_accuracy:ab") == 0.5 and later.number("absent") is None
     out = later(teacher, torch.arange(8), torch.zeros(8, 3))  # served, not recomputed
     assert later.computed == 0
     with torch.no_grad():

@@ -154,10 +154,13 @@ def _progress_emitter(
     return emit
 
 
-def teacher_key(weights: Path, recipe: Recipe, data: TensorBundle, device: torch.device) -> str:
-    """What a stored teacher-logit cache must match: sha256 of the weights file, the model
-    block of the recipe (architecture, classes, stem, normalisation), the device type and every
-    stored image and label. Equal keys mean equal teacher logits, row for row."""
+def teacher_store(
+    folder: Path, weights: Path, recipe: Recipe, data: TensorBundle, device: torch.device
+) -> tuple[Path, str]:
+    """The file in `folder` and the key a stored teacher-logit cache must match: sha256 of the
+    weights file, the model block of the recipe (architecture, classes, stem, normalisation),
+    the device type and every stored image and label. Equal keys mean equal teacher logits,
+    row for row."""
     digest = hashlib.sha256()
     with open(weights, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -166,15 +169,8 @@ def teacher_key(weights: Path, recipe: Recipe, data: TensorBundle, device: torch
     digest.update(json.dumps([model_block, device.type], sort_keys=True).encode())
     for t in (data.images, data.labels):
         digest.update(t.contiguous().cpu().numpy().tobytes())
-    return digest.hexdigest()[:32]
-
-
-def _as_float(text: str | None) -> float | None:
-    """A stored number, or None when absent or unreadable (then it is measured again)."""
-    try:
-        return None if text is None else float(text)
-    except ValueError:
-        return None
+    key = digest.hexdigest()[:32]
+    return folder / f"{key}.safetensors", key
 
 
 def heldout_key(data: TensorBundle) -> str:
@@ -457,8 +453,8 @@ def run_job(ctx: JobContext) -> dict[str, Any]:
             teacher_cache = TeacherCache(len(data.images), recipe.model.num_classes, device)
             acc_key = heldout_key(data)
             if ctx.teacher_dir is not None:
-                key = teacher_key(Path(ctx.weights), recipe, data, device)
-                store = (Path(ctx.teacher_dir) / f"{key}.safetensors", key)
+                folder, weights = Path(ctx.teacher_dir), Path(ctx.weights)
+                store = teacher_store(folder, weights, recipe, data, device)
                 reused = teacher_cache.load(*store)
                 phase.log(f"teacher logits of {reused} training samples reused from earlier jobs")
     check_cancel()
@@ -467,7 +463,7 @@ def run_job(ctx: JobContext) -> dict[str, Any]:
     with phase("baseline"):
         # The teacher's held-out accuracy is one of the facts a stored cache keeps (keyed by
         # the held-out rows); a job on the same teacher and images skips that pass.
-        known = None if teacher_cache is None else _as_float(teacher_cache.meta.get(acc_key))
+        known = None if teacher_cache is None else teacher_cache.number(acc_key)
         if known is not None:
             base_acc: float | None = known
         else:
