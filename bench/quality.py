@@ -4,7 +4,8 @@
                             [--methods gates,l1,slimming,uniform,tp] [--cache DIR] [--threads 2]
                             [--jobs 1]   # --jobs 2 --threads 1: two runs at once (2 cores)
                             [--arch resnet18]   # --arch mobilenet_v2 --cells 0.5:0: a new family
-                            [--metric flops] [--device cpu]  # issue 8's GPU cell:
+                            [--metric flops] [--device cpu] [--latency-batch N]
+                            # issue 8's GPU cell:
                             # --metric latency --device cuda --cells 0.25:0 --methods gates,tp
 
 Setup (the issue's): a ResNet-18 (cifar stem) teacher trained once (cached) on 10,000 images of the
@@ -78,6 +79,12 @@ QUICK = {
 }
 METHODS = ("gates", "l1", "slimming", "uniform", "tp")
 UNDER_METHODS = ("gates", "tp")  # the under-trained-teacher cell: gates against Torch-Pruning
+#: How jobs time models (the `latency` target's table, the measured speed-ups): batch 1 and few
+#: repeats on a CPU; on a GPU the recipe's defaults (batch 64, 50 repeats after 10 warm-ups).
+#: One image is launch-bound on a GPU; at 32x32 so is a batch of 64 on an H200 (bench/RESULTS.md):
+#: `--latency-batch 1024` times where compute decides.
+CPU_LATENCY = {"batch_size": 1, "repeats": 3, "warmup": 1}
+GPU_LATENCY = {"batch_size": 64, "repeats": 50, "warmup": 10}
 
 
 def make_recipe(
@@ -106,7 +113,7 @@ def make_recipe(
             "target": {"metric": cfg["metric"], "ratio": ratio},
             "train": {"steps": max(1, train_steps), "log_every": 16},
             "finetune": {"epochs": epochs, "lr": 0.01},
-            "latency": {"batch_size": 1, "repeats": 3, "warmup": 1},
+            "latency": cfg["latency"],
         }
     )
 
@@ -216,6 +223,8 @@ def run_one(cfg: dict[str, Any], cache: Path, cell: str, method: str) -> dict[st
     variant = f"-t{train_steps}" if trains else ""
     if cfg["metric"] != "flops" or cfg["device"] != "cpu":
         variant += f"-{cfg['metric']}-{cfg['device']}"
+    if cfg["latency"] != CPU_LATENCY:
+        variant += f"-b{cfg['latency']['batch_size']}"
     out = cache / f"run-{_tag(cfg)}{cfg['size']}px-{cell}-{method}-{cfg['budget']}{variant}.json"
     if out.exists():
         return dict(json.loads(out.read_text()))
@@ -328,6 +337,9 @@ def main() -> None:
         "--metric", choices=("flops", "latency"), default="flops", help="the jobs' target.metric"
     )
     parser.add_argument("--device", default="cpu", help="where runs train and time (e.g. cuda)")
+    parser.add_argument(
+        "--latency-batch", type=int, default=None, help="timing batch (default: 1 CPU, 64 GPU)"
+    )
     parser.add_argument("--budget", type=int, default=None)
     parser.add_argument("--train-steps", type=int, default=None)
     parser.add_argument("--teacher-steps", type=int, default=None, help="smoke runs only")
@@ -336,6 +348,9 @@ def main() -> None:
     cfg["arch"] = args.arch
     cfg["metric"] = args.metric
     cfg["device"] = args.device
+    cfg["latency"] = dict(CPU_LATENCY if args.device == "cpu" else GPU_LATENCY)
+    if args.latency_batch is not None:
+        cfg["latency"]["batch_size"] = args.latency_batch
     if args.budget is not None:
         cfg["budget"] = args.budget
     if args.train_steps is not None:
@@ -347,8 +362,9 @@ def main() -> None:
     print(
         f"machine: {platform.node()} {platform.processor() or platform.machine()}, "
         f"{os.cpu_count()} cpus, torch {torch.__version__}, threads {args.threads}, "
-        f"arch {args.arch}, "
-        f"load {os.getloadavg()}",
+        f"arch {args.arch}, device {args.device}"
+        + (f" ({torch.cuda.get_device_name()})" if args.device.startswith("cuda") else "")
+        + f", timing {cfg['latency']}, load {os.getloadavg()}",
         flush=True,
     )
     todo = [
