@@ -309,7 +309,7 @@ def fit_to_budget(
         if st.cost > target:
             reason = (
                 f"target {target:.6g} is below the smallest reachable predicted cost "
-                f"{st.cost:.6g} (every group at its minimum width)"
+                f"{st.cost:.6g} (no narrower width of any group lowers it)"
             )
         if measure is not None:
             keep = st.keep()
@@ -327,7 +327,7 @@ def fit_to_budget(
                         continue
                     reason = (
                         f"measured {measured:.4g} ms is over the target {target:.4g} ms and "
-                        f"every group is at its minimum width"
+                        f"no narrower width of any group lowers the predicted latency"
                     )
                     break
                 keep = st.keep()

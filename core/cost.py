@@ -103,6 +103,16 @@ class _BilinearCost:
         v = self._vector(widths, device, full)
         return (coef * v[ins] * v[outs]).sum()
 
+    def cost_rows(self, names: Sequence[str], widths: Tensor) -> Tensor:
+        """`CostModel.cost_rows`: one gather and product over every row."""
+        unknown = set(names) - set(self.full)
+        if unknown:
+            raise KeyError(f"unknown gate groups: {sorted(unknown)}")
+        coef, ins, outs, full = self._buffers(widths.device)
+        v = full.expand(widths.shape[0], -1).clone()
+        v[:, self._slot_index(widths.device, tuple(names))] = widths.to(torch.float64)
+        return (coef * v[:, ins] * v[:, outs]).sum(1)
+
     def baseline(self) -> float:
         """Cost at full width."""
         return self._baseline

@@ -79,6 +79,12 @@ class CostModel(Protocol):
         """Cost at full width."""
         ...
 
+    def cost_rows(self, names: Sequence[str], widths: Tensor) -> Tensor:
+        """Cost of every row of `widths` ((rows, len(names)) kept channels of the groups
+        `names`, the others at full width) as a (rows,) float64 tensor: many candidate
+        widths in one vectorised call (the budget projection's exact savings)."""
+        ...
+
 
 def group_widths(layers: Sequence[LayerSpec]) -> dict[str, int]:
     """Full channel count of every group the layers mention (checked for consistency)."""

@@ -382,12 +382,13 @@ class BudgetProjection:
     The Lagrangian penalty alone trails a steep schedule (closing a unit takes many steps of
     normalised SGD, and the cosine learning rate shrinks as the cut deepens: a 0.1 FLOPs target
     ended training at 0.245). The projection makes the trained gates meet the schedule each
-    step, so the final budget correction has at most the linearisation's rest left. Each round
-    lowers a chosen group to its next snapped width (closing exactly the units that takes, its
-    least important open ones; never below the floor) until the linearised saving covers the
-    excess; `rounds` rounds per step. It only closes (a logit becomes at most -`closed`,
-    as far below zero as the initial logits spread, so noise alone does not re-open it);
-    distillation may re-open a unit later, and a later projection then closes the least important.
+    step, so the final budget correction has at most the rest of one round left. Each round
+    lowers chosen groups to their next snapped width (closing exactly the units that takes,
+    their least important open ones; never below the floor) until the summed savings, each
+    measured with the other groups as they are, cover the excess; `rounds` rounds per step.
+    It only closes (a logit becomes at most -`closed`, as far below zero as the initial logits
+    spread, so noise alone does not re-open it); distillation may re-open a unit later, and a
+    later projection then closes the least important.
     Vectorised over all groups on the device: no host sync.
     """
 
@@ -414,16 +415,28 @@ class BudgetProjection:
         depth = 2 * max(int(reader.gates.groups[n].round_units) for n in reader.names) + 1
         self.below = torch.arange(1, depth + 1, device=sizes.device, dtype=reader.units.dtype)
 
-    def _cost_and_marginal(self, units: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Cost at kept `units` per group (snapped) and d cost / d (one unit) per group."""
+    def _cost_and_savings(
+        self, kept: torch.Tensor, lower: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cost at kept `units` per group (snapped), and per group what lowering it to
+        `lower` saves, the others as they are: exactly (one `cost_rows` call), or, where more,
+        that step's share of what going down to its floor saves. A measured latency table is
+        not monotone everywhere (a 64-channel conv can time slower at 56); with the share, a
+        group whose next step is such a bump still closes when going lower pays, where the
+        tangent (the earlier d cost / d unit) left it open for good: latency targets stalled
+        at 1.4x their value. For FLOPs and parameters (linear in one group's width) both equal
+        the tangent's saving."""
         r = self.reader
-        with torch.enable_grad():
-            units = units.detach().requires_grad_(True)
-            cost = self.cost_model.cost(
-                dict(zip(r.names, (units * r.unit_width).unbind(), strict=True))
-            )
-            (marginal,) = torch.autograd.grad(cost, units)
-        return cost.detach(), marginal
+        eye = torch.eye(len(self.sizes), dtype=torch.bool, device=kept.device)
+        floor = torch.minimum(r.floor, kept)
+        rows = torch.cat(
+            [kept[None], torch.where(eye, lower[None], kept), torch.where(eye, floor[None], kept)]
+        )
+        costs = self.cost_model.cost_rows(r.names, rows * r.unit_width)
+        cost = costs[0]
+        step, to_floor = (cost - costs[1:]).split(len(self.sizes))
+        share = to_floor * (kept - lower) / (kept - floor).clamp_min(1.0)
+        return cost, torch.maximum(step, share)
 
     def _flat(self) -> torch.Tensor:
         """Every group's logits, concatenated in the reader's order (detached)."""
@@ -454,8 +467,6 @@ class BudgetProjection:
             is_open = flat > 0
             n_open = torch.zeros_like(r.units).index_add(0, r.segment, is_open.to(r.units.dtype))
             kept = r.snap(n_open)
-            cost, marginal = self._cost_and_marginal(kept)
-            excess = (cost - goal).clamp_min(0.0)
             # The largest open count below the current one whose snapped width is narrower:
             # closing n_open - that count units lowers the group one staircase step.
             counts = (n_open[:, None] - self.below[None, :]).clamp_min(0.0)
@@ -464,8 +475,10 @@ class BudgetProjection:
             can = steps_down.any(1)
             first = torch.argmax(steps_down.to(torch.int8), 1)
             close_n = torch.where(can, self.below[first], 0.0)
-            new_kept = lower.gather(1, first[:, None]).squeeze(1)
-            saving = torch.where(can, marginal * (kept - new_kept), 0.0).clamp_min(0.0)
+            new_kept = torch.where(can, lower.gather(1, first[:, None]).squeeze(1), kept)
+            cost, saving = self._cost_and_savings(kept, new_kept)
+            excess = (cost - goal).clamp_min(0.0)
+            saving = torch.where(can, saving, 0.0).clamp_min(0.0)
             # Units in (group, ascending logit) order: a group's closed units first, then its
             # open ones from the least important: the lowest `close_n` open ones would close.
             by_logit = torch.argsort(flat, stable=True)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import pytest
 import torch
@@ -135,6 +135,11 @@ class StairCost:
     def cost(self, widths: Mapping[str, float]) -> torch.Tensor:
         return torch.tensor(float(sum(math.ceil(float(widths.get(n, 64.0)) / 32) for n in "ab")))
 
+    def cost_rows(self, names: Sequence[str], widths: torch.Tensor) -> torch.Tensor:
+        return torch.stack(
+            [self.cost(dict(zip(names, row.tolist(), strict=True))) for row in widths]
+        )
+
     def baseline(self) -> float:
         return 4.0
 
@@ -165,7 +170,7 @@ def test_target_below_the_floor_is_reported() -> None:
 
     assert cost_floor(list(gates.groups.values()), cost) == 32.0
     result = fit_to_budget(gates, cost, 10.0)
-    assert not result.met and "minimum" in result.reason
+    assert not result.met and "below the smallest reachable predicted cost 32" in result.reason
     assert [len(v) for v in result.values()] == [16, 16]
 
 

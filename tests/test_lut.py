@@ -242,3 +242,21 @@ def test_gpu_table_in_reduced_precision(dtype: str) -> None:
     w = torch.tensor(24.0, device="cuda", requires_grad=True)
     cost.cost({"g1": w}).backward()  # buffers follow the widths to the GPU
     assert cost.baseline() > 0 and w.grad is not None
+
+
+def test_cost_rows_equal_cost_row_by_row(resnet18, table: LatencyTable) -> None:
+    """The projection's batched costs are the same numbers as one `cost` call per candidate."""
+    _, _, layers = resnet18
+    models = [make_cost_model(m, layers, lut=table) for m in ("flops", "params", "latency")]
+    names = ["stream.layer1", "layer2.0.inner1", "stream.layer4"]  # others stay at full width
+    gen = torch.Generator().manual_seed(0)
+    full = torch.tensor([64.0, 128.0, 512.0])
+    rows = torch.cat([full[None], (torch.rand(5, 3, generator=gen) * full).round().clamp_min(1)])
+    for model in models:
+        got = model.cost_rows(names, rows)
+        want = torch.stack([model.cost(dict(zip(names, r.tolist(), strict=True))) for r in rows])
+        assert got.shape == (6,) and got.dtype == torch.float64
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+        assert float(got[0]) == pytest.approx(model.baseline())
+    with pytest.raises(KeyError, match="nope"):
+        models[2].cost_rows(["nope"], rows[:, :1])

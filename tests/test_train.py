@@ -12,6 +12,7 @@ from hawada.core.data import load_data
 from hawada.core.errors import JobCancelled
 from hawada.core.gates import GateGroup, Gates, attach, keep_from_gates
 from hawada.core.layers import LayerSpec
+from hawada.core.lut import LatencyCost, LatencyTable, LutEntry, layer_shape
 from hawada.core.recipe import parse_recipe
 from hawada.core.train import (
     BudgetProjection,
@@ -212,6 +213,48 @@ def test_projection_only_closes_the_least_important_units_and_keeps_floors() -> 
     for _ in range(16):
         project(0.0)  # unreachable: every group stops at its floor, nothing below
     assert {n: len(k) for n, k in keep_from_gates(gates).items()} == {"g1": 4, "g2": 4}
+
+
+def test_projection_closes_past_a_bump_in_a_measured_latency_table() -> None:
+    """A measured table need not be monotone: here g1's layer times slower at 24 channels than
+    at 32, so the tangent at 32 says narrowing costs time, and a projection that trusted it
+    never closed g1 (latency targets stalled far above their value). Going down to 8 pays, so
+    g1 closes, least important first; g2 saves nothing and keeps every channel."""
+    ladder = [8.0, 16.0, 24.0, 32.0]
+    layers = [
+        LayerSpec("a", "conv", None, "g1", 3, 32, 1, False, (3, 3), (8, 8)),
+        LayerSpec("b", "conv", "g1", "g2", 32, 32, 1, False, (3, 3), (8, 8)),
+        LayerSpec("fc", "linear", "g2", None, 32, 4, 1, False, (1, 1), (1, 1)),
+    ]
+    sa, sb, sf = (layer_shape(la, 1).signature for la in layers)
+    table = LatencyTable(
+        key="bump",
+        device="cpu:test",
+        entries={
+            sa: LutEntry([3.0], ladder, [[1.0, 1.5, 3.0, 2.5]]),
+            sb: LutEntry(ladder, ladder, [[0.1] * 4 for _ in ladder]),
+            sf: LutEntry(ladder, [4.0], [[0.1] for _ in ladder]),
+        },
+        meta={"batch_size": 1, "round_to": 8},
+    )
+    cost = LatencyCost(layers, table)
+    gates = Gates(
+        [
+            GateGroup.from_channels(n, 32, modules=[], covers=[], round_to=8, min_channels=8)
+            for n in ("g1", "g2")
+        ]
+    )
+    with torch.no_grad():
+        gates.logit("g1").copy_(torch.linspace(0.1, 3.2, 32))
+        gates.logit("g2").copy_(torch.linspace(0.1, 3.2, 32))
+    before = gates.logit("g1").clone()
+    project = BudgetProjection(_WidthReader(gates, torch.device("cpu")), cost, torch.tensor(2.7))
+    for _ in range(4):
+        project(0.5)  # 1.35 ms: only g1 at 8 channels (1.2 ms) fits
+    kept = {n: len(k) for n, k in keep_from_gates(gates).items()}
+    assert kept == {"g1": 8, "g2": 32}
+    assert float(cost.cost({"g1": 8.0})) <= 0.5 * 2.7
+    assert torch.equal(gates.logit("g1")[24:], before[24:])  # the 8 most important stay
 
 
 def test_cancellation_raises_job_cancelled() -> None:

@@ -90,6 +90,7 @@ class LatencyCost:
             "full": torch.tensor([float(full[g]) for g in self.groups], dtype=torch.float64),
         }
         self._on: dict[torch.device, dict[str, Tensor]] = {}
+        self._slots: dict[tuple[torch.device, tuple[str, ...]], Tensor] = {}
 
     @staticmethod
     def _padded(e: LutEntry) -> tuple[list[float], list[float], list[list[float]]]:
@@ -130,29 +131,21 @@ class LatencyCost:
 
     @staticmethod
     def _interp_axis(x: Tensor, axes: Tensor, n: Tensor) -> tuple[Tensor, Tensor]:
-        """Interval index per layer and the (unclamped, so extrapolating) position in it."""
-        idx = (
-            torch.searchsorted(axes, x.detach().unsqueeze(1).contiguous(), right=True).squeeze(1)
-            - 1
-        )
+        """Interval index per row and layer of `x` (rows, layers), and the (unclamped, so
+        extrapolating) position in it."""
+        idx = torch.searchsorted(axes, x.detach().T.contiguous(), right=True).T - 1
         idx = torch.minimum(idx.clamp_min(0), n - 2)
-        x0 = axes.gather(1, idx.unsqueeze(1)).squeeze(1)
-        x1 = axes.gather(1, (idx + 1).unsqueeze(1)).squeeze(1)
+        x0 = axes.gather(1, idx.T).T
+        x1 = axes.gather(1, (idx + 1).T).T
         return idx, (x - x0) / (x1 - x0)
 
-    def raw(self, widths: Mapping[str, Width]) -> Tensor:
-        """Uncalibrated sum of per-layer interpolated ms (what the calibration maps to a model)."""
-        unknown = set(widths) - set(self.full_widths)
-        if unknown:
-            raise KeyError(f"unknown gate groups: {sorted(unknown)}")
-        device = next(
-            (w.device for w in widths.values() if isinstance(w, Tensor)), torch.device("cpu")
-        )
-        b = self._buffers(device)
-        w = self._width_vector(widths, device)
+    def _raw_rows(self, w: Tensor) -> Tensor:
+        """Uncalibrated per-layer sums for every row of `w` ((rows, groups + 1) widths in table
+        order, the last column unused): one batched gather, differentiable in `w`."""
+        b = self._buffers(w.device)
         const = len(self.groups)
-        cin = b["in_mat"] @ w[:const] + b["in_const"]
-        cout = torch.where(b["out_slot"] == const, b["cout_full"], w[b["out_slot"]])
+        cin = w[:, :const] @ b["in_mat"].T + b["in_const"]
+        cout = torch.where(b["out_slot"] == const, b["cout_full"], w[:, b["out_slot"]])
         i, t = self._interp_axis(cin, b["xi"], b["ni"])
         j, u = self._interp_axis(cout, b["xj"], b["nj"])
         v = b["v"]
@@ -163,7 +156,32 @@ class LatencyCost:
             + (1 - t) * u * v[rows, i, j + 1]
             + t * u * v[rows, i + 1, j + 1]
         )
-        return per_layer.clamp_min(0.0).sum()
+        return per_layer.clamp_min(0.0).sum(1)
+
+    def raw(self, widths: Mapping[str, Width]) -> Tensor:
+        """Uncalibrated sum of per-layer interpolated ms (what the calibration maps to a model)."""
+        unknown = set(widths) - set(self.full_widths)
+        if unknown:
+            raise KeyError(f"unknown gate groups: {sorted(unknown)}")
+        device = next(
+            (w.device for w in widths.values() if isinstance(w, Tensor)), torch.device("cpu")
+        )
+        return self._raw_rows(self._width_vector(widths, device)[None])[0]
+
+    def cost_rows(self, names: Sequence[str], widths: Tensor) -> Tensor:
+        """`CostModel.cost_rows`: predicted ms of every row, in one batched gather."""
+        unknown = set(names) - set(self.full_widths)
+        if unknown:
+            raise KeyError(f"unknown gate groups: {sorted(unknown)}")
+        b = self._buffers(widths.device)
+        full = torch.cat([b["full"], b["full"].new_zeros(1)])
+        w = full.expand(widths.shape[0], -1).clone()
+        key = (widths.device, tuple(names))
+        if key not in self._slots:  # the projection asks for the same groups every round
+            slots = [self.groups.index(g) for g in names]
+            self._slots[key] = torch.tensor(slots, device=widths.device)
+        w[:, self._slots[key]] = widths.to(torch.float64)
+        return self.table.scale * self._raw_rows(w) + self.table.offset
 
     def cost(self, widths: Mapping[str, Width]) -> Tensor:
         """Predicted whole-model ms at ``widths`` (kept channels per group; absent = full).
