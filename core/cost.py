@@ -13,7 +13,14 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
-from hawada.core.layers import CostModel, LayerSpec, Width, group_widths, input_parts
+from hawada.core.layers import (
+    CostModel,
+    LayerSpec,
+    Width,
+    check_groups,
+    group_widths,
+    input_parts,
+)
 from hawada.core.lut.cost import LatencyCost
 from hawada.core.lut.table import LatencyTable
 
@@ -93,9 +100,7 @@ class _BilinearCost:
 
     def cost(self, widths: Mapping[str, Width]) -> Tensor:
         """Cost at `widths` (float64 0-dim tensor, differentiable in tensor widths)."""
-        unknown = set(widths) - set(self.full)
-        if unknown:
-            raise KeyError(f"unknown gate groups: {sorted(unknown)}")
+        check_groups(widths, self.full)
         device = next(
             (w.device for w in widths.values() if isinstance(w, Tensor)), torch.device("cpu")
         )
@@ -105,9 +110,7 @@ class _BilinearCost:
 
     def cost_rows(self, names: Sequence[str], widths: Tensor) -> Tensor:
         """`CostModel.cost_rows`: one gather and product over every row."""
-        unknown = set(names) - set(self.full)
-        if unknown:
-            raise KeyError(f"unknown gate groups: {sorted(unknown)}")
+        check_groups(names, self.full)
         coef, ins, outs, full = self._buffers(widths.device)
         v = full.expand(widths.shape[0], -1).clone()
         v[:, self._slot_index(widths.device, tuple(names))] = widths.to(torch.float64)

@@ -7,7 +7,7 @@ the latency lookup table (`core.lut`) consume them.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol, runtime_checkable
 
@@ -84,6 +84,13 @@ class CostModel(Protocol):
         `names`, the others at full width) as a (rows,) float64 tensor: many candidate
         widths in one vectorised call (the budget projection's exact savings)."""
         ...
+
+
+def check_groups(names: Iterable[str], known: Mapping[str, int]) -> None:
+    """KeyError naming every group of `names` that a cost model does not know."""
+    unknown = set(names) - set(known)
+    if unknown:
+        raise KeyError(f"unknown gate groups: {sorted(unknown)}")
 
 
 def group_widths(layers: Sequence[LayerSpec]) -> dict[str, int]:

@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
-from hawada.core.layers import LayerSpec, Width, group_widths, input_parts
+from hawada.core.layers import LayerSpec, Width, check_groups, group_widths, input_parts
 from hawada.core.lut.table import LatencyTable, LutEntry, layer_shape
 
 
@@ -160,9 +160,7 @@ class LatencyCost:
 
     def raw(self, widths: Mapping[str, Width]) -> Tensor:
         """Uncalibrated sum of per-layer interpolated ms (what the calibration maps to a model)."""
-        unknown = set(widths) - set(self.full_widths)
-        if unknown:
-            raise KeyError(f"unknown gate groups: {sorted(unknown)}")
+        check_groups(widths, self.full_widths)
         device = next(
             (w.device for w in widths.values() if isinstance(w, Tensor)), torch.device("cpu")
         )
@@ -170,9 +168,7 @@ class LatencyCost:
 
     def cost_rows(self, names: Sequence[str], widths: Tensor) -> Tensor:
         """`CostModel.cost_rows`: predicted ms of every row, in one batched gather."""
-        unknown = set(names) - set(self.full_widths)
-        if unknown:
-            raise KeyError(f"unknown gate groups: {sorted(unknown)}")
+        check_groups(names, self.full_widths)
         b = self._buffers(widths.device)
         full = torch.cat([b["full"], b["full"].new_zeros(1)])
         w = full.expand(widths.shape[0], -1).clone()
