@@ -260,3 +260,21 @@ def test_cost_rows_equal_cost_row_by_row(resnet18, table: LatencyTable) -> None:
         assert float(got[0]) == pytest.approx(model.baseline())
     with pytest.raises(KeyError, match="nope"):
         models[2].cost_rows(["nope"], rows[:, :1])
+
+
+@pytest.mark.parametrize("arch", ["densenet121", "mobilenet_v2"])
+def test_cost_rows_equal_cost_on_concatenated_and_depthwise_layers(arch: str) -> None:
+    """DenseNet's concatenated inputs and MobileNet's depthwise (tied) convs price the same
+    batched as one call per row, for every cost model."""
+    model = build_model(arch, num_classes=10).eval()
+    layers = get_adapter(arch).layers(model, (3, 32, 32))
+    table = build_lut(layers, SPEC, "cpu", 16, repeats=1, warmup=0, max_points_per_axis=2)
+    models = [make_cost_model(m, layers, lut=table) for m in ("flops", "params", "latency")]
+    full = models[2].full_widths
+    names = sorted(full)[:8]
+    gen = torch.Generator().manual_seed(0)
+    top = torch.tensor([float(full[n]) for n in names])
+    rows = (torch.rand(4, len(names), generator=gen) * top).round().clamp_min(1)
+    for cost in models:
+        want = torch.stack([cost.cost(dict(zip(names, r.tolist(), strict=True))) for r in rows])
+        torch.testing.assert_close(cost.cost_rows(names, rows), want, rtol=1e-12, atol=1e-12)
