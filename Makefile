@@ -32,7 +32,7 @@ test: install
 test-fast: install
 	$(PY) -m pytest -q -m "not slow"
 
-## lint: ruff (lint + format check), mypy (strict on core/ and adapters/), import contracts
+## lint: ruff (lint + format check), mypy (strict on core/ and adapters/; bench/ too), import contracts
 # mypy and lint-imports find hawada.<layer> through the committed links hawada/<layer> ->
 # ../<layer> (docs/internals.md). --no-cache: grimp's cache keys each module's imports by that
 # file's mtime alone, so an import recorded while its target was outside the graph stays
@@ -41,6 +41,7 @@ lint: install
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 	$(PY) -m mypy -p hawada
+	$(PY) -m mypy bench
 	$(VENV)/bin/lint-imports --no-cache
 
 clean-var:

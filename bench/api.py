@@ -274,7 +274,7 @@ def count_rows(database_url: str) -> int:
     from hawada.store.models import Job
 
     with session_scope(database_url) as session:
-        return int(session.scalar(select(func.count()).select_from(Job)))
+        return int(session.scalar(select(func.count()).select_from(Job)) or 0)
 
 
 def start_api(var_dir: Path, port: int, streams: int = 0) -> subprocess.Popen:

@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, default=None, help="Fashion-MNIST samples used")
     parser.add_argument("--out", type=Path, default=None, help="keep the job's artifacts here")
     args = parser.parse_args(argv)
-    cfg = dict(QUICK if args.quick else FULL)
+    cfg: dict[str, Any] = dict(QUICK if args.quick else FULL)
     if args.limit:
         cfg["limit"] = args.limit
     torch.set_num_threads(args.threads)

@@ -344,7 +344,7 @@ def main() -> None:
     parser.add_argument("--train-steps", type=int, default=None)
     parser.add_argument("--teacher-steps", type=int, default=None, help="smoke runs only")
     args = parser.parse_args()
-    cfg = dict(QUICK if args.quick else FULL)
+    cfg: dict[str, Any] = dict(QUICK if args.quick else FULL)
     cfg["arch"] = args.arch
     cfg["metric"] = args.metric
     cfg["device"] = args.device

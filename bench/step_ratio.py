@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hawada.adapters.torchvision import build_model, get_adapter
 from hawada.core.cost import make_cost_model
-from hawada.core.data import DataBundle, load_data
+from hawada.core.data import DataBundle, TensorBundle, load_data
 from hawada.core.gates import Gates, attach
 from hawada.core.recipe import Recipe, parse_recipe
 from hawada.core.train import HistoryRow, TeacherCache, train_classifier, train_gates
@@ -77,6 +77,7 @@ def gate_steps(
 
 def filled_cache(model: torch.nn.Module, data: DataBundle, batch: int) -> TeacherCache:
     """A teacher cache holding the logits of one epoch of training batches (steady state)."""
+    assert isinstance(data, TensorBundle)  # in memory: samples have indices
     cache = TeacherCache(len(data.images), 10, "cpu")
     model.eval()
     epoch = data.train_batches_indexed(batch, 0, device="cpu")
