@@ -418,14 +418,14 @@ class BudgetProjection:
     def _cost_and_savings(
         self, kept: torch.Tensor, lower: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Cost at kept `units` per group (snapped), and per group what lowering it to
+        """Cost at the `kept` units per group (snapped), and per group what lowering it to
         `lower` saves, the others as they are: exactly (one `cost_rows` call), or, where more,
         that step's share of what going down to its floor saves. A measured latency table is
         not monotone everywhere (a 64-channel conv can time slower at 56); with the share, a
         group whose next step is such a bump still closes when going lower pays, where the
-        tangent (the earlier d cost / d unit) left it open for good: latency targets stalled
-        at 1.4x their value. For FLOPs and parameters (linear in one group's width) both equal
-        the tangent's saving."""
+        tangent (the earlier d cost / d unit) left it open for good: a 0.25 latency target
+        stalled at 0.43 on a CPU's table. For FLOPs and parameters (linear in one group's
+        width) both equal the tangent's saving."""
         r = self.reader
         eye = torch.eye(len(self.sizes), dtype=torch.bool, device=kept.device)
         floor = torch.minimum(r.floor, kept)
