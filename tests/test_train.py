@@ -189,6 +189,24 @@ def test_student_norm_stats_follow_the_gated_batches_and_leave_the_model_alone()
     assert all(torch.equal(restored.var[n], stats.var[n]) for n in stats.var)
 
 
+def test_student_norm_stats_update_is_a_momentum_step_to_the_batch_statistics() -> None:
+    model, _gates, _cost = _tiny_setup()
+    stats = NormStats(model, momentum=0.1)
+    old_mean, old_var = stats.mean["bn2"].clone(), stats.var["bn2"].clone()
+    seen: dict[str, torch.Tensor] = {}
+    handle = model.bn2.register_forward_pre_hook(lambda _m, a: seen.update(x=a[0].detach()))
+    x = torch.randn(16, 3, 8, 8)
+    with stats.active():
+        model(x)
+    handle.remove()
+    var, mean = torch.var_mean(seen["x"], dim=[0, 2, 3], correction=1)
+    stats.update()
+    torch.testing.assert_close(stats.mean["bn2"], old_mean + 0.1 * (mean - old_mean))
+    torch.testing.assert_close(stats.var["bn2"], old_var + 0.1 * (var - old_var))
+    stats.update()  # no forward since: nothing more moves
+    torch.testing.assert_close(stats.mean["bn2"], old_mean + 0.1 * (mean - old_mean))
+
+
 def test_projection_only_closes_the_least_important_units_and_keeps_floors() -> None:
     _model, gates, cost = _tiny_setup()
     with torch.no_grad():
