@@ -10,11 +10,12 @@
 #   quality: bench/quality.py's 0.25 cell on CUDA, for each timing batch in BATCHES (default
 #            "64"): gates and Torch-Pruning at a FLOPs target, then gates at a latency target
 #            (the table measured on this GPU at that batch);
-#   tests:   pytest -m gpu on the files that hold GPU tests;
+#   tests:   pytest -m gpu on the files that hold GPU tests (the other test files import the
+#            service's packages, which a bare CUDA image lacks; add new GPU test files here);
 #   table:   bench/latency.py --device cuda --quick (table build time, predicted vs measured).
 # STEPS (default "quality tests table") picks which run.
 set -u
-out=${1:?usage: bench/gpu.sh OUTDIR [SECONDS]}
+out=${1:?usage: bench/gpu.sh OUTDIR [SECONDS] [BATCHES] [STEPS]}
 budget=${2:-540}
 batches=${3:-64}
 steps=${4:-quality tests table}
