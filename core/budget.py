@@ -353,8 +353,13 @@ def fit_to_budget(
     met = final <= target
     if met:
         reason = None
-    elif reason is None:
-        reason = f"cost {final:.6g} over the target {target:.6g}"
+    else:
+        if reason is None:
+            reason = f"cost {final:.6g} over the target {target:.6g}"
+        # What the user can ask for instead: the narrowest model the cost model knows of.
+        floor = cost_floor(groups, cost_fn)
+        unit = " ms" if metric == "latency" else ""
+        reason += f"; with every group at its minimum width it is predicted at {floor:.4g}{unit}"
     return BudgetResult(
         keep=keep,
         widths=st.widths(st.units),

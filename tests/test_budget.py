@@ -171,6 +171,7 @@ def test_target_below_the_floor_is_reported() -> None:
     assert cost_floor(list(gates.groups.values()), cost) == 32.0
     result = fit_to_budget(gates, cost, 10.0)
     assert not result.met and "below the smallest reachable predicted cost 32" in result.reason
+    assert result.reason.endswith("with every group at its minimum width it is predicted at 32")
     assert [len(v) for v in result.values()] == [16, 16]
 
 
@@ -199,7 +200,14 @@ def test_measured_loop_gives_up_with_a_reason() -> None:
     result = fit_to_budget(gates, cost, 100.0, measure=lambda keep: 500.0, max_rounds=3)
     assert not result.met and result.measured == 500.0
     assert result.reason and "over the target" in result.reason
+    assert result.reason.endswith("it is predicted at 16")  # two groups at the 8-channel floor
     assert result.measure_rounds == 3
+
+
+def test_missed_latency_target_names_the_narrowest_prediction_in_ms() -> None:
+    result = fit_to_budget(_two_groups(), StairCost(), 1.0)  # one tile per group at the least
+    assert not result.met
+    assert result.reason is not None and result.reason.endswith("predicted at 2 ms")
 
 
 def test_ladder_matches_gate_snapping() -> None:
